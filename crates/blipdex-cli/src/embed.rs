@@ -1,0 +1,161 @@
+//! `blipdex embed`: the model's tensors for given images and texts, as transformers names them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use blipdex_core::Error;
+use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
+use blipdex_model::tokenizer::TextTokenizer;
+use blipdex_model::Blip2;
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+
+use crate::args::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image file to embed (repeatable). Any format the `image` crate reads.
+    #[arg(long = "image", env = "BLIPDEX_IMAGES", value_delimiter = ',')]
+    pub images: Vec<PathBuf>,
+    /// Read preprocessed `pixel_values` [N,3,H,W] from a safetensors file instead of decoding images.
+    #[arg(long, env = "BLIPDEX_PIXEL_VALUES", conflicts_with = "images")]
+    pub pixel_values: Option<PathBuf>,
+    /// Text to embed (repeatable).
+    #[arg(long = "text", env = "BLIPDEX_TEXTS")]
+    pub texts: Vec<String>,
+    /// Also compute ITM logits for every image × text pair.
+    #[arg(long, env = "BLIPDEX_ITM")]
+    pub itm: bool,
+    /// Where to write the tensors (safetensors, f32).
+    #[arg(long, env = "BLIPDEX_OUTPUT")]
+    pub output: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8)]
+    pub batch_size: usize,
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+}
+
+pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
+    if args.images.is_empty() && args.pixel_values.is_none() && args.texts.is_empty() {
+        bail!("nothing to embed: give --image, --pixel-values or --text");
+    }
+    if args.itm && (args.texts.is_empty() || (args.images.is_empty() && args.pixel_values.is_none())) {
+        bail!("--itm needs both images (--image or --pixel-values) and --text");
+    }
+    let (files, model) = args.model.load()?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+
+    let pixel_values = if let Some(path) = &args.pixel_values {
+        Some(read_pixel_values(path)?)
+    } else if !args.images.is_empty() {
+        let mut processor = ImageProcessor::new(ImageConfig::from_model_dir(&files.dir)?);
+        processor.max_pixels = args.max_image_pixels;
+        let (h, w) = (processor.config.height, processor.config.width);
+        let mut data = Vec::with_capacity(args.images.len() * 3 * h * w);
+        for path in &args.images {
+            data.extend(processor.pixel_values_from_file(path)?);
+        }
+        Some(Tensor::from_vec(data, (args.images.len(), 3, h, w), &Device::Cpu)?)
+    } else {
+        None
+    };
+
+    let mut vision = None;
+    if let Some(px) = &pixel_values {
+        let (v, q) = image_features(&model, px, args.batch_size.max(1))?;
+        out.insert("pixel_values".into(), px.clone());
+        if model.retrieval.is_some() {
+            out.insert("image_embeds".into(), model.image_embeds(&q)?);
+        }
+        out.insert("qformer_last_hidden_state".into(), q);
+        vision = Some(v);
+    }
+
+    if !args.texts.is_empty() {
+        let Some(heads) = &model.retrieval else {
+            bail!(Error::Unsupported(format!(
+                "{} has no Q-Former text path; --text needs a retrieval checkpoint",
+                files.name
+            )));
+        };
+        let tokenizer = TextTokenizer::from_model_dir(&files.dir)?;
+        let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+        let enc = tokenizer.encode_batch(&texts, Some(heads.embeddings.max_positions()))?;
+        let dev = model.device();
+        let ids = to_tensor(&enc.input_ids, dev)?;
+        let mask = to_tensor(&enc.attention_mask, dev)?;
+        let text_embeds = model.text_embeds(&ids, &mask)?;
+        if let Some(image_embeds) = out.get("image_embeds") {
+            out.insert("itc_scores".into(), Blip2::itc_scores(image_embeds, &text_embeds)?);
+        }
+        if args.itm {
+            if let Some(v) = &vision {
+                out.insert("itm_logits".into(), model.itm_logits(v, &ids, &mask)?);
+            }
+        }
+        out.insert("text_embeds".into(), text_embeds);
+    }
+    if let Some(v) = vision {
+        out.insert("vision_last_hidden_state".into(), v);
+    }
+
+    let out = out
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    candle_core::safetensors::save(&out, &args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let mut names: Vec<_> = out.iter().map(|(k, t)| format!("{k} {:?}", t.dims())).collect();
+    names.sort();
+    eprintln!("wrote {}: {}", args.output.display(), names.join(", "));
+    Ok(())
+}
+
+/// Vision states and Q-Former features, `batch` images at a time.
+fn image_features(model: &Blip2, px: &Tensor, batch: usize) -> anyhow::Result<(Tensor, Tensor)> {
+    let n = px.dim(0)?;
+    let (mut vs, mut qs) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(batch) {
+        let chunk = px.narrow(0, start, batch.min(n - start))?;
+        let v = model.get_image_features(&chunk)?;
+        qs.push(model.get_qformer_features(&v)?);
+        vs.push(v);
+    }
+    Ok((Tensor::cat(&vs, 0)?, Tensor::cat(&qs, 0)?))
+}
+
+fn to_tensor(rows: &[Vec<u32>], dev: &Device) -> anyhow::Result<Tensor> {
+    let l = rows.first().map_or(0, Vec::len);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), l), dev)?)
+}
+
+fn read_pixel_values(path: &PathBuf) -> anyhow::Result<Tensor> {
+    let file = path.display().to_string();
+    if !path.is_file() {
+        bail!(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+    }
+    let bad = |reason: String| Error::BadTensor {
+        file: file.clone(),
+        name: "pixel_values".into(),
+        reason,
+    };
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let t = tensors
+        .get("pixel_values")
+        .ok_or_else(|| bad(format!("missing; the file holds {:?}", tensors.keys().collect::<Vec<_>>())))?;
+    match t.dims() {
+        [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
+        d => bail!(bad(format!("shape {d:?}, expected [N, 3, H, W]"))),
+    }
+    if !t.dtype().is_float() {
+        bail!(bad(format!("dtype {:?}, expected a float type", t.dtype())));
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,6 @@
+//! Types and errors shared by every blipdex crate. Deliberately free of candle and tonic so
+//! that the store, the server and the CLI can agree on one error vocabulary.
+
+mod error;
+
+pub use error::{Error, Result};

@@ -1,0 +1,248 @@
+//! The BLIP-2 model as blipdex uses it: the shared image side (`vision_model`, `query_tokens`,
+//! `qformer`) plus whichever heads the checkpoint carries. Retrieval checkpoints
+//! (`Blip2ForImageTextRetrieval`) add the Q-Former text embeddings, the ITC projections and the
+//! ITM head.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use blipdex_core::{Error, Result};
+
+use crate::config::Blip2Config;
+use crate::loading::ModelFiles;
+use crate::qformer::{Blip2QFormerModel, Blip2TextEmbeddings};
+use crate::vision::Blip2VisionModel;
+
+/// Pairs per Q-Former pass in ITM, bounding memory whatever N×M is.
+const ITM_CHUNK: usize = 64;
+
+pub(crate) fn terr(e: candle_core::Error) -> Error {
+    Error::Tensor(e.to_string())
+}
+
+/// Where and in which precision the vision tower runs. The Q-Former always runs in f32.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// `Blip2ForImageTextRetrieval`'s heads.
+pub struct RetrievalHeads {
+    pub embeddings: Blip2TextEmbeddings,
+    pub vision_projection: Linear,
+    pub text_projection: Linear,
+    pub itm_head: Linear,
+}
+
+impl RetrievalHeads {
+    fn new(cfg: &Blip2Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let vb = vb.set_dtype(DType::F32);
+        let h = cfg.qformer_config.hidden_size;
+        let e = cfg.image_text_hidden_size;
+        Ok(Self {
+            embeddings: Blip2TextEmbeddings::new(&cfg.qformer_config, vb.pp("embeddings"))?,
+            vision_projection: linear(h, e, vb.pp("vision_projection"))?,
+            text_projection: linear(h, e, vb.pp("text_projection"))?,
+            itm_head: linear(h, 2, vb.pp("itm_head"))?,
+        })
+    }
+}
+
+pub struct Blip2 {
+    pub config: Blip2Config,
+    pub vision_model: Blip2VisionModel,
+    pub query_tokens: Tensor,
+    pub qformer: Blip2QFormerModel,
+    pub retrieval: Option<RetrievalHeads>,
+    device: Device,
+}
+
+impl Blip2 {
+    pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
+        let config = Blip2Config::from_json_str(&files.read_config()?).map_err(|e| {
+            Error::bad_model(
+                &files.name,
+                format!("config.json is not a BLIP-2 config: {e}"),
+            )
+        })?;
+        let vb = mmap_weights(files, opts)?;
+        Self::new(config, vb)
+            .map_err(|e| Error::bad_model(&files.name, format!("weights do not fit config.json: {e}")))
+    }
+
+    pub fn new(config: Blip2Config, vb: VarBuilder) -> candle_core::Result<Self> {
+        let device = vb.device().clone();
+        let vision_model = Blip2VisionModel::new(&config.vision_config, vb.pp("vision_model"))?;
+        let query_tokens = vb.clone().set_dtype(DType::F32).get(
+            (1, config.num_query_tokens, config.qformer_config.hidden_size),
+            "query_tokens",
+        )?;
+        let qformer = Blip2QFormerModel::new(&config.qformer_config, vb.pp("qformer"))?;
+        let wants_retrieval = config
+            .architectures
+            .iter()
+            .any(|a| a == "Blip2ForImageTextRetrieval");
+        let retrieval = if wants_retrieval || vb.contains_tensor("itm_head.weight") {
+            Some(RetrievalHeads::new(&config, vb.clone())?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            vision_model,
+            query_tokens,
+            qformer,
+            retrieval,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The vision input size the checkpoint was trained at (H, W).
+    pub fn image_size(&self) -> (usize, usize) {
+        self.config.vision_config.image_size.hw()
+    }
+
+    fn heads(&self) -> Result<&RetrievalHeads> {
+        self.retrieval.as_ref().ok_or_else(|| {
+            Error::Unsupported(
+                "this checkpoint has no retrieval heads (ITC/ITM); use a Blip2ForImageTextRetrieval \
+                 checkpoint such as Salesforce/blip2-itm-vit-g"
+                    .into(),
+            )
+        })
+    }
+
+    /// `Blip2Model.get_image_features`: vision `last_hidden_state` [N, 1+P, Dv], in the model dtype.
+    /// Inputs of another size than the checkpoint's get an interpolated position grid.
+    pub fn get_image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let px = pixel_values
+            .to_device(&self.device)
+            .and_then(|p| p.to_dtype(self.vision_model.dtype()))
+            .map_err(terr)?;
+        self.vision_model.forward(&px).map_err(terr)
+    }
+
+    /// `Blip2Model.get_qformer_features` from vision states: [N, Q, Dq], f32.
+    pub fn get_qformer_features(&self, vision_states: &Tensor) -> Result<Tensor> {
+        let run = || -> candle_core::Result<Tensor> {
+            let n = vision_states.dim(0)?;
+            let q = self.query_tokens.expand((n, self.query_tokens.dim(1)?, self.query_tokens.dim(2)?))?;
+            self.qformer.forward(&q, q.dim(1)?, None, Some(vision_states))
+        };
+        run().map_err(terr)
+    }
+
+    /// ITC image side: `normalize(vision_projection(qformer_features))` [N, Q, E].
+    pub fn image_embeds(&self, qformer_features: &Tensor) -> Result<Tensor> {
+        let heads = self.heads()?;
+        let p = heads.vision_projection.forward(qformer_features).map_err(terr)?;
+        l2_normalize(&p).map_err(terr)
+    }
+
+    /// ITC text side: text-only Q-Former pass, [CLS] output, projected and normalized: [M, E].
+    /// `input_ids`/`attention_mask` are [M, L] u32 without image placeholder tokens.
+    pub fn text_embeds(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let heads = self.heads()?;
+        let run = || -> candle_core::Result<Tensor> {
+            let emb = heads.embeddings.forward(input_ids)?;
+            let h = self.qformer.forward(&emb, 0, Some(attention_mask), None)?;
+            let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
+            l2_normalize(&heads.text_projection.forward(&cls)?)
+        };
+        run().map_err(terr)
+    }
+
+    /// ITC score: for each image and text the max over the Q query vectors of their cosine: [N, M].
+    pub fn itc_scores(image_embeds: &Tensor, text_embeds: &Tensor) -> Result<Tensor> {
+        let run = || -> candle_core::Result<Tensor> {
+            let (n, q, e) = image_embeds.dims3()?;
+            let m = text_embeds.dim(0)?;
+            image_embeds
+                .reshape((n * q, e))?
+                .matmul(&text_embeds.t()?)?
+                .reshape((n, q, m))?
+                .max(1)
+        };
+        run().map_err(terr)
+    }
+
+    /// ITM logits [N, M, 2] ([not-match, match]) for every image × text pair: queries + text in
+    /// one Q-Former pass with cross-attention to the vision states, `itm_head` averaged over the
+    /// query positions.
+    pub fn itm_logits(
+        &self,
+        vision_states: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let heads = self.heads()?;
+        let run = || -> candle_core::Result<Tensor> {
+            let n = vision_states.dim(0)?;
+            let m = input_ids.dim(0)?;
+            let nq = self.query_tokens.dim(1)?;
+            let hq = self.query_tokens.dim(2)?;
+            let text = heads.embeddings.forward(input_ids)?; // [M, L, H]
+            let vision = vision_states.to_dtype(DType::F32)?;
+            let total = n * m;
+            let mut out = Vec::with_capacity(total.div_ceil(ITM_CHUNK));
+            for start in (0..total).step_by(ITM_CHUNK) {
+                let len = ITM_CHUNK.min(total - start);
+                let pairs: Vec<u32> = (start..start + len).map(|p| p as u32).collect();
+                let img_idx = Tensor::from_iter(pairs.iter().map(|p| p / m as u32), &self.device)?;
+                let txt_idx = Tensor::from_iter(pairs.iter().map(|p| p % m as u32), &self.device)?;
+                let v = vision.index_select(&img_idx, 0)?;
+                let t = text.index_select(&txt_idx, 0)?;
+                let tm = attention_mask.index_select(&txt_idx, 0)?;
+                let q = self.query_tokens.expand((len, nq, hq))?;
+                let embeds = Tensor::cat(&[&q, &t], 1)?;
+                let qmask = Tensor::ones((len, nq), tm.dtype(), &self.device)?;
+                let mask = Tensor::cat(&[&qmask, &tm], 1)?;
+                let h = self.qformer.forward(&embeds, nq, Some(&mask), Some(&v))?;
+                let logits = heads.itm_head.forward(&h.narrow(1, 0, nq)?)?.mean(1)?;
+                out.push(logits);
+            }
+            Tensor::cat(&out, 0)?.reshape((n, m, 2))
+        };
+        run().map_err(terr)
+    }
+
+    /// ITM match probability softmax(logits)[..., 1]: [N, M].
+    pub fn itm_probability(logits: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::softmax_last_dim(logits)
+            .and_then(|p| p.narrow(D::Minus1, 1, 1))
+            .and_then(|p| p.squeeze(D::Minus1))
+            .map_err(terr)
+    }
+}
+
+fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    // torch.nn.functional.normalize: x / max(||x||, 1e-12)
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+/// Memory-maps every weight file (single or sharded) into one VarBuilder.
+pub fn mmap_weights<'a>(files: &ModelFiles, opts: &LoadOptions) -> Result<VarBuilder<'a>> {
+    for w in &files.weights {
+        std::fs::metadata(w).map_err(|e| Error::io(w, e))?;
+    }
+    // candle's mmap is `unsafe` because the file could change underneath; checkpoint files are
+    // treated as immutable while blipdex runs.
+    #[allow(unsafe_code)]
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &opts.device) };
+    vb.map_err(|e| Error::bad_model(&files.name, format!("cannot read safetensors weights: {e}")))
+}

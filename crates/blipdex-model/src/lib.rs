@@ -1,0 +1,15 @@
+//! BLIP-2 in candle, ported from transformers' `modeling_blip_2.py`.
+
+pub mod blip2;
+pub mod config;
+pub mod image;
+pub mod loading;
+pub mod qformer;
+pub mod tokenizer;
+pub mod vision;
+
+pub use blip2::{Blip2, LoadOptions};
+pub use config::Blip2Config;
+pub use loading::ModelFiles;
+pub mod opt;
+pub mod caption;

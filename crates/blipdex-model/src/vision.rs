@@ -1,0 +1,286 @@
+//! `Blip2VisionModel`: EVA-style ViT with a fused, key-bias-free qkv projection.
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{layer_norm, linear, Activation, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+
+use crate::config::Blip2VisionConfig;
+
+pub struct Blip2VisionEmbeddings {
+    class_embedding: Tensor,
+    /// Conv2d weight `[D, 3, ph, pw]` flattened to `[D, 3*ph*pw]`: with kernel == stride the
+    /// convolution is a matmul over non-overlapping patches.
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    position_embedding: Tensor,
+    patch: (usize, usize),
+    /// Side of the square position grid the checkpoint was trained on.
+    grid: usize,
+}
+
+impl Blip2VisionEmbeddings {
+    pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let (ph, pw) = cfg.patch_size.hw();
+        let (ih, iw) = cfg.image_size.hw();
+        let num_positions = (ih / ph) * (iw / pw) + 1;
+        let class_embedding = vb.get((1, 1, d), "class_embedding")?;
+        let patch_weight = vb
+            .get((d, 3, ph, pw), "patch_embedding.weight")?
+            .reshape((d, 3 * ph * pw))?;
+        let patch_bias = vb.get(d, "patch_embedding.bias")?;
+        let position_embedding = vb.get((1, num_positions, d), "position_embedding")?;
+        let grid = ((num_positions - 1) as f64).sqrt().round() as usize;
+        Ok(Self {
+            class_embedding,
+            patch_weight,
+            patch_bias,
+            position_embedding,
+            patch: (ph, pw),
+            grid,
+        })
+    }
+
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixel_values.dims4()?;
+        let (ph, pw) = self.patch;
+        let (gh, gw) = (h / ph, w / pw);
+        if gh == 0 || gw == 0 || c != 3 {
+            candle_core::bail!("pixel_values {:?} is smaller than one {ph}x{pw} patch or not RGB", pixel_values.dims());
+        }
+        let dtype = self.patch_weight.dtype();
+        // Conv2d drops a remainder that does not fill a patch; so do we.
+        let x = pixel_values
+            .to_dtype(dtype)?
+            .narrow(2, 0, gh * ph)?
+            .narrow(3, 0, gw * pw)?
+            .reshape((b, c, gh, ph, gw, pw))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * gh * gw, c * ph * pw))?;
+        let patches = x
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?
+            .reshape((b, gh * gw, ()))?;
+        let d = patches.dim(2)?;
+        let class = self.class_embedding.expand((b, 1, d))?;
+        let embeddings = Tensor::cat(&[&class, &patches], 1)?;
+        let pos = self.position_embedding_for(gh, gw)?;
+        embeddings.broadcast_add(&pos)
+    }
+
+    /// transformers' `interpolate_pos_encoding`: bicubic (A = -0.75, align_corners = False)
+    /// resampling of the patch position grid when the input grid differs from the trained one.
+    fn position_embedding_for(&self, gh: usize, gw: usize) -> Result<Tensor> {
+        if gh == self.grid && gw == self.grid {
+            return Ok(self.position_embedding.clone());
+        }
+        let pe = &self.position_embedding;
+        let d = pe.dim(2)?;
+        let dtype = pe.dtype();
+        let class_pos = pe.i((.., 0..1, ..))?;
+        let g = self.grid;
+        // [g*g, D] -> [D, g, g] (channels first, like the NCHW tensor torch interpolates)
+        let grid = pe
+            .i((0, 1.., ..))?
+            .to_dtype(DType::F32)?
+            .reshape((g, g, d))?
+            .permute((2, 0, 1))?
+            .contiguous()?;
+        let dev = pe.device();
+        let wy = bicubic_matrix(g, gh, dev)?; // [gh, g]
+        let wx = bicubic_matrix(g, gw, dev)?; // [gw, g]
+        // out[c] = Wy · grid[c] · Wxᵀ
+        let rows = wy.broadcast_left(d)?.matmul(&grid)?; // [D, gh, g]
+        let out = rows.matmul(&wx.t()?.broadcast_left(d)?)?; // [D, gh, gw]
+        let out = out
+            .permute((1, 2, 0))?
+            .reshape((1, gh * gw, d))?
+            .to_dtype(dtype)?;
+        Tensor::cat(&[&class_pos, &out], 1)
+    }
+}
+
+/// Interpolation matrix `[out, in]` of PyTorch's `upsample_bicubic2d` along one axis
+/// (align_corners = False, cubic convolution with A = -0.75, indices clamped at the border).
+pub(crate) fn bicubic_matrix(input: usize, output: usize, dev: &Device) -> Result<Tensor> {
+    const A: f64 = -0.75;
+    let cc1 = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let cc2 = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let scale = input as f32 / output as f32;
+    let mut m = vec![0f32; output * input];
+    for o in 0..output {
+        // torch computes the source coordinate in float (opmath) precision.
+        let src = scale * (o as f32 + 0.5) - 0.5;
+        let i0 = src.floor();
+        let t = (src - i0) as f64;
+        let w = [cc2(t + 1.0), cc1(t), cc1(1.0 - t), cc2(2.0 - t)];
+        for (k, wk) in w.iter().enumerate() {
+            let idx = (i0 as i64 - 1 + k as i64).clamp(0, input as i64 - 1) as usize;
+            m[o * input + idx] += *wk as f32;
+        }
+    }
+    Tensor::from_vec(m, (output, input), dev)
+}
+
+pub struct Blip2Attention {
+    qkv: Linear,
+    projection: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Blip2Attention {
+    pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let qkv_w = vb.get((3 * d, d), "qkv.weight")?;
+        // HF stores the fused bias [q, 0, v]; LAVIS stores q_bias / v_bias separately.
+        let bias = if vb.contains_tensor("qkv.bias") {
+            Some(vb.get(3 * d, "qkv.bias")?)
+        } else if vb.contains_tensor("q_bias") {
+            let q = vb.get(d, "q_bias")?;
+            let v = vb.get(d, "v_bias")?;
+            Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
+        } else if cfg.qkv_bias {
+            candle_core::bail!("missing {} (qkv.bias or q_bias/v_bias)", vb.prefix())
+        } else {
+            None
+        };
+        let head_dim = d / cfg.num_attention_heads;
+        Ok(Self {
+            qkv: Linear::new(qkv_w, bias),
+            projection: linear(d, d, vb.pp("projection"))?,
+            num_heads: cfg.num_attention_heads,
+            scale: (head_dim as f64).powf(-0.5),
+        })
+    }
+}
+
+impl Module for Blip2Attention {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let hd = d / self.num_heads;
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((b, t, 3, self.num_heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.i(0)?.contiguous()?;
+        let k = qkv.i(1)?.contiguous()?;
+        let v = qkv.i(2)?.contiguous()?;
+        let attn = (q.matmul(&k.t()?)? * self.scale)?;
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.projection.forward(&out)
+    }
+}
+
+pub struct Blip2Mlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Blip2Mlp {
+    pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            act: cfg.hidden_act,
+        })
+    }
+}
+
+impl Module for Blip2Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
+    }
+}
+
+pub struct Blip2EncoderLayer {
+    self_attn: Blip2Attention,
+    layer_norm1: LayerNorm,
+    mlp: Blip2Mlp,
+    layer_norm2: LayerNorm,
+}
+
+impl Blip2EncoderLayer {
+    pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let ln = LayerNormConfig::from(cfg.layer_norm_eps);
+        Ok(Self {
+            self_attn: Blip2Attention::new(cfg, vb.pp("self_attn"))?,
+            layer_norm1: layer_norm(cfg.hidden_size, ln, vb.pp("layer_norm1"))?,
+            mlp: Blip2Mlp::new(cfg, vb.pp("mlp"))?,
+            layer_norm2: layer_norm(cfg.hidden_size, ln, vb.pp("layer_norm2"))?,
+        })
+    }
+}
+
+impl Module for Blip2EncoderLayer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = (self.self_attn.forward(&self.layer_norm1.forward(xs)?)? + xs)?;
+        self.mlp.forward(&self.layer_norm2.forward(&h)?)? + h
+    }
+}
+
+pub struct Blip2VisionModel {
+    embeddings: Blip2VisionEmbeddings,
+    layers: Vec<Blip2EncoderLayer>,
+    post_layernorm: LayerNorm,
+}
+
+impl Blip2VisionModel {
+    pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let embeddings = Blip2VisionEmbeddings::new(cfg, vb.pp("embeddings"))?;
+        let vb_l = vb.pp("encoder").pp("layers");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Blip2EncoderLayer::new(cfg, vb_l.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let post_layernorm = layer_norm(
+            cfg.hidden_size,
+            LayerNormConfig::from(cfg.layer_norm_eps),
+            vb.pp("post_layernorm"),
+        )?;
+        Ok(Self {
+            embeddings,
+            layers,
+            post_layernorm,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embeddings.patch_weight.dtype()
+    }
+}
+
+impl Module for Blip2VisionModel {
+    /// `pixel_values` [B, 3, H, W] → `last_hidden_state` [B, 1 + P, D] (after post_layernorm).
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut h = self.embeddings.forward(pixel_values)?;
+        for layer in &self.layers {
+            h = layer.forward(&h)?;
+        }
+        self.post_layernorm.forward(&h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bicubic_identity_and_rows_sum_to_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let id = bicubic_matrix(5, 5, &dev)?.to_vec2::<f32>()?;
+        for (i, row) in id.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                assert_eq!(*v, if i == j { 1.0 } else { 0.0 });
+            }
+        }
+        for (i, o) in [(4usize, 7usize), (8, 3), (16, 37)] {
+            for row in bicubic_matrix(i, o, &dev)?.to_vec2::<f32>()? {
+                let s: f32 = row.iter().sum();
+                assert!((s - 1.0).abs() < 1e-5, "{s}");
+            }
+        }
+        Ok(())
+    }
+}
