@@ -44,7 +44,9 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     if args.images.is_empty() && args.pixel_values.is_none() && args.texts.is_empty() {
         bail!("nothing to embed: give --image, --pixel-values or --text");
     }
-    if args.itm && (args.texts.is_empty() || (args.images.is_empty() && args.pixel_values.is_none())) {
+    if args.itm
+        && (args.texts.is_empty() || (args.images.is_empty() && args.pixel_values.is_none()))
+    {
         bail!("--itm needs both images (--image or --pixel-values) and --text");
     }
     let (files, model) = args.model.load()?;
@@ -60,7 +62,11 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         for path in &args.images {
             data.extend(processor.pixel_values_from_file(path)?);
         }
-        Some(Tensor::from_vec(data, (args.images.len(), 3, h, w), &Device::Cpu)?)
+        Some(Tensor::from_vec(
+            data,
+            (args.images.len(), 3, h, w),
+            &Device::Cpu,
+        )?)
     } else {
         None
     };
@@ -91,7 +97,10 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         let mask = to_tensor(&enc.attention_mask, dev)?;
         let text_embeds = model.text_embeds(&ids, &mask)?;
         if let Some(image_embeds) = out.get("image_embeds") {
-            out.insert("itc_scores".into(), Blip2::itc_scores(image_embeds, &text_embeds)?);
+            out.insert(
+                "itc_scores".into(),
+                Blip2::itc_scores(image_embeds, &text_embeds)?,
+            );
         }
         if args.itm {
             if let Some(v) = &vision {
@@ -110,7 +119,10 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         .collect::<candle_core::Result<HashMap<_, _>>>()?;
     candle_core::safetensors::save(&out, &args.output)
         .with_context(|| format!("cannot write {}", args.output.display()))?;
-    let mut names: Vec<_> = out.iter().map(|(k, t)| format!("{k} {:?}", t.dims())).collect();
+    let mut names: Vec<_> = out
+        .iter()
+        .map(|(k, t)| format!("{k} {:?}", t.dims()))
+        .collect();
     names.sort();
     eprintln!("wrote {}: {}", args.output.display(), names.join(", "));
     Ok(())
@@ -138,7 +150,10 @@ fn to_tensor(rows: &[Vec<u32>], dev: &Device) -> anyhow::Result<Tensor> {
 fn read_pixel_values(path: &PathBuf) -> anyhow::Result<Tensor> {
     let file = path.display().to_string();
     if !path.is_file() {
-        bail!(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
+        bail!(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
+        ));
     }
     let bad = |reason: String| Error::BadTensor {
         file: file.clone(),
@@ -147,9 +162,12 @@ fn read_pixel_values(path: &PathBuf) -> anyhow::Result<Tensor> {
     };
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
-    let t = tensors
-        .get("pixel_values")
-        .ok_or_else(|| bad(format!("missing; the file holds {:?}", tensors.keys().collect::<Vec<_>>())))?;
+    let t = tensors.get("pixel_values").ok_or_else(|| {
+        bad(format!(
+            "missing; the file holds {:?}",
+            tensors.keys().collect::<Vec<_>>()
+        ))
+    })?;
     match t.dims() {
         [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
         d => bail!(bad(format!("shape {d:?}, expected [N, 3, H, W]"))),

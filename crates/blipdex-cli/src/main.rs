@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "blipdex", version, about = "BLIP-2 photo indexing and text-to-image search")]
+#[command(
+    name = "blipdex",
+    version,
+    about = "BLIP-2 photo indexing and text-to-image search"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

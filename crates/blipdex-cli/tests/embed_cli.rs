@@ -23,7 +23,12 @@ fn load(p: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "shape {:?} vs {:?}", a.dims(), b.dims());
+    ensure!(
+        a.dims() == b.dims(),
+        "shape {:?} vs {:?}",
+        a.dims(),
+        b.dims()
+    );
     Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
         .abs()?
         .flatten_all()?
@@ -103,7 +108,9 @@ fn embed_pixel_values_matches_transformers() -> Result<()> {
             "itc_scores",
             "itm_logits",
         ] {
-            let g = got.get(k).with_context(|| format!("{name}: output lacks {k}"))?;
+            let g = got
+                .get(k)
+                .with_context(|| format!("{name}: output lacks {k}"))?;
             ensure!(g.dtype() == DType::F32, "{k} is {:?}", g.dtype());
             let d = max_abs(g, want.get(k).context(k)?)?;
             ensure!(d <= 1e-4, "{name} {k}: max abs diff {d:e}");
@@ -144,7 +151,10 @@ fn embed_photos_preprocess_like_pillow() -> Result<()> {
             let (gi, wi) = (g.get(i)?, w.get(i)?);
             let (mean, max) = (mean_abs(&gi, &wi)?, max_abs(&gi, &wi)?);
             eprintln!("{name} {photo}: mean {mean:.4} max {max:.4}");
-            ensure!(mean <= 0.006 && max <= 0.12, "{photo}: mean {mean} max {max}");
+            ensure!(
+                mean <= 0.006 && max <= 0.12,
+                "{photo}: mean {mean} max {max}"
+            );
         }
         let n = photos.len();
         ensure!(got["itc_scores"].dims() == [n, 1]);
@@ -176,7 +186,15 @@ fn bad_inputs_fail_with_a_clear_message() -> Result<()> {
     // A missing image file.
     let missing = dir.path().join("nope.jpg");
     assert_fails(
-        &["embed", "--model", model, "--image", missing.to_str().context("p")?, "--output", out],
+        &[
+            "embed",
+            "--model",
+            model,
+            "--image",
+            missing.to_str().context("p")?,
+            "--output",
+            out,
+        ],
         &["nope.jpg"],
     )?;
 
@@ -184,28 +202,66 @@ fn bad_inputs_fail_with_a_clear_message() -> Result<()> {
     let fake = dir.path().join("fake.jpg");
     std::fs::write(&fake, "this is not an image")?;
     assert_fails(
-        &["embed", "--model", model, "--image", fake.to_str().context("p")?, "--output", out],
+        &[
+            "embed",
+            "--model",
+            model,
+            "--image",
+            fake.to_str().context("p")?,
+            "--output",
+            out,
+        ],
         &["fake.jpg"],
     )?;
     let jpeg = std::fs::read(fixtures().join("photos/astronaut.jpg"))?;
     let truncated = dir.path().join("truncated.jpg");
     std::fs::write(&truncated, &jpeg[..jpeg.len() / 3])?;
     assert_fails(
-        &["embed", "--model", model, "--image", truncated.to_str().context("p")?, "--output", out],
+        &[
+            "embed",
+            "--model",
+            model,
+            "--image",
+            truncated.to_str().context("p")?,
+            "--output",
+            out,
+        ],
         &["truncated.jpg"],
     )?;
 
     // Not a BLIP-2 checkpoint directory.
     let empty = tempfile::tempdir()?;
     assert_fails(
-        &["embed", "--model", empty.path().to_str().context("p")?, "--text", "x", "--output", out],
+        &[
+            "embed",
+            "--model",
+            empty.path().to_str().context("p")?,
+            "--text",
+            "x",
+            "--output",
+            out,
+        ],
         &["config.json"],
     )?;
     let not_blip = tempfile::tempdir()?;
-    std::fs::write(not_blip.path().join("config.json"), r#"{"model_type": "bert"}"#)?;
-    std::fs::copy(model_path.join("model.safetensors"), not_blip.path().join("model.safetensors"))?;
+    std::fs::write(
+        not_blip.path().join("config.json"),
+        r#"{"model_type": "bert"}"#,
+    )?;
+    std::fs::copy(
+        model_path.join("model.safetensors"),
+        not_blip.path().join("model.safetensors"),
+    )?;
     assert_fails(
-        &["embed", "--model", not_blip.path().to_str().context("p")?, "--text", "x", "--output", out],
+        &[
+            "embed",
+            "--model",
+            not_blip.path().to_str().context("p")?,
+            "--text",
+            "x",
+            "--output",
+            out,
+        ],
         &["BLIP-2"],
     )?;
 
@@ -214,18 +270,40 @@ fn bad_inputs_fail_with_a_clear_message() -> Result<()> {
     let t = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu)?;
     candle_core::safetensors::save(&HashMap::from([("images".to_string(), t)]), &other)?;
     assert_fails(
-        &["embed", "--model", model, "--pixel-values", other.to_str().context("p")?, "--output", out],
+        &[
+            "embed",
+            "--model",
+            model,
+            "--pixel-values",
+            other.to_str().context("p")?,
+            "--output",
+            out,
+        ],
         &["pixel_values", "other.safetensors"],
     )?;
     let bad_shape = dir.path().join("bad.safetensors");
     let t = Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu)?;
-    candle_core::safetensors::save(&HashMap::from([("pixel_values".to_string(), t)]), &bad_shape)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("pixel_values".to_string(), t)]),
+        &bad_shape,
+    )?;
     assert_fails(
-        &["embed", "--model", model, "--pixel-values", bad_shape.to_str().context("p")?, "--output", out],
+        &[
+            "embed",
+            "--model",
+            model,
+            "--pixel-values",
+            bad_shape.to_str().context("p")?,
+            "--output",
+            out,
+        ],
         &["pixel_values", "shape"],
     )?;
 
     // Nothing asked for.
-    assert_fails(&["embed", "--model", model, "--output", out], &["nothing to embed"])?;
+    assert_fails(
+        &["embed", "--model", model, "--output", out],
+        &["nothing to embed"],
+    )?;
     Ok(())
 }

@@ -64,6 +64,23 @@ pub enum Error {
     /// A failure inside the tensor library; not the user's fault.
     #[error("internal tensor error: {0}")]
     Tensor(String),
+
+    /// An index directory holds embeddings of another model (or other dimensions) than the one
+    /// asked for. Embeddings of two models must never mix, so this is never silently fixed.
+    #[error(
+        "index {dir} holds embeddings of model {stored}, but {requested} was requested; \
+         use that model or a separate index directory"
+    )]
+    ModelMismatch {
+        dir: PathBuf,
+        stored: String,
+        requested: String,
+    },
+
+    /// The embedded store is unusable: corrupt or unreadable files, a locked directory, an
+    /// unknown image id, a failed commit.
+    #[error("index {dir}: {reason}")]
+    Store { dir: PathBuf, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -79,6 +96,13 @@ impl Error {
     pub fn bad_model(model: impl std::fmt::Display, reason: impl Into<String>) -> Self {
         Self::BadModel {
             model: model.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn store(dir: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Self::Store {
+            dir: dir.into(),
             reason: reason.into(),
         }
     }

@@ -76,15 +76,20 @@ impl Blip2 {
             )
         })?;
         let vb = mmap_weights(files, opts)?;
-        Self::new(config, vb)
-            .map_err(|e| Error::bad_model(&files.name, format!("weights do not fit config.json: {e}")))
+        Self::new(config, vb).map_err(|e| {
+            Error::bad_model(&files.name, format!("weights do not fit config.json: {e}"))
+        })
     }
 
     pub fn new(config: Blip2Config, vb: VarBuilder) -> candle_core::Result<Self> {
         let device = vb.device().clone();
         let vision_model = Blip2VisionModel::new(&config.vision_config, vb.pp("vision_model"))?;
         let query_tokens = vb.clone().set_dtype(DType::F32).get(
-            (1, config.num_query_tokens, config.qformer_config.hidden_size),
+            (
+                1,
+                config.num_query_tokens,
+                config.qformer_config.hidden_size,
+            ),
             "query_tokens",
         )?;
         let qformer = Blip2QFormerModel::new(&config.qformer_config, vb.pp("qformer"))?;
@@ -140,8 +145,13 @@ impl Blip2 {
     pub fn get_qformer_features(&self, vision_states: &Tensor) -> Result<Tensor> {
         let run = || -> candle_core::Result<Tensor> {
             let n = vision_states.dim(0)?;
-            let q = self.query_tokens.expand((n, self.query_tokens.dim(1)?, self.query_tokens.dim(2)?))?;
-            self.qformer.forward(&q, q.dim(1)?, None, Some(vision_states))
+            let q = self.query_tokens.expand((
+                n,
+                self.query_tokens.dim(1)?,
+                self.query_tokens.dim(2)?,
+            ))?;
+            self.qformer
+                .forward(&q, q.dim(1)?, None, Some(vision_states))
         };
         run().map_err(terr)
     }
@@ -149,7 +159,10 @@ impl Blip2 {
     /// ITC image side: `normalize(vision_projection(qformer_features))` [N, Q, E].
     pub fn image_embeds(&self, qformer_features: &Tensor) -> Result<Tensor> {
         let heads = self.heads()?;
-        let p = heads.vision_projection.forward(qformer_features).map_err(terr)?;
+        let p = heads
+            .vision_projection
+            .forward(qformer_features)
+            .map_err(terr)?;
         l2_normalize(&p).map_err(terr)
     }
 
@@ -231,7 +244,11 @@ impl Blip2 {
 
 fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     // torch.nn.functional.normalize: x / max(||x||, 1e-12)
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     x.broadcast_div(&norm)
 }
 
@@ -243,6 +260,7 @@ pub fn mmap_weights<'a>(files: &ModelFiles, opts: &LoadOptions) -> Result<VarBui
     // candle's mmap is `unsafe` because the file could change underneath; checkpoint files are
     // treated as immutable while blipdex runs.
     #[allow(unsafe_code)]
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &opts.device) };
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &opts.device) };
     vb.map_err(|e| Error::bad_model(&files.name, format!("cannot read safetensors weights: {e}")))
 }

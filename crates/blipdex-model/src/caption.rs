@@ -131,20 +131,32 @@ impl GenerationConfig {
             unsupported.push("no_repeat_ngram_size");
         }
         let set = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
-        if set(&raw.bad_words_ids) || raw.forced_bos_token_id.is_some() || set(&raw.forced_eos_token_id) {
+        if set(&raw.bad_words_ids)
+            || raw.forced_bos_token_id.is_some()
+            || set(&raw.forced_eos_token_id)
+        {
             unsupported.push("bad_words_ids / forced_bos_token_id / forced_eos_token_id");
         }
         if set(&raw.suppress_tokens) || set(&raw.begin_suppress_tokens) {
             unsupported.push("suppress_tokens / begin_suppress_tokens");
         }
         if !unsupported.is_empty() {
-            return Err(format!("unsupported generation settings: {}", unsupported.join(", ")));
+            return Err(format!(
+                "unsupported generation settings: {}",
+                unsupported.join(", ")
+            ));
         }
         let early_stopping = match raw.early_stopping {
-            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => EarlyStopping::Heuristic,
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {
+                EarlyStopping::Heuristic
+            }
             Some(serde_json::Value::Bool(true)) => EarlyStopping::Eager,
             Some(serde_json::Value::String(s)) if s == "never" => EarlyStopping::Never,
-            Some(other) => return Err(format!("early_stopping must be true, false or \"never\", not {other}")),
+            Some(other) => {
+                return Err(format!(
+                    "early_stopping must be true, false or \"never\", not {other}"
+                ))
+            }
         };
         let defaults = Self::for_text_config(text);
         let cfg = Self {
@@ -156,7 +168,9 @@ impl GenerationConfig {
             length_penalty: raw.length_penalty.unwrap_or(1.0),
             early_stopping,
             bos_token_id: raw.bos_token_id.or(defaults.bos_token_id),
-            eos_token_ids: raw.eos_token_id.map_or(defaults.eos_token_ids, |e| e.to_vec()),
+            eos_token_ids: raw
+                .eos_token_id
+                .map_or(defaults.eos_token_ids, |e| e.to_vec()),
             pad_token_id: raw.pad_token_id.or(defaults.pad_token_id),
         };
         cfg.validate()?;
@@ -209,7 +223,11 @@ impl LanguageHead {
     }
 
     /// As [`LanguageHead::new`], with the decoder's Linear weights stored as `storage` says.
-    pub fn with_storage(cfg: &Blip2Config, storage: LinearStorage, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn with_storage(
+        cfg: &Blip2Config,
+        storage: LinearStorage,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let text = text_config(cfg).map_err(candle_core::Error::Msg)?;
         let language_projection = candle_nn::linear(
             cfg.qformer_config.hidden_size,
@@ -229,8 +247,12 @@ impl LanguageHead {
 
     /// Load the language side of a checkpoint, with errors that say what is wrong.
     pub fn load(files: &ModelFiles, opts: &LoadOptions, storage: LinearStorage) -> Result<Self> {
-        let cfg = Blip2Config::from_json_str(&files.read_config()?)
-            .map_err(|e| Error::bad_model(&files.name, format!("config.json is not a BLIP-2 config: {e}")))?;
+        let cfg = Blip2Config::from_json_str(&files.read_config()?).map_err(|e| {
+            Error::bad_model(
+                &files.name,
+                format!("config.json is not a BLIP-2 config: {e}"),
+            )
+        })?;
         text_config(&cfg).map_err(Error::Unsupported)?;
         let vb = mmap_weights(files, opts)?;
         if !vb.contains_tensor("language_projection.weight") {
@@ -240,8 +262,12 @@ impl LanguageHead {
                 files.name
             )));
         }
-        Self::with_storage(&cfg, storage, vb)
-            .map_err(|e| Error::bad_model(&files.name, format!("language model weights do not fit config.json: {e}")))
+        Self::with_storage(&cfg, storage, vb).map_err(|e| {
+            Error::bad_model(
+                &files.name,
+                format!("language model weights do not fit config.json: {e}"),
+            )
+        })
     }
 
     pub fn config(&self) -> &OptConfig {
@@ -255,7 +281,9 @@ impl LanguageHead {
     /// `language_projection(qformer_features)`: [N, Q, hidden_size] in the model dtype.
     pub fn language_model_inputs(&self, qformer_features: &Tensor) -> Result<Tensor> {
         let run = || -> candle_core::Result<Tensor> {
-            let q = qformer_features.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let q = qformer_features
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
             self.language_projection.forward(&q)
         };
         run().map_err(terr)
@@ -267,7 +295,11 @@ impl LanguageHead {
         let run = || -> candle_core::Result<Tensor> {
             let ids = input_ids.to_device(&self.device)?;
             let embeds = self.language_model.embed(&ids)?;
-            self.language_model.decoder.forward(&embeds, attention_mask, &mut self.language_model.new_cache())
+            self.language_model.decoder.forward(
+                &embeds,
+                attention_mask,
+                &mut self.language_model.new_cache(),
+            )
         };
         run().map_err(terr)
     }
@@ -277,7 +309,11 @@ impl LanguageHead {
         let run = || -> candle_core::Result<Tensor> {
             let ids = input_ids.to_device(&self.device)?;
             let embeds = self.language_model.embed(&ids)?;
-            self.language_model.forward(&embeds, attention_mask, &mut self.language_model.new_cache())
+            self.language_model.forward(
+                &embeds,
+                attention_mask,
+                &mut self.language_model.new_cache(),
+            )
         };
         run().map_err(terr)
     }
@@ -285,7 +321,11 @@ impl LanguageHead {
     /// `Blip2ForConditionalGeneration.forward` logits [N, L, vocab] for images and prompts, and
     /// the attention mask [N, L] (u32) of the assembled input. `prompts[i]` are the prompt's
     /// token ids without special tokens (BOS is added here); empty means no prompt.
-    pub fn forward(&self, qformer_features: &Tensor, prompts: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        qformer_features: &Tensor,
+        prompts: &[Vec<u32>],
+    ) -> Result<(Tensor, Tensor)> {
         let (embeds, mask) = self.assemble(qformer_features, prompts)?;
         let mask = mask_tensor(&mask, &self.device)?;
         let logits = self
@@ -298,7 +338,12 @@ impl LanguageHead {
     /// Caption / answer: the new token ids per image (without the prompt), exactly as
     /// transformers' `generate` returns them: in a batch, rows that end early are filled with
     /// the pad token after their EOS. `prompts[i]` as in [`LanguageHead::forward`].
-    pub fn generate(&self, qformer_features: &Tensor, prompts: &[Vec<u32>], gen: &GenerationConfig) -> Result<Vec<Vec<u32>>> {
+    pub fn generate(
+        &self,
+        qformer_features: &Tensor,
+        prompts: &[Vec<u32>],
+        gen: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
         gen.validate().map_err(Error::InvalidArgument)?;
         let (embeds, mask) = self.assemble(qformer_features, prompts)?;
         let plan = self.plan(mask.first().map_or(0, Vec::len), gen)?;
@@ -310,7 +355,11 @@ impl LanguageHead {
     }
 
     /// [queries][left padding][BOS prompt] embeddings and their 0/1 mask rows.
-    fn assemble(&self, qformer_features: &Tensor, prompts: &[Vec<u32>]) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    fn assemble(
+        &self,
+        qformer_features: &Tensor,
+        prompts: &[Vec<u32>],
+    ) -> Result<(Tensor, Vec<Vec<u32>>)> {
         let cfg = self.config();
         let n = qformer_features.dim(0).map_err(terr)?;
         if prompts.len() != n {
@@ -360,7 +409,9 @@ impl LanguageHead {
         let run = || -> candle_core::Result<Tensor> {
             let (_, lq, _) = lang.dims3()?;
             if lq != q {
-                candle_core::bail!("Q-Former features have {lq} queries, the config says num_query_tokens = {q}");
+                candle_core::bail!(
+                    "Q-Former features have {lq} queries, the config says num_query_tokens = {q}"
+                );
             }
             let ids = Tensor::from_vec(ids, (n, text_len), &self.device)?;
             let text = self.language_model.embed(&ids)?;
@@ -411,12 +462,18 @@ impl LanguageHead {
     }
 
     /// transformers' `_sample` without sampling.
-    fn greedy(&self, embeds: &Tensor, mut mask: Vec<Vec<u32>>, plan: &Plan) -> candle_core::Result<Vec<Vec<u32>>> {
+    fn greedy(
+        &self,
+        embeds: &Tensor,
+        mut mask: Vec<Vec<u32>>,
+        plan: &Plan,
+    ) -> candle_core::Result<Vec<Vec<u32>>> {
         let lm = &self.language_model;
         let n = mask.len();
         let has_eos = !plan.eos.is_empty();
         let mut cache = lm.new_cache();
-        let mut logits = lm.forward_last(embeds, &mask_tensor_c(&mask, &self.device)?, &mut cache)?;
+        let mut logits =
+            lm.forward_last(embeds, &mask_tensor_c(&mask, &self.device)?, &mut cache)?;
         let mut out = vec![Vec::new(); n];
         let mut unfinished = vec![true; n];
         let mut cur_len = plan.prompt_len;
@@ -445,9 +502,16 @@ impl LanguageHead {
             for row in &mut mask {
                 row.push(1);
             }
-            let next: Vec<u32> = out.iter().map(|r| r.last().copied().unwrap_or_default()).collect();
+            let next: Vec<u32> = out
+                .iter()
+                .map(|r| r.last().copied().unwrap_or_default())
+                .collect();
             let ids = Tensor::from_vec(next, (n, 1), &self.device)?;
-            logits = lm.forward_last(&lm.embed(&ids)?, &mask_tensor_c(&mask, &self.device)?, &mut cache)?;
+            logits = lm.forward_last(
+                &lm.embed(&ids)?,
+                &mask_tensor_c(&mask, &self.device)?,
+                &mut cache,
+            )?;
         }
     }
 
@@ -472,14 +536,23 @@ impl LanguageHead {
         let first = lm.forward_last(embeds, &mask_tensor_c(&mask, &self.device)?, &mut cache)?;
         // Every beam starts as a copy of its item; only beam 0 scores 0 so that the first step
         // does not pick the same token k times.
-        let expand: Vec<u32> = (0..n as u32).flat_map(|i| std::iter::repeat_n(i, k)).collect();
+        let expand: Vec<u32> = (0..n as u32)
+            .flat_map(|i| std::iter::repeat_n(i, k))
+            .collect();
         let expand = Tensor::from_vec(expand, n * k, &self.device)?;
         cache.select_rows(&expand)?;
         let mut logits = first.index_select(&expand, 0)?;
-        let mut mask: Vec<Vec<u32>> = mask.iter().flat_map(|r| std::iter::repeat_n(r.clone(), k)).collect();
+        let mut mask: Vec<Vec<u32>> = mask
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.clone(), k))
+            .collect();
 
         let mut running: Vec<Vec<(f32, Vec<u32>)>> = (0..n)
-            .map(|_| (0..k).map(|j| (if j == 0 { 0.0 } else { BEAM_NEG }, Vec::new())).collect())
+            .map(|_| {
+                (0..k)
+                    .map(|j| (if j == 0 { 0.0 } else { BEAM_NEG }, Vec::new()))
+                    .collect()
+            })
             .collect();
         let mut finished: Vec<Vec<(f32, Vec<u32>)>> = vec![Vec::new(); n];
         let mut open = vec![true; n]; // transformers' is_early_stop_heuristic_unsatisfied
@@ -501,7 +574,10 @@ impl LanguageHead {
                 }
                 // torch.topk over beam * vocab + token, best first.
                 let vocab = rows[b * k].len();
-                cands.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1 * vocab + x.2 as usize).cmp(&(y.1 * vocab + y.2 as usize))));
+                cands.sort_by(|x, y| {
+                    y.0.total_cmp(&x.0)
+                        .then((x.1 * vocab + x.2 as usize).cmp(&(y.1 * vocab + y.2 as usize)))
+                });
                 cands.truncate(keep);
                 let hits: Vec<bool> = cands
                     .iter()
@@ -551,11 +627,16 @@ impl LanguageHead {
                     _ => cur_len - plan.prompt_len,
                 };
                 let best_running = running[b][0].0 / denom(len);
-                let worst_finished = finished[b].iter().map(|f| f.0).fold(f32::INFINITY, f32::min);
+                let worst_finished = finished[b]
+                    .iter()
+                    .map(|f| f.0)
+                    .fold(f32::INFINITY, f32::min);
                 open[b] = best_running > worst_finished;
             }
             let all_full = finished.iter().all(|f| f.len() == k);
-            let stop = !open.iter().any(|&o| o) || (all_full && gen.early_stopping == EarlyStopping::Eager) || all_hit;
+            let stop = !open.iter().any(|&o| o)
+                || (all_full && gen.early_stopping == EarlyStopping::Eager)
+                || all_hit;
             if stop {
                 break;
             }
@@ -566,10 +647,18 @@ impl LanguageHead {
             }
             let next: Vec<u32> = running
                 .iter()
-                .flat_map(|beams| beams.iter().map(|(_, t)| t.last().copied().unwrap_or_default()))
+                .flat_map(|beams| {
+                    beams
+                        .iter()
+                        .map(|(_, t)| t.last().copied().unwrap_or_default())
+                })
                 .collect();
             let ids = Tensor::from_vec(next, (n * k, 1), &self.device)?;
-            logits = lm.forward_last(&lm.embed(&ids)?, &mask_tensor_c(&mask, &self.device)?, &mut cache)?;
+            logits = lm.forward_last(
+                &lm.embed(&ids)?,
+                &mask_tensor_c(&mask, &self.device)?,
+                &mut cache,
+            )?;
         }
 
         let mut best: Vec<Vec<u32>> = (0..n)
@@ -667,13 +756,17 @@ mod tests {
     use super::*;
 
     fn opt() -> OptConfig {
-        OptConfig::from_value(&serde_json::json!({"model_type": "opt"})).expect("default OPT config")
+        OptConfig::from_value(&serde_json::json!({"model_type": "opt"}))
+            .expect("default OPT config")
     }
 
     #[test]
     fn generation_config_defaults_and_overrides() {
-        let g = GenerationConfig::from_json_str(r#"{"eos_token_id": [2, 50118], "num_beams": 5, "early_stopping": "never"}"#, &opt())
-            .expect("parses");
+        let g = GenerationConfig::from_json_str(
+            r#"{"eos_token_id": [2, 50118], "num_beams": 5, "early_stopping": "never"}"#,
+            &opt(),
+        )
+        .expect("parses");
         assert_eq!(g.eos_token_ids, vec![2, 50118]);
         assert_eq!(g.num_beams, 5);
         assert_eq!(g.early_stopping, EarlyStopping::Never);

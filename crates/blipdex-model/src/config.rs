@@ -170,14 +170,14 @@ impl Blip2Config {
         }
         cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
         let v = &cfg.vision_config;
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(format!(
                 "vision hidden_size {} is not a multiple of num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
         let q = &cfg.qformer_config;
-        if q.num_attention_heads == 0 || q.hidden_size % q.num_attention_heads != 0 {
+        if q.num_attention_heads == 0 || !q.hidden_size.is_multiple_of(q.num_attention_heads) {
             return Err(format!(
                 "qformer hidden_size {} is not a multiple of num_attention_heads {}",
                 q.hidden_size, q.num_attention_heads

@@ -12,6 +12,7 @@
 //!   *grayscale* Pillow then clips the `I;16` values to 255 when converting to RGB (an all-white
 //!   image); we deliberately keep the high byte instead.
 //! * EXIF orientation is ignored by default, as transformers ignores it.
+//! * The first frame of animated GIF/WebP is used, as Pillow does.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -25,8 +26,11 @@ use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 /// decoded.
 pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
 
-/// OpenAI CLIP normalization constants used by all BLIP-2 checkpoints.
+/// OpenAI CLIP normalization constants used by all BLIP-2 checkpoints (the values transformers
+/// writes, rounded to `f32` exactly as numpy's `np.array(mean, dtype=float32)` does).
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 /// PIL's `Image.Resampling.BICUBIC`, the only resampling filter supported.
@@ -43,6 +47,9 @@ pub struct ImageConfig {
     pub do_normalize: bool,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
+    /// Read for completeness; images are always converted to RGB since the vision encoder needs
+    /// three channels (transformers with `do_convert_rgb: false` only differs on non-RGB inputs,
+    /// where it would produce a tensor the model cannot take).
     pub do_convert_rgb: bool,
 }
 
@@ -158,9 +165,11 @@ impl ImageConfig {
             }
         }
         if get_bool("do_center_crop", false)? {
-            return Err(bad("\"do_center_crop\": true is not supported by the BLIP image \
+            return Err(bad(
+                "\"do_center_crop\": true is not supported by the BLIP image \
                  processor port; set it to false"
-                .into()));
+                    .into(),
+            ));
         }
         if get_bool("do_pad", false)? {
             return Err(bad(
@@ -322,6 +331,13 @@ impl ImageProcessor {
             .into_dimensions()
             .map_err(|e| bad(describe_image_error(&e)))?;
         self.check_pixels(width, height, what)?;
+        if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_has_end_marker(bytes) {
+            // zune-jpeg fills a truncated scan with grey; Pillow refuses it ("image file is
+            // truncated"), and so do we rather than index a half-grey photo.
+            return Err(bad(
+                "truncated JPEG (no end-of-image marker); re-copy or re-export the file".into(),
+            ));
+        }
 
         // Pass 2: decode. Allow enough memory for the largest image under the limit (16-bit RGBA).
         let mut limits = image::Limits::default();
@@ -462,10 +478,17 @@ fn bad_size(cfg: &ImageConfig) -> Error {
 fn describe_image_error(e: &image::ImageError) -> String {
     match e {
         image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "the file is truncated (unexpected end of data)".to_string()
+            "the file is truncated (unexpected end of data); re-download or re-export it"
+                .to_string()
         }
-        image::ImageError::Limits(l) => format!("decoder memory limit exceeded: {l}"),
-        other => other.to_string(),
+        image::ImageError::Limits(l) => format!(
+            "decoder memory limit exceeded ({l}); lower the resolution or raise \
+             --max-image-pixels"
+        ),
+        image::ImageError::Unsupported(u) => {
+            format!("{u}; convert the image to JPEG or PNG")
+        }
+        other => format!("{other}; the file may be corrupt, re-export it as JPEG or PNG"),
     }
 }
 
@@ -562,7 +585,10 @@ fn resample_horizontal(
             let (xmin, n) = c.bounds[xx];
             let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
             let mut ss = [1i32 << (PRECISION_BITS - 1); 3];
-            for (&w, p) in k.iter().zip(in_row[xmin * 3..(xmin + n) * 3].chunks_exact(3)) {
+            for (&w, p) in k
+                .iter()
+                .zip(in_row[xmin * 3..(xmin + n) * 3].chunks_exact(3))
+            {
                 ss[0] += i32::from(p[0]) * w;
                 ss[1] += i32::from(p[1]) * w;
                 ss[2] += i32::from(p[2]) * w;
@@ -602,6 +628,16 @@ fn resample_vertical(
         }
     }
     out
+}
+
+/// Whether a JPEG's entropy-coded data is followed by an EOI marker. Inside scan data a 0xFF byte
+/// is always followed by 0x00 (stuffing) or a restart marker, so `FF D9` after the first SOS is
+/// the real end of the image, even when other data (e.g. a motion-photo trailer) follows it.
+fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+    let Some(sos) = bytes.windows(2).position(|w| w == [0xFF, 0xDA]) else {
+        return false;
+    };
+    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 /// Bicubic resize, a port of Pillow's `Image.resize(size, Image.BICUBIC)` on an RGB image
@@ -768,11 +804,7 @@ mod tests {
     }
 
     fn white_normalized(cfg: &ImageConfig) -> [f32; 3] {
-        let mut w = [0f32; 3];
-        for c in 0..3 {
-            w[c] = (1.0 - cfg.image_mean[c]) / cfg.image_std[c];
-        }
-        w
+        std::array::from_fn(|c| (1.0 - cfg.image_mean[c]) / cfg.image_std[c])
     }
 
     const PREPROCESSOR_JSON: &str = r#"{
@@ -853,8 +885,11 @@ mod tests {
         let cfg = ImageConfig::from_model_dir(&dir).expect("preprocessor");
         assert_eq!((cfg.height, cfg.width), (384, 320));
         // processor_config.json without "image_processor" is ignored.
-        std::fs::write(dir.join("processor_config.json"), r#"{"num_query_tokens": 32}"#)
-            .expect("write");
+        std::fs::write(
+            dir.join("processor_config.json"),
+            r#"{"num_query_tokens": 32}"#,
+        )
+        .expect("write");
         let cfg = ImageConfig::from_model_dir(&dir).expect("fallthrough");
         assert_eq!((cfg.height, cfg.width), (384, 320));
         // ... but wins when it has one.
@@ -904,7 +939,11 @@ mod tests {
         assert_eq!(rgb.get_pixel(1, 1).0, [10, 20, 30]);
         assert_eq!(
             rgb.get_pixel(2, 1).0,
-            [over_white(10, 128), over_white(20, 128), over_white(30, 128)]
+            [
+                over_white(10, 128),
+                over_white(20, 128),
+                over_white(30, 128)
+            ]
         );
 
         // A fully transparent image normalizes to (1 - mean) / std everywhere.
@@ -1001,7 +1040,10 @@ mod tests {
         let err = small
             .load_bytes(&encode(&img, image::ImageFormat::Bmp), "ten.bmp")
             .expect_err("100 > 99");
-        assert!(matches!(err, Error::ImageTooLarge { pixels: 100, .. }), "{err}");
+        assert!(
+            matches!(err, Error::ImageTooLarge { pixels: 100, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("--max-image-pixels"), "{err}");
     }
 
@@ -1033,7 +1075,10 @@ mod tests {
 
         let missing = std::env::temp_dir().join("blipdex-definitely-missing-image.png");
         let err = p.load_file(&missing).expect_err("missing");
-        assert!(matches!(&err, Error::Io { path, .. } if path == &missing), "{err}");
+        assert!(
+            matches!(&err, Error::Io { path, .. } if path == &missing),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1049,9 +1094,20 @@ mod tests {
             })
             .unzip();
         // Upscale, downscale, non-square, one dimension unchanged, already at size.
-        for (w, h) in [(50, 37), (640, 480), (300, 224), (224, 224), (1, 1), (3, 900)] {
+        for (w, h) in [
+            (50, 37),
+            (640, 480),
+            (300, 224),
+            (224, 224),
+            (1, 1),
+            (3, 900),
+        ] {
             let img = RgbImage::from_fn(w, h, |x, y| {
-                image::Rgb([(x * 37 % 256) as u8, (y * 91 % 256) as u8, ((x + y) % 2 * 255) as u8])
+                image::Rgb([
+                    (x * 37 % 256) as u8,
+                    (y * 91 % 256) as u8,
+                    ((x + y) % 2 * 255) as u8,
+                ])
             });
             let pv = p.preprocess(&img).expect("preprocess");
             assert_eq!(pv.len(), 3 * 224 * 224, "{w}x{h}");
@@ -1085,7 +1141,9 @@ mod tests {
             ..ImageConfig::blip2_default()
         };
         let p = ImageProcessor::new(cfg);
-        let err = p.preprocess(&RgbImage::new(100, 100)).expect_err("wrong size");
+        let err = p
+            .preprocess(&RgbImage::new(100, 100))
+            .expect_err("wrong size");
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
         assert!(p.preprocess(&RgbImage::new(224, 224)).is_ok());
     }
@@ -1109,7 +1167,11 @@ mod tests {
         let rgb = p
             .load_bytes(&encode(&deep, image::ImageFormat::Png), "deep.png")
             .expect("16-bit");
-        assert_eq!(rgb.get_pixel(1, 1).0, [0x12, 0xab, 0xff], "high byte, as Pillow");
+        assert_eq!(
+            rgb.get_pixel(1, 1).0,
+            [0x12, 0xab, 0xff],
+            "high byte, as Pillow"
+        );
 
         let gif = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(6, 6, |x, _| {
             if x < 3 {

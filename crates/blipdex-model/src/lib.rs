@@ -11,5 +11,5 @@ pub mod vision;
 pub use blip2::{Blip2, LoadOptions};
 pub use config::Blip2Config;
 pub use loading::ModelFiles;
-pub mod opt;
 pub mod caption;
+pub mod opt;

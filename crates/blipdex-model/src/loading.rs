@@ -95,17 +95,8 @@ impl ModelFiles {
             hf_hub::RepoType::Model,
             revision.to_string(),
         );
-        let fetch: Box<dyn Fn(&str) -> Result<PathBuf>> = if offline {
-            let cache = hf_hub::Cache::from_env().repo(repo);
-            Box::new(move |file: &str| {
-                cache.get(file).ok_or_else(|| Error::Hub {
-                    repo: repo_id.to_string(),
-                    file: file.to_string(),
-                    reason: "not in the local cache and HF_HUB_OFFLINE is set; download it once \
-                             online, or pass a local directory"
-                        .into(),
-                })
-            })
+        let hub = if offline {
+            Hub::Cache(hf_hub::Cache::from_env().repo(repo))
         } else {
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(false)
@@ -114,19 +105,10 @@ impl ModelFiles {
                     repo: repo_id.to_string(),
                     file: String::new(),
                     reason: e.to_string(),
-                })?
-                .repo(repo);
-            Box::new(move |file: &str| {
-                api.get(file).map_err(|e| Error::Hub {
-                    repo: repo_id.to_string(),
-                    file: file.to_string(),
-                    reason: format!(
-                        "{e}; check the network or set HF_HUB_OFFLINE=1 to use the cache, \
-                         or pass a local checkpoint directory"
-                    ),
-                })
-            })
+                })?;
+            Hub::Api(api.repo(repo))
         };
+        let fetch = |file: &str| hub.fetch(repo_id, file);
         let config = fetch("config.json")?;
         let weights = match fetch(INDEX) {
             Ok(index) => {
@@ -164,6 +146,37 @@ impl ModelFiles {
     }
 }
 
+/// hf-hub's cache alone (`HF_HUB_OFFLINE`) or its API (cache first, then download).
+enum Hub {
+    Cache(hf_hub::CacheRepo),
+    Api(hf_hub::api::sync::ApiRepo),
+}
+
+impl Hub {
+    fn fetch(&self, repo_id: &str, file: &str) -> Result<PathBuf> {
+        let err = |reason: String| Error::Hub {
+            repo: repo_id.to_string(),
+            file: file.to_string(),
+            reason,
+        };
+        match self {
+            Hub::Cache(cache) => cache.get(file).ok_or_else(|| {
+                err(
+                    "not in the local cache and HF_HUB_OFFLINE is set; download it once \
+                     online, or pass a local directory"
+                        .into(),
+                )
+            }),
+            Hub::Api(api) => api.get(file).map_err(|e| {
+                err(format!(
+                    "{e}; check the network or set HF_HUB_OFFLINE=1 to use the cache, \
+                     or pass a local checkpoint directory"
+                ))
+            }),
+        }
+    }
+}
+
 fn parent(p: &Path) -> Result<PathBuf> {
     p.parent()
         .map(Path::to_path_buf)
@@ -175,6 +188,7 @@ fn looks_like_repo_id(s: &str) -> bool {
     parts.len() == 2
         && parts.iter().all(|p| {
             !p.is_empty()
+                && !p.starts_with('.')
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         })

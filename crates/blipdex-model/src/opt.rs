@@ -115,8 +115,8 @@ impl OptConfig {
             Some("opt") | None => {}
             Some(other) => {
                 return Err(format!(
-                    "the language model is {other:?}; blipdex captions with OPT language models only"
-                ))
+                "the language model is {other:?}; blipdex captions with OPT language models only"
+            ))
             }
         }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
@@ -126,7 +126,9 @@ impl OptConfig {
             ));
         }
         if cfg.num_hidden_layers == 0 || cfg.vocab_size == 0 || cfg.max_position_embeddings == 0 {
-            return Err("num_hidden_layers, vocab_size and max_position_embeddings must be positive".into());
+            return Err(
+                "num_hidden_layers, vocab_size and max_position_embeddings must be positive".into(),
+            );
         }
         Ok(cfg)
     }
@@ -140,7 +142,10 @@ impl OptConfig {
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 }
 
@@ -159,13 +164,26 @@ pub enum LinearStorage {
 #[derive(Debug, Clone)]
 enum OptLinear {
     Float(Linear),
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
 }
 
 impl OptLinear {
-    fn new(in_dim: usize, out_dim: usize, bias: bool, storage: LinearStorage, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        storage: LinearStorage,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         if storage == LinearStorage::Q8 && in_dim % GgmlDType::Q8_0.block_size() == 0 {
             let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
             return Ok(Self::Quantized {
@@ -189,7 +207,9 @@ impl Module for OptLinear {
                 // Quantized matmuls take f32 activations on every backend; the result goes back
                 // to the model dtype.
                 let dtype = xs.dtype();
-                let y = weight.forward(&xs.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dtype)?;
+                let y = weight
+                    .forward(&xs.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dtype)?;
                 match bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
@@ -201,7 +221,11 @@ impl Module for OptLinear {
 
 fn layer_norm(cfg: &OptConfig, size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     if cfg.layer_norm_elementwise_affine {
-        Ok(LayerNorm::new(vb.get(size, "weight")?, vb.get(size, "bias")?, LAYER_NORM_EPS))
+        Ok(LayerNorm::new(
+            vb.get(size, "weight")?,
+            vb.get(size, "bias")?,
+            LAYER_NORM_EPS,
+        ))
     } else {
         // No parameters in the checkpoint: PyTorch's non-affine LayerNorm.
         let ones = Tensor::ones(size, vb.dtype(), vb.device())?;
@@ -267,11 +291,18 @@ impl OptAttention {
     }
 
     fn heads(&self, x: Tensor, b: usize, t: usize) -> candle_core::Result<Tensor> {
-        x.reshape((b, t, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, t, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// `mask`: additive f32 [B, 1, T, past + T].
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         // As transformers: the query is scaled after its projection (bias included).
         let q = self.heads((self.q_proj.forward(x)? * self.scaling)?, b, t)?;
@@ -285,9 +316,16 @@ impl OptAttention {
         let dtype = q.dtype();
         // Softmax in f32 (as transformers' eager attention) with an f32 mask, so that fully
         // masked rows (left padding) stay finite in f16 too.
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        let out =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.num_heads * self.head_dim))?;
         self.out_proj.forward(&out)
     }
 }
@@ -317,7 +355,12 @@ impl OptDecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
         // Pre-LN (125m, 1.3b, 2.7b, ...) or post-LN (350m).
         let h = if self.do_layer_norm_before {
             self.self_attn_layer_norm.forward(x)?
@@ -333,7 +376,9 @@ impl OptDecoderLayer {
         } else {
             x.clone()
         };
-        let h = self.fc2.forward(&self.activation.forward(&self.fc1.forward(&h)?)?)?;
+        let h = self
+            .fc2
+            .forward(&self.activation.forward(&self.fc1.forward(&h)?)?)?;
         let mut x = (x + h)?;
         if !self.do_layer_norm_before {
             x = self.final_layer_norm.forward(&x)?;
@@ -359,7 +404,10 @@ impl OptDecoder {
     fn new(cfg: &OptConfig, storage: LinearStorage, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, w) = (cfg.hidden_size, cfg.word_embed_proj_dim());
         let embed_tokens = Embedding::new(vb.get((cfg.vocab_size, w), "embed_tokens.weight")?, w);
-        let embed_positions = vb.get((cfg.max_position_embeddings + POSITION_OFFSET, h), "embed_positions.weight")?;
+        let embed_positions = vb.get(
+            (cfg.max_position_embeddings + POSITION_OFFSET, h),
+            "embed_positions.weight",
+        )?;
         let (project_in, project_out) = if w != h {
             (
                 Some(OptLinear::new(w, h, false, storage, vb.pp("project_in"))?),
@@ -389,10 +437,18 @@ impl OptDecoder {
 
     /// `attention_mask`: [B, past + T] of 0/1 (any integer or float dtype) covering the cached
     /// positions and the new ones. Returns the last hidden state [B, T, word_embed_proj_dim].
-    pub fn forward(&self, inputs_embeds: &Tensor, attention_mask: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = inputs_embeds.dims3()?;
         let past = cache.seq_len();
-        let mask = attention_mask.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+        let mask = attention_mask
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec2::<f32>()?;
         if mask.len() != b || mask.iter().any(|r| r.len() != past + t) {
             candle_core::bail!(
                 "attention mask is {}x{}, expected {b}x{} (cached {past} + new {t})",
@@ -404,7 +460,10 @@ impl OptDecoder {
         let dev = inputs_embeds.device();
         let positions = self.position_ids(&mask, past)?;
         let positions = Tensor::from_vec(positions, b * t, dev)?;
-        let pos_embeds = self.embed_positions.index_select(&positions, 0)?.reshape((b, t, ()))?;
+        let pos_embeds = self
+            .embed_positions
+            .index_select(&positions, 0)?
+            .reshape((b, t, ()))?;
         let additive = causal_padding_mask(&mask, past, t, dev)?;
 
         let mut x = match &self.project_in {
@@ -438,7 +497,11 @@ impl OptDecoder {
                 let on = m != 0.0;
                 cum += usize::from(on);
                 if j >= past {
-                    let idx = if on { cum - 1 + POSITION_OFFSET } else { POSITION_OFFSET - 1 };
+                    let idx = if on {
+                        cum - 1 + POSITION_OFFSET
+                    } else {
+                        POSITION_OFFSET - 1
+                    };
                     if idx >= self.max_positions + POSITION_OFFSET {
                         candle_core::bail!(
                             "sequence of {cum} tokens is longer than the model's max_position_embeddings ({})",
@@ -467,7 +530,12 @@ impl OptDecoder {
 
 /// Additive f32 mask [B, 1, T, past + T]: 0 where query `i` (absolute position past + i) may see
 /// key `j` (j <= past + i and not padding), the f32 minimum elsewhere (as transformers).
-fn causal_padding_mask(mask: &[Vec<f32>], past: usize, t: usize, dev: &Device) -> candle_core::Result<Tensor> {
+fn causal_padding_mask(
+    mask: &[Vec<f32>],
+    past: usize,
+    t: usize,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     let s = past + t;
     let mut data = Vec::with_capacity(mask.len() * t * s);
     for row in mask {
@@ -504,15 +572,24 @@ impl OptForCausalLM {
     /// `vb` points at the `OPTForCausalLM` (keys `model.decoder.*` and `lm_head.weight`).
     /// `lm_head.weight` is used when the checkpoint has it and the embeddings are not tied;
     /// otherwise the head is `embed_tokens`, as transformers ties them.
-    pub fn new(cfg: &OptConfig, storage: LinearStorage, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(
+        cfg: &OptConfig,
+        storage: LinearStorage,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let decoder = OptDecoder::new(cfg, storage, vb.pp("model.decoder"))?;
         let lm_head = if !cfg.tie_word_embeddings && vb.contains_tensor("lm_head.weight") {
             LmHead::Linear(Linear::new(
-                vb.get((cfg.vocab_size, cfg.word_embed_proj_dim()), "lm_head.weight")?,
+                vb.get(
+                    (cfg.vocab_size, cfg.word_embed_proj_dim()),
+                    "lm_head.weight",
+                )?,
                 None,
             ))
         } else if !cfg.tie_word_embeddings {
-            candle_core::bail!("tie_word_embeddings is false but the checkpoint has no lm_head.weight");
+            candle_core::bail!(
+                "tie_word_embeddings is false but the checkpoint has no lm_head.weight"
+            );
         } else {
             LmHead::Tied(decoder.embed_tokens.embeddings().clone())
         };
@@ -538,16 +615,27 @@ impl OptForCausalLM {
     }
 
     /// Logits [B, T, vocab] of the whole input.
-    pub fn forward(&self, inputs_embeds: &Tensor, attention_mask: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let h = self.decoder.forward(inputs_embeds, attention_mask, cache)?;
         self.lm_head(&h)
     }
 
     /// f32 logits [B, vocab] of the last position only (what generation needs).
-    pub fn forward_last(&self, inputs_embeds: &Tensor, attention_mask: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        inputs_embeds: &Tensor,
+        attention_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let h = self.decoder.forward(inputs_embeds, attention_mask, cache)?;
         let t = h.dim(1)?;
-        self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?.to_dtype(DType::F32)
+        self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?
+            .to_dtype(DType::F32)
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -562,7 +650,12 @@ impl OptForCausalLM {
     pub fn quantized_linears(&self) -> (usize, usize) {
         let mut all: Vec<&OptLinear> = Vec::new();
         for l in &self.decoder.layers {
-            all.extend([&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.out_proj]);
+            all.extend([
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.self_attn.out_proj,
+            ]);
             all.extend([&l.fc1, &l.fc2]);
         }
         all.extend(self.decoder.project_in.iter());

@@ -156,17 +156,22 @@ pub struct Blip2QFormerLayer {
 
 impl Blip2QFormerLayer {
     fn new(cfg: &Blip2QFormerConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
-        let crossattention = if layer_idx % cfg.cross_attention_frequency == 0 {
-            Some(Blip2QFormerAttention::new(cfg, true, vb.pp("crossattention"))?)
+        let crossattention = if layer_idx.is_multiple_of(cfg.cross_attention_frequency) {
+            Some(Blip2QFormerAttention::new(
+                cfg,
+                true,
+                vb.pp("crossattention"),
+            )?)
         } else {
             None
         };
         // The text FFN exists when the checkpoint was trained with text input (retrieval).
-        let ffn_text = if cfg.use_qformer_text_input || vb.contains_tensor("intermediate.dense.weight") {
-            Some(Blip2QFormerFeedForward::new(cfg, vb.clone(), "")?)
-        } else {
-            None
-        };
+        let ffn_text =
+            if cfg.use_qformer_text_input || vb.contains_tensor("intermediate.dense.weight") {
+                Some(Blip2QFormerFeedForward::new(cfg, vb.clone(), "")?)
+            } else {
+                None
+            };
         Ok(Self {
             attention: Blip2QFormerAttention::new(cfg, false, vb.pp("attention"))?,
             crossattention,
@@ -243,7 +248,9 @@ impl Blip2QFormerModel {
         attention_mask: Option<&Tensor>,
         encoder_hidden_states: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let mut h = self.layernorm.forward(&query_embeds.to_dtype(DType::F32)?)?;
+        let mut h = self
+            .layernorm
+            .forward(&query_embeds.to_dtype(DType::F32)?)?;
         let mask = attention_mask.map(additive_mask).transpose()?;
         let enc = encoder_hidden_states
             .map(|e| e.to_dtype(DType::F32))

@@ -45,7 +45,10 @@ impl Blip2VisionEmbeddings {
         let (ph, pw) = self.patch;
         let (gh, gw) = (h / ph, w / pw);
         if gh == 0 || gw == 0 || c != 3 {
-            candle_core::bail!("pixel_values {:?} is smaller than one {ph}x{pw} patch or not RGB", pixel_values.dims());
+            candle_core::bail!(
+                "pixel_values {:?} is smaller than one {ph}x{pw} patch or not RGB",
+                pixel_values.dims()
+            );
         }
         let dtype = self.patch_weight.dtype();
         // Conv2d drops a remainder that does not fill a patch; so do we.
@@ -88,7 +91,7 @@ impl Blip2VisionEmbeddings {
         let dev = pe.device();
         let wy = bicubic_matrix(g, gh, dev)?; // [gh, g]
         let wx = bicubic_matrix(g, gw, dev)?; // [gw, g]
-        // out[c] = Wy · grid[c] · Wxᵀ
+                                              // out[c] = Wy · grid[c] · Wxᵀ
         let rows = wy.broadcast_left(d)?.matmul(&grid)?; // [D, gh, g]
         let out = rows.matmul(&wx.t()?.broadcast_left(d)?)?; // [D, gh, gw]
         let out = out

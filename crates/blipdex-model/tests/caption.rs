@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
 use blipdex_core::Error;
-use blipdex_model::caption::{text_config, trim_after_eos, EarlyStopping, GenerationConfig, LanguageHead};
+use blipdex_model::caption::{trim_after_eos, EarlyStopping, GenerationConfig, LanguageHead};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::{Blip2, LoadOptions, ModelFiles};
 use candle_core::{DType, Tensor, D};
@@ -18,11 +18,18 @@ use common::*;
 const CAPTION_MODELS: [&str; 2] = ["caption-a", "caption-b"];
 
 fn files(name: &str) -> Result<ModelFiles> {
-    Ok(ModelFiles::resolve(model_dir(name).to_str().context("path")?, None)?)
+    Ok(ModelFiles::resolve(
+        model_dir(name).to_str().context("path")?,
+        None,
+    )?)
 }
 
 fn head(name: &str, storage: LinearStorage) -> Result<LanguageHead> {
-    Ok(LanguageHead::load(&files(name)?, &LoadOptions::default(), storage)?)
+    Ok(LanguageHead::load(
+        &files(name)?,
+        &LoadOptions::default(),
+        storage,
+    )?)
 }
 
 /// Q-Former features of the golden pixel values through blipdex's own image side.
@@ -46,7 +53,10 @@ fn prompt_tokens(ids: &serde_json::Value, bos: u32) -> Result<Vec<Vec<u32>>> {
         .iter()
         .map(|row| {
             let row = u32s(row)?;
-            ensure!(row.first() == Some(&bos), "prompt {row:?} does not start with BOS {bos}");
+            ensure!(
+                row.first() == Some(&bos),
+                "prompt {row:?} does not start with BOS {bos}"
+            );
             Ok(row[1..].to_vec())
         })
         .collect()
@@ -56,7 +66,11 @@ fn settings(base: &GenerationConfig, s: &serde_json::Value) -> Result<Generation
     let mut g = base.clone();
     let s = s.as_object().context("settings")?;
     for (k, v) in s {
-        let n = || v.as_u64().map(|x| x as usize).with_context(|| format!("{k}: {v}"));
+        let n = || {
+            v.as_u64()
+                .map(|x| x as usize)
+                .with_context(|| format!("{k}: {v}"))
+        };
         match k.as_str() {
             "max_new_tokens" => g.max_new_tokens = Some(n()?),
             "min_new_tokens" => g.min_new_tokens = Some(n()?),
@@ -78,9 +92,16 @@ fn settings(base: &GenerationConfig, s: &serde_json::Value) -> Result<Generation
 
 /// Max abs difference over the positions where `mask` [N, L] is 1 of [N, L, V] tensors.
 fn masked_max_abs_diff(a: &Tensor, b: &Tensor, mask: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "shape {:?} != {:?}", a.dims(), b.dims());
+    ensure!(
+        a.dims() == b.dims(),
+        "shape {:?} != {:?}",
+        a.dims(),
+        b.dims()
+    );
     let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.broadcast_mul(&m)?;
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .broadcast_mul(&m)?;
     Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
@@ -100,17 +121,32 @@ fn check_tensors(name: &str) -> Result<()> {
     let lm = head(name, LinearStorage::Float)?;
 
     let q = qformer_features(&model, &g)?;
-    let d_q = assert_close("qformer_last_hidden_state", &q, get(&g, "qformer_last_hidden_state")?, F32_TOL)?;
+    let d_q = assert_close(
+        "qformer_last_hidden_state",
+        &q,
+        get(&g, "qformer_last_hidden_state")?,
+        F32_TOL,
+    )?;
     let lang = lm.language_model_inputs(get(&g, "qformer_last_hidden_state")?)?;
-    let d_l = assert_close("language_model_inputs", &lang, get(&g, "language_model_inputs")?, F32_TOL)?;
+    let d_l = assert_close(
+        "language_model_inputs",
+        &lang,
+        get(&g, "language_model_inputs")?,
+        F32_TOL,
+    )?;
     let lang = lm.language_model_inputs(&q)?;
-    let d_l2 = assert_close("language_model_inputs (own image side)", &lang, get(&g, "language_model_inputs")?, F32_TOL)?;
+    let d_l2 = assert_close(
+        "language_model_inputs (own image side)",
+        &lang,
+        get(&g, "language_model_inputs")?,
+        F32_TOL,
+    )?;
 
-    let ids = ids(&g, "text_input_ids")?;
+    let text_ids = ids(&g, "text_input_ids")?;
     let mask = get(&g, "text_attention_mask")?;
-    let tf = lm.text_features(&ids, mask)?;
+    let tf = lm.text_features(&text_ids, mask)?;
     let d_t = assert_close("text_features", &tf, get(&g, "text_features")?, F32_TOL)?;
-    let tl = lm.text_logits(&ids, mask)?;
+    let tl = lm.text_logits(&text_ids, mask)?;
     let d_tl = assert_close("text_logits", &tl, get(&g, "text_logits")?, F32_TOL)?;
     eprintln!(
         "{name}: max abs diff qformer {d_q:.1e} language_model_inputs {d_l:.1e} (own image side {d_l2:.1e}) \
@@ -130,7 +166,10 @@ fn check_tensors(name: &str) -> Result<()> {
         );
         let d = masked_max_abs_diff(&logits, get(&g, "logits")?, &mask)?;
         ensure!(d <= F32_TOL, "{name} logits: max abs diff {d:e}");
-        eprintln!("{name}: forward logits {:?} max abs diff {d:.1e}", logits.dims());
+        eprintln!(
+            "{name}: forward logits {:?} max abs diff {d:.1e}",
+            logits.dims()
+        );
     }
     Ok(())
 }
@@ -179,7 +218,10 @@ fn check_generation(name: &str) -> Result<()> {
         let feats = q.index_select(&idx, 0)?;
         if case["batched"].as_bool() == Some(true) {
             let got = lm.generate(&feats, &prompts, &gen)?;
-            ensure!(got == want, "{name} {cname} (batched):\n got  {got:?}\n want {want:?}");
+            ensure!(
+                got == want,
+                "{name} {cname} (batched):\n got  {got:?}\n want {want:?}"
+            );
             checked += 1;
         }
         // One image at a time: the same tokens up to EOS whenever the lengths do not depend on
@@ -198,7 +240,10 @@ fn check_generation(name: &str) -> Result<()> {
             }
         }
     }
-    eprintln!("{name}: {} generation cases, {checked} token-exact comparisons", cases.len());
+    eprintln!(
+        "{name}: {} generation cases, {checked} token-exact comparisons",
+        cases.len()
+    );
     Ok(())
 }
 
@@ -234,12 +279,19 @@ fn q8_agrees_with_f32() -> Result<()> {
         let cos = cosine(&a.broadcast_mul(&m)?, &b.broadcast_mul(&m)?)?;
         let top_a = a.argmax(D::Minus1)?.to_vec2::<u32>()?;
         let top_b = b.argmax(D::Minus1)?.to_vec2::<u32>()?;
-        let agree = top_a.iter().flatten().zip(top_b.iter().flatten()).filter(|(x, y)| x == y).count();
+        let agree = top_a
+            .iter()
+            .flatten()
+            .zip(top_b.iter().flatten())
+            .filter(|(x, y)| x == y)
+            .count();
         let base = GenerationConfig::from_model_dir(&model_dir(name), f32_head.config())?;
         let mut equal = 0;
         let mut cases = 0;
         for case in meta["generation"].as_array().context("cases")? {
-            if case["batched"].as_bool() != Some(true) || case["settings"].get("num_beams").is_some() {
+            if case["batched"].as_bool() != Some(true)
+                || case["settings"].get("num_beams").is_some()
+            {
                 continue;
             }
             let gen = settings(&base, &case["settings"])?;
@@ -260,17 +312,27 @@ fn q8_agrees_with_f32() -> Result<()> {
         );
         ensure!(cos >= 0.99, "{name}: q8 logits cosine {cos}");
         if quantized > 0 {
-            ensure!(equal == cases, "{name}: q8 greedy tokens differ in {} of {cases} cases", cases - equal);
+            ensure!(
+                equal == cases,
+                "{name}: q8 greedy tokens differ in {} of {cases} cases",
+                cases - equal
+            );
         }
     }
     // caption-a's dimensions are multiples of the Q8_0 block: every decoder Linear is quantized.
-    let (quantized, total) = head("caption-a", LinearStorage::Q8)?.language_model.quantized_linears();
-    ensure!(quantized == total && total > 0, "caption-a: {quantized}/{total} quantized");
+    let (quantized, total) = head("caption-a", LinearStorage::Q8)?
+        .language_model
+        .quantized_linears();
+    ensure!(
+        quantized == total && total > 0,
+        "caption-a: {quantized}/{total} quantized"
+    );
     Ok(())
 }
 
 fn scratch_dir(tag: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("blipdex-caption-test-{tag}-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("blipdex-caption-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
@@ -278,9 +340,13 @@ fn scratch_dir(tag: &str) -> Result<PathBuf> {
 
 #[test]
 fn retrieval_checkpoint_has_no_language_model() -> Result<()> {
-    let e = LanguageHead::load(&files("itm-a")?, &LoadOptions::default(), LinearStorage::Float)
-        .err()
-        .context("loading a retrieval checkpoint as a captioner must fail")?;
+    let e = LanguageHead::load(
+        &files("itm-a")?,
+        &LoadOptions::default(),
+        LinearStorage::Float,
+    )
+    .err()
+    .context("loading a retrieval checkpoint as a captioner must fail")?;
     ensure!(matches!(e, Error::Unsupported(_)), "{e:?}");
     ensure!(e.to_string().contains("no language model"), "{e}");
     Ok(())
@@ -290,16 +356,24 @@ fn retrieval_checkpoint_has_no_language_model() -> Result<()> {
 fn non_opt_language_model_is_a_clear_error() -> Result<()> {
     let src = model_dir("caption-a");
     let dir = scratch_dir("t5")?;
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json"))?)?;
     cfg["text_config"]["model_type"] = "t5".into();
     std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg)?)?;
     std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors"))?;
-    let e = LanguageHead::load(&files_at(&dir)?, &LoadOptions::default(), LinearStorage::Float)
-        .err()
-        .context("a T5 text_config must be refused")?;
+    let e = LanguageHead::load(
+        &files_at(&dir)?,
+        &LoadOptions::default(),
+        LinearStorage::Float,
+    )
+    .err()
+    .context("a T5 text_config must be refused")?;
     let _ = std::fs::remove_dir_all(&dir);
     ensure!(matches!(e, Error::Unsupported(_)), "{e:?}");
-    ensure!(e.to_string().contains("\"t5\"") && e.to_string().contains("OPT"), "{e}");
+    ensure!(
+        e.to_string().contains("\"t5\"") && e.to_string().contains("OPT"),
+        "{e}"
+    );
     Ok(())
 }
 
@@ -317,17 +391,29 @@ fn bad_generation_requests_are_clear_errors() -> Result<()> {
     let base = GenerationConfig::from_model_dir(&model_dir(name), lm.config())?;
     let one = q.narrow(0, 0, 1)?;
 
-    let e = lm.generate(&q, &[vec![]], &base).err().context("prompt count")?;
-    ensure!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("prompts"), "{e}");
+    let e = lm
+        .generate(&q, &[vec![]], &base)
+        .err()
+        .context("prompt count")?;
+    ensure!(
+        matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("prompts"),
+        "{e}"
+    );
 
     let mut short = base.clone();
     short.max_length = Some(lm.num_query_tokens);
-    let e = lm.generate(&one, &[vec![]], &short).err().context("max_length")?;
+    let e = lm
+        .generate(&one, &[vec![]], &short)
+        .err()
+        .context("max_length")?;
     ensure!(e.to_string().contains("max_new_tokens"), "{e}");
 
     let mut long = base.clone();
     long.max_new_tokens = Some(lm.config().max_position_embeddings + 1);
-    let e = lm.generate(&one, &[vec![]], &long).err().context("positions")?;
+    let e = lm
+        .generate(&one, &[vec![]], &long)
+        .err()
+        .context("positions")?;
     ensure!(e.to_string().contains("max_position_embeddings"), "{e}");
 
     let e = lm

@@ -19,7 +19,9 @@ pub fn model_dir(name: &str) -> PathBuf {
 }
 
 pub fn golden(name: &str) -> Result<HashMap<String, Tensor>> {
-    let p = fixtures().join("golden").join(format!("{name}.safetensors"));
+    let p = fixtures()
+        .join("golden")
+        .join(format!("{name}.safetensors"));
     candle_core::safetensors::load(&p, &Device::Cpu).with_context(|| format!("{}", p.display()))
 }
 
@@ -34,7 +36,8 @@ pub fn load(name: &str) -> Result<Blip2> {
 }
 
 pub fn get<'a>(g: &'a HashMap<String, Tensor>, k: &str) -> Result<&'a Tensor> {
-    g.get(k).with_context(|| format!("golden tensor {k} missing"))
+    g.get(k)
+        .with_context(|| format!("golden tensor {k} missing"))
 }
 
 /// Golden token ids (int64) as the u32 tensor the model takes.
@@ -43,13 +46,23 @@ pub fn ids(g: &HashMap<String, Tensor>, k: &str) -> Result<Tensor> {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "shape {:?} != {:?}", a.dims(), b.dims());
+    ensure!(
+        a.dims() == b.dims(),
+        "shape {:?} != {:?}",
+        a.dims(),
+        b.dims()
+    );
     let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
     Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(a.dims() == b.dims(), "shape {:?} != {:?}", a.dims(), b.dims());
+    ensure!(
+        a.dims() == b.dims(),
+        "shape {:?} != {:?}",
+        a.dims(),
+        b.dims()
+    );
     let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
     Ok(d.flatten_all()?.mean(0)?.to_scalar::<f32>()?)
 }

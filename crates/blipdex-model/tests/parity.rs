@@ -16,13 +16,33 @@ fn check_against_golden(model_name: &str, golden_name: &str) -> Result<()> {
     let mask = ids(&g, "attention_mask")?;
 
     let vision = model.get_image_features(px)?;
-    let d1 = assert_close("vision_last_hidden_state", &vision, get(&g, "vision_last_hidden_state")?, F32_TOL)?;
+    let d1 = assert_close(
+        "vision_last_hidden_state",
+        &vision,
+        get(&g, "vision_last_hidden_state")?,
+        F32_TOL,
+    )?;
     let q = model.get_qformer_features(&vision)?;
-    let d2 = assert_close("qformer_last_hidden_state", &q, get(&g, "qformer_last_hidden_state")?, F32_TOL)?;
+    let d2 = assert_close(
+        "qformer_last_hidden_state",
+        &q,
+        get(&g, "qformer_last_hidden_state")?,
+        F32_TOL,
+    )?;
     let image_embeds = model.image_embeds(&q)?;
-    let d3 = assert_close("image_embeds", &image_embeds, get(&g, "image_embeds")?, F32_TOL)?;
+    let d3 = assert_close(
+        "image_embeds",
+        &image_embeds,
+        get(&g, "image_embeds")?,
+        F32_TOL,
+    )?;
     let text_embeds = model.text_embeds(&input_ids, &mask)?;
-    let d4 = assert_close("text_embeds", &text_embeds, get(&g, "text_embeds")?, F32_TOL)?;
+    let d4 = assert_close(
+        "text_embeds",
+        &text_embeds,
+        get(&g, "text_embeds")?,
+        F32_TOL,
+    )?;
     let itc = Blip2::itc_scores(&image_embeds, &text_embeds)?;
     let d5 = assert_close("itc_scores", &itc, get(&g, "itc_scores")?, F32_TOL)?;
     let itm = model.itm_logits(&vision, &input_ids, &mask)?;
@@ -74,7 +94,12 @@ fn interpolated_position_grid_matches_transformers() -> Result<()> {
         let g = golden(name)?;
         let model = load(name)?;
         let v = model.get_image_features(get(&g, "interp_pixel_values")?)?;
-        let d = assert_close(name, &v, get(&g, "interp_vision_last_hidden_state")?, F32_TOL)?;
+        let d = assert_close(
+            name,
+            &v,
+            get(&g, "interp_vision_last_hidden_state")?,
+            F32_TOL,
+        )?;
         eprintln!("{name}: interpolated grid max abs diff {d:.1e}");
     }
     Ok(())
@@ -106,7 +131,12 @@ fn batched_equals_one_by_one() -> Result<()> {
         let t = model.text_embeds(&one_ids, &one_mask)?;
         assert_close("text_embeds[j]", &t, &text_embeds.narrow(0, j, 1)?, 1e-5)?;
         let m = model.itm_logits(&vision.narrow(0, 1, 1)?, &one_ids, &one_mask)?;
-        assert_close("itm[1, j]", &m.squeeze(0)?, &itm.narrow(0, 1, 1)?.squeeze(0)?.narrow(0, j, 1)?, 1e-5)?;
+        assert_close(
+            "itm[1, j]",
+            &m.squeeze(0)?,
+            &itm.narrow(0, 1, 1)?.squeeze(0)?.narrow(0, j, 1)?,
+            1e-5,
+        )?;
     }
     Ok(())
 }

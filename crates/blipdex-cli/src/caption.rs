@@ -1,0 +1,337 @@
+//! `blipdex caption`: captions / answers from a BLIP-2 OPT checkpoint (`Blip2ForConditionalGeneration`),
+//! token for token what transformers' `generate` gives.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use blipdex_core::Error;
+use blipdex_model::caption::{trim_after_eos, GenerationConfig, LanguageHead};
+use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
+use blipdex_model::opt::LinearStorage;
+use blipdex_model::tokenizer::TextTokenizer;
+use blipdex_model::Blip2;
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+
+use crate::args::ModelArgs;
+
+/// How to store the language model's decoder weights.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantize {
+    /// GGML Q8_0: about half the memory of f16 for the decoder's Linear layers.
+    Q8,
+}
+
+#[derive(Args, Debug)]
+pub struct CaptionArgs {
+    /// Checkpoint (a Blip2ForConditionalGeneration with an OPT language model, e.g.
+    /// Salesforce/blip2-opt-2.7b). --dtype applies to the language model too.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image file to caption (repeatable). Any format the `image` crate reads.
+    #[arg(long = "image", env = "BLIPDEX_IMAGES", value_delimiter = ',')]
+    pub images: Vec<PathBuf>,
+    /// Read preprocessed `pixel_values` [N,3,H,W] from a safetensors file instead of decoding images.
+    #[arg(long, env = "BLIPDEX_PIXEL_VALUES", conflicts_with = "images")]
+    pub pixel_values: Option<PathBuf>,
+    /// Prompt for every image, e.g. "Question: what is in the photo? Answer:". Without it: a caption.
+    #[arg(long, env = "BLIPDEX_PROMPT")]
+    pub prompt: Option<String>,
+    /// Most tokens to generate (default: generation_config.json, else transformers' 20).
+    #[arg(long, env = "BLIPDEX_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<usize>,
+    /// Fewest tokens to generate before EOS is allowed.
+    #[arg(long, env = "BLIPDEX_MIN_NEW_TOKENS")]
+    pub min_new_tokens: Option<usize>,
+    /// Beam search with this many beams (1: greedy; default from generation_config.json).
+    #[arg(long, env = "BLIPDEX_NUM_BEAMS")]
+    pub num_beams: Option<usize>,
+    /// Store the language model's decoder Linear weights quantized.
+    #[arg(long, env = "BLIPDEX_QUANTIZE", value_enum)]
+    pub quantize: Option<Quantize>,
+    /// One JSON object per line: {"image": <file, or index into --pixel-values>, "token_ids": [...], "text": "..."}.
+    #[arg(long, env = "BLIPDEX_JSON")]
+    pub json: bool,
+    /// Images per forward pass.
+    #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8)]
+    pub batch_size: usize,
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+}
+
+/// One image's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caption {
+    /// The file, or the row of --pixel-values.
+    pub image: serde_json::Value,
+    /// New tokens up to and including EOS (the prompt is not repeated).
+    pub token_ids: Vec<u32>,
+    /// Decoded with special tokens skipped, stripped.
+    pub text: String,
+}
+
+pub fn run(args: &CaptionArgs) -> anyhow::Result<()> {
+    let captions = captions(args)?;
+    for c in captions {
+        if args.json {
+            let line =
+                serde_json::json!({"image": c.image, "token_ids": c.token_ids, "text": c.text});
+            println!("{line}");
+        } else {
+            let image = match &c.image {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("{image}\t{}", c.text);
+        }
+    }
+    Ok(())
+}
+
+/// Everything `run` prints, without printing it.
+pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
+    if args.images.is_empty() && args.pixel_values.is_none() {
+        bail!("nothing to caption: give --image or --pixel-values");
+    }
+    if args.batch_size == 0 {
+        bail!(Error::InvalidArgument(
+            "--batch-size must be at least 1".into()
+        ));
+    }
+    let files = args.model.resolve()?;
+    let opts = args.model.load_options()?;
+    let storage = match args.quantize {
+        Some(Quantize::Q8) => LinearStorage::Q8,
+        None => LinearStorage::Float,
+    };
+    // The language side first: a retrieval checkpoint fails here with a clear message.
+    let head = LanguageHead::load(&files, &opts, storage)?;
+    let tokenizer = TextTokenizer::from_model_dir(&files.dir).with_context(|| {
+        format!(
+            "{}: captions need the checkpoint's OPT tokenizer",
+            files.name
+        )
+    })?;
+    let mut gen = GenerationConfig::from_model_dir(&files.dir, head.config())?;
+    if let Some(n) = args.max_new_tokens {
+        gen.max_new_tokens = Some(n);
+    }
+    if let Some(n) = args.min_new_tokens {
+        gen.min_new_tokens = Some(n);
+    }
+    if let Some(n) = args.num_beams {
+        gen.num_beams = n;
+    }
+    gen.validate().map_err(Error::InvalidArgument)?;
+    let prompt = match args.prompt.as_deref() {
+        Some(p) if !p.is_empty() => tokenizer.encode_no_special(p)?,
+        _ => Vec::new(),
+    };
+    let model = Blip2::load(&files, &opts)?;
+
+    let (pixel_values, names): (Tensor, Vec<serde_json::Value>) = match &args.pixel_values {
+        Some(path) => {
+            let px = read_pixel_values(path)?;
+            let n = px.dim(0)?;
+            (px, (0..n).map(serde_json::Value::from).collect())
+        }
+        None => {
+            let processor = ImageProcessor::new(ImageConfig::from_model_dir(&files.dir)?)
+                .with_max_pixels(args.max_image_pixels);
+            let (h, w) = (processor.config.height, processor.config.width);
+            let mut data = Vec::with_capacity(args.images.len() * 3 * h * w);
+            for path in &args.images {
+                data.extend(processor.pixel_values_from_file(path)?);
+            }
+            let px = Tensor::from_vec(data, (args.images.len(), 3, h, w), &Device::Cpu)?;
+            (
+                px,
+                args.images
+                    .iter()
+                    .map(|p| p.display().to_string().into())
+                    .collect(),
+            )
+        }
+    };
+
+    let eos = gen.eos_token_ids.clone();
+    let n = pixel_values.dim(0)?;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(args.batch_size) {
+        let len = args.batch_size.min(n - start);
+        let vision = model.get_image_features(&pixel_values.narrow(0, start, len)?)?;
+        let q = model.get_qformer_features(&vision)?;
+        let rows = head.generate(&q, &vec![prompt.clone(); len], &gen)?;
+        for (i, row) in rows.iter().enumerate() {
+            // Rows that ended early are padded in a batch; report what the image generated alone.
+            let token_ids = trim_after_eos(row, &eos).to_vec();
+            let text = tokenizer.decode(&token_ids, true)?.trim().to_string();
+            out.push(Caption {
+                image: names[start + i].clone(),
+                token_ids,
+                text,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn read_pixel_values(path: &Path) -> anyhow::Result<Tensor> {
+    let file = path.display().to_string();
+    if !path.is_file() {
+        bail!(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
+        ));
+    }
+    let bad = |reason: String| Error::BadTensor {
+        file: file.clone(),
+        name: "pixel_values".into(),
+        reason,
+    };
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let t = tensors.get("pixel_values").ok_or_else(|| {
+        bad(format!(
+            "missing; the file holds {:?}",
+            tensors.keys().collect::<Vec<_>>()
+        ))
+    })?;
+    match t.dims() {
+        [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
+        d => bail!(bad(format!("shape {d:?}, expected [N, 3, H, W]"))),
+    }
+    if !t.dtype().is_float() {
+        bail!(bad(format!("dtype {:?}, expected a float type", t.dtype())));
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        args: CaptionArgs,
+    }
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    }
+
+    fn parse(extra: &[&str]) -> CaptionArgs {
+        let mut argv = vec!["caption".to_string()];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(argv).expect("arguments parse").args
+    }
+
+    fn golden_case(name: &str, case: &str) -> serde_json::Value {
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("golden/{name}.json")))
+                .expect("golden json"),
+        )
+        .expect("golden json parses");
+        meta["generation"]
+            .as_array()
+            .and_then(|cases| cases.iter().find(|c| c["name"] == case))
+            .cloned()
+            .expect("golden case")
+    }
+
+    fn ids(v: &serde_json::Value) -> Vec<u32> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Golden pixel values → the same tokens and text as transformers (greedy and a prompt).
+    #[test]
+    fn captions_match_transformers() {
+        for (name, case, extra) in [
+            ("caption-a", "greedy", vec![]),
+            (
+                "caption-b",
+                "greedy_prompt",
+                vec![
+                    "--prompt",
+                    "Question: what is in the photo? Answer:",
+                    "--max-new-tokens",
+                    "10",
+                ],
+            ),
+            (
+                "caption-a",
+                "beam",
+                vec!["--num-beams", "3", "--batch-size", "2"],
+            ),
+        ] {
+            let model = fixtures().join("models").join(name);
+            let px = fixtures().join(format!("golden/{name}.safetensors"));
+            let mut argv = vec![
+                "--model",
+                model.to_str().expect("utf-8 path"),
+                "--pixel-values",
+                px.to_str().expect("utf-8 path"),
+            ];
+            argv.extend(extra);
+            let got = captions(&parse(&argv)).expect("captions");
+            let want = golden_case(name, case);
+            let eos = ids(&serde_json::json!([2]));
+            for (i, c) in got.iter().enumerate() {
+                let want_ids = ids(&want["new_tokens"][i]);
+                assert_eq!(
+                    c.token_ids,
+                    trim_after_eos(&want_ids, &eos),
+                    "{name} {case} image {i}"
+                );
+                assert_eq!(
+                    c.text,
+                    want["texts"][i].as_str().expect("text"),
+                    "{name} {case} image {i}"
+                );
+                assert_eq!(c.image, serde_json::json!(i));
+            }
+        }
+    }
+
+    #[test]
+    fn missing_tokenizer_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = fixtures().join("models/caption-a");
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+        }
+        let px = fixtures().join("golden/caption-a.safetensors");
+        let args = parse(&[
+            "--model",
+            dir.path().to_str().expect("utf-8"),
+            "--pixel-values",
+            px.to_str().expect("utf-8"),
+        ]);
+        let e = captions(&args).expect_err("no tokenizer files");
+        assert!(format!("{e:#}").contains("tokenizer"), "{e:#}");
+    }
+
+    #[test]
+    fn retrieval_checkpoint_is_a_clear_error() {
+        let model = fixtures().join("models/itm-a");
+        let px = fixtures().join("golden/itm-a.safetensors");
+        let args = parse(&[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--pixel-values",
+            px.to_str().expect("utf-8"),
+        ]);
+        let e = captions(&args).expect_err("no language model");
+        assert!(format!("{e:#}").contains("no language model"), "{e:#}");
+    }
+}

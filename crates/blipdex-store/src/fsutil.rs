@@ -1,0 +1,78 @@
+//! Durable file operations. Every file the manifest names is fsynced under its final name before
+//! the manifest that names it is renamed into place, so a crash leaves either the old or the new
+//! manifest and every file either one references.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use blipdex_core::{Error, Result};
+
+/// Prefix of every temporary file; anything with it is garbage on the next writable open.
+pub(crate) const TMP_PREFIX: &str = ".tmp-";
+
+pub(crate) fn write_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    let dir = path.parent().unwrap_or(path);
+    Error::store(dir, format!("cannot write {}: {e}", path.display()))
+}
+
+pub(crate) fn tmp_path(dir: &Path, final_name: &str) -> PathBuf {
+    // The pid keeps two crashed attempts apart; cleanup removes them all anyway.
+    dir.join(format!("{TMP_PREFIX}{}-{final_name}", std::process::id()))
+}
+
+pub(crate) fn fsync_file(path: &Path) -> Result<()> {
+    let f = File::open(path).map_err(|e| write_err(path, e))?;
+    f.sync_all().map_err(|e| write_err(path, e))
+}
+
+/// Makes renames and unlinks in `dir` durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+    // Directories cannot be opened for fsync on every platform; where they cannot, renames are
+    // as durable as that platform allows.
+    #[cfg(unix)]
+    {
+        let f = File::open(dir).map_err(|e| write_err(dir, e))?;
+        f.sync_all().map_err(|e| write_err(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Writes `tmp` via `fill`, fsyncs it and renames it to `dir/final_name` (no dir fsync: callers
+/// batch that).
+pub(crate) fn write_durable(
+    dir: &Path,
+    final_name: &str,
+    fill: impl FnOnce(&mut File) -> Result<()>,
+) -> Result<()> {
+    let tmp = tmp_path(dir, final_name);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| write_err(&tmp, e))?;
+        fill(&mut f)?;
+        f.flush().map_err(|e| write_err(&tmp, e))?;
+        f.sync_all().map_err(|e| write_err(&tmp, e))?;
+        drop(f);
+        let dst = dir.join(final_name);
+        fs::rename(&tmp, &dst).map_err(|e| write_err(&dst, e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Atomically replaces `dir/final_name` with `bytes` (tmp + fsync + rename + dir fsync).
+pub(crate) fn replace_atomic(dir: &Path, final_name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp_target = dir.join(final_name);
+    write_durable(dir, final_name, |f| {
+        f.write_all(bytes).map_err(|e| write_err(&tmp_target, e))
+    })?;
+    fsync_dir(dir)
+}

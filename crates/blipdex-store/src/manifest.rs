@@ -1,0 +1,131 @@
+//! `manifest.json`: the single source of truth of what is committed.
+
+use std::path::Path;
+
+use blipdex_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::types::{Dtype, HnswParams};
+
+pub(crate) const MANIFEST: &str = "manifest.json";
+pub(crate) const FORMAT: &str = "blipdex-store";
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// One committed Parquet file (image shard or patch file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FileRef {
+    pub file: String,
+    /// Generation of the commit that added it; replay order.
+    pub generation: u64,
+    pub rows: u64,
+}
+
+/// The persisted HNSW graph (hnsw_rs `file_dump`), covering the first `rows` rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HnswDump {
+    /// hnsw_rs basename: the files are `<basename>.hnsw.graph` and `<basename>.hnsw.data`.
+    pub basename: String,
+    /// Rows (in replay order, superseded ones included) inserted into the dumped graph.
+    pub rows: u64,
+}
+
+impl HnswDump {
+    pub fn files(&self) -> [String; 2] {
+        [
+            format!("{}.hnsw.graph", self.basename),
+            format!("{}.hnsw.data", self.basename),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// Bumped by every manifest write; a server polls it to hot-reload.
+    pub generation: u64,
+    pub model_fingerprint: String,
+    pub num_query: usize,
+    pub dim: usize,
+    pub dtype: Dtype,
+    pub next_image_id: u64,
+    /// Total rows over all shards (superseded rows included).
+    pub rows: u64,
+    pub shards: Vec<FileRef>,
+    pub patches: Vec<FileRef>,
+    pub hnsw_params: HnswParams,
+    pub hnsw: Option<HnswDump>,
+}
+
+impl Manifest {
+    pub fn new(
+        fingerprint: &str,
+        num_query: usize,
+        dim: usize,
+        dtype: Dtype,
+        hnsw: HnswParams,
+    ) -> Self {
+        Self {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            generation: 0,
+            model_fingerprint: fingerprint.into(),
+            num_query,
+            dim,
+            dtype,
+            next_image_id: 0,
+            rows: 0,
+            shards: Vec::new(),
+            patches: Vec::new(),
+            hnsw_params: hnsw,
+            hnsw: None,
+        }
+    }
+
+    /// Every file name the manifest keeps alive.
+    pub fn referenced_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .shards
+            .iter()
+            .chain(&self.patches)
+            .map(|f| f.file.clone())
+            .collect();
+        if let Some(h) = &self.hnsw {
+            v.extend(h.files());
+        }
+        v
+    }
+
+    /// Reads `dir/manifest.json`; `Ok(None)` when there is none.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(MANIFEST);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::store(dir, format!("corrupt {MANIFEST}: {e}")))?;
+        if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+            return Err(Error::store(
+                dir,
+                format!(
+                    "{MANIFEST} is format {} v{}, this build reads {FORMAT} v{FORMAT_VERSION}",
+                    m.format, m.format_version
+                ),
+            ));
+        }
+        if m.num_query == 0 || m.dim == 0 {
+            return Err(Error::store(dir, format!("{MANIFEST} has zero dimensions")));
+        }
+        Ok(Some(m))
+    }
+
+    /// Atomically replaces the manifest (the commit point).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::store(dir, format!("cannot serialize manifest: {e}")))?;
+        fsutil::replace_atomic(dir, MANIFEST, &bytes)
+    }
+}

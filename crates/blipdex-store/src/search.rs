@@ -1,0 +1,158 @@
+//! Exact max-sim search and the exact rescoring of ANN candidates.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+use rayon::prelude::*;
+
+use crate::kernels::max_sim;
+use crate::state::State;
+use crate::types::Hit;
+
+/// Hit ordered so that "greater" means "ranks first": higher score, then lower image id (ties
+/// broken deterministically so exact and ANN agree on equal scores).
+#[derive(Clone, Copy, Debug)]
+struct Ranked(Hit);
+
+impl PartialEq for Ranked {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Ranked {}
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ranked {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0
+            .score
+            .total_cmp(&o.0.score)
+            .then_with(|| o.0.image_id.cmp(&self.0.image_id))
+    }
+}
+
+/// The k best hits seen so far (a min-heap of the kept ones).
+#[derive(Clone)]
+pub(crate) struct TopK {
+    k: usize,
+    heap: BinaryHeap<Reverse<Ranked>>,
+}
+
+impl TopK {
+    pub fn new(k: usize) -> Self {
+        Self {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
+    }
+
+    #[inline]
+    pub fn push(&mut self, h: Hit) {
+        if self.k == 0 {
+            return;
+        }
+        let r = Ranked(h);
+        if self.heap.len() < self.k {
+            self.heap.push(Reverse(r));
+        } else if let Some(Reverse(worst)) = self.heap.peek() {
+            if r > *worst {
+                self.heap.pop();
+                self.heap.push(Reverse(r));
+            }
+        }
+    }
+
+    pub fn merge(mut self, other: TopK) -> TopK {
+        for Reverse(r) in other.heap {
+            self.push(r.0);
+        }
+        self
+    }
+
+    pub fn into_sorted(self) -> Vec<Hit> {
+        // into_sorted_vec is ascending in Reverse order, i.e. best first.
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Reverse(r)| r.0)
+            .collect()
+    }
+}
+
+fn hit(state: &State, row: usize, t: &[f32]) -> Hit {
+    let (score, query) = max_sim(state.row_embeds(row), t);
+    Hit {
+        image_id: state.row_image[row],
+        score,
+        query,
+    }
+}
+
+/// Rows per parallel task: 64 rows of 32x256 f32 are 2 MiB, enough to amortize scheduling.
+const ROW_CHUNK: usize = 64;
+
+pub(crate) fn exact(state: &State, t: &[f32], k: usize) -> Vec<Hit> {
+    let rows = state.rows();
+    (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .fold(
+            || TopK::new(k),
+            |mut top, c| {
+                for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                    if state.row_live[r] {
+                        top.push(hit(state, r, t));
+                    }
+                }
+                top
+            },
+        )
+        .reduce(|| TopK::new(k), TopK::merge)
+        .into_sorted()
+}
+
+/// Many queries at once: each row is streamed from memory once per block of queries, which
+/// makes the scan compute-bound instead of memory-bound.
+pub(crate) fn exact_batch(state: &State, ts: &[f32], k: usize) -> Vec<Vec<Hit>> {
+    const QBLOCK: usize = 32;
+    let e = state.e;
+    let nq = ts.len() / e;
+    let rows = state.rows();
+    let mut out = Vec::with_capacity(nq);
+    for qb in (0..nq).step_by(QBLOCK) {
+        let qn = QBLOCK.min(nq - qb);
+        let block = &ts[qb * e..(qb + qn) * e];
+        let tops = (0..rows.div_ceil(ROW_CHUNK))
+            .into_par_iter()
+            .fold(
+                || vec![TopK::new(k); qn],
+                |mut tops, c| {
+                    for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                        if state.row_live[r] {
+                            for (i, t) in block.chunks_exact(e).enumerate() {
+                                tops[i].push(hit(state, r, t));
+                            }
+                        }
+                    }
+                    tops
+                },
+            )
+            .reduce(
+                || vec![TopK::new(k); qn],
+                |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
+            );
+        out.extend(tops.into_iter().map(TopK::into_sorted));
+    }
+    out
+}
+
+/// Exact max-sim over candidate rows (already filtered to live ones).
+pub(crate) fn rescore(state: &State, rows: &[usize], t: &[f32], k: usize) -> Vec<Hit> {
+    let mut top = TopK::new(k);
+    for &r in rows {
+        top.push(hit(state, r, t));
+    }
+    top.into_sorted()
+}

@@ -1,0 +1,146 @@
+//! Public value types: options, records going in, rows and hits coming out.
+
+use serde::{Deserialize, Serialize};
+
+/// Element type of the `image_embeds` column on disk. Search always runs on f32 in memory;
+/// f16 halves the Parquet size at a precision cost of about 1e-3 per score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+        })
+    }
+}
+
+/// Parameters of the HNSW index. Fixed when the store is created (the graph on disk was built
+/// with them); later opens use the values recorded in the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HnswParams {
+    /// Graph degree M (hnsw_rs `max_nb_connection`; layer 0 keeps 2M). At most 256.
+    pub max_nb_connection: usize,
+    /// Beam width while inserting.
+    pub ef_construction: usize,
+    /// How many vectors per image go into the graph: 1 = the normalized mean of the Q query
+    /// vectors, Q = every query vector, in between = that many k-means centroids of them.
+    /// Candidates are always rescored exactly (max over all Q), so this trades index size and
+    /// build time against how far the graph's ordering is from the max-sim ordering.
+    pub vectors_per_image: usize,
+}
+
+impl Default for HnswParams {
+    fn default() -> Self {
+        // Chosen from the numbers in the crate docs (bench_search at 100k images).
+        Self {
+            max_nb_connection: 16,
+            ef_construction: 200,
+            vectors_per_image: 1,
+        }
+    }
+}
+
+/// How to create or open a writable store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Identifies the model whose embeddings the store holds (e.g. `repo@revision` or a weights
+    /// hash). Opening an existing store with another fingerprint is an error.
+    pub fingerprint: String,
+    /// Q: query vectors per image (32 for BLIP-2).
+    pub num_query: usize,
+    /// E: embedding dimension (256 for BLIP-2).
+    pub dim: usize,
+    /// On-disk dtype of the embeddings; applies when the store is created, an existing store
+    /// keeps its own.
+    pub dtype: Dtype,
+    /// HNSW parameters; apply when the store is created.
+    pub hnsw: HnswParams,
+}
+
+impl StoreOptions {
+    pub fn new(fingerprint: impl Into<String>, num_query: usize, dim: usize) -> Self {
+        Self {
+            fingerprint: fingerprint.into(),
+            num_query,
+            dim,
+            dtype: Dtype::F32,
+            hnsw: HnswParams::default(),
+        }
+    }
+
+    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    pub fn with_hnsw(mut self, hnsw: HnswParams) -> Self {
+        self.hnsw = hnsw;
+        self
+    }
+}
+
+/// One image to add. Image identity is its content: adding a record whose `content_hash` is
+/// already live in the store updates that image (same `image_id`) instead of adding a second one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRecord {
+    /// Primary path.
+    pub path: String,
+    /// Every path known to hold these bytes; `path` is added if missing.
+    pub paths: Vec<String>,
+    /// Lowercase hex BLAKE3 of the file bytes (see [`crate::content_hash_file`]).
+    pub content_hash: String,
+    pub width: u32,
+    pub height: u32,
+    pub file_size: u64,
+    /// Modification time of `path`, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Q*E unit vectors, row-major [Q][E] (the model's normalized `image_embeds`).
+    pub embeds: Vec<f32>,
+    pub caption: Option<String>,
+}
+
+/// The current metadata of one image (embeddings via [`crate::Store::embeds`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRow {
+    pub image_id: u64,
+    pub path: String,
+    pub paths: Vec<String>,
+    pub content_hash: String,
+    pub width: u32,
+    pub height: u32,
+    pub file_size: u64,
+    pub mtime_ns: i64,
+    pub caption: Option<String>,
+    pub deleted: bool,
+    /// When the row holding this image's embeddings was committed, ns since the Unix epoch.
+    pub ingested_at_ns: i64,
+}
+
+/// One search result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub image_id: u64,
+    /// ITC score: max over the image's Q query vectors of dot(q, text).
+    pub score: f32,
+    /// Which query vector gave the max.
+    pub query: u16,
+}
+
+/// What [`crate::Store::commit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Manifest generation after the commit (compare with [`crate::Store::read_generation`]).
+    pub generation: u64,
+    /// One id per [`crate::Batch::add`], in call order.
+    pub ids: Vec<u64>,
+    /// False when the data was committed but writing the HNSW dump failed; the next commit or
+    /// open catches the index up from the Parquet rows, so nothing is lost.
+    pub index_persisted: bool,
+}

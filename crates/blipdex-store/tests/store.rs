@@ -1,0 +1,749 @@
+//! Store behaviour: round trips, Parquet contents, crash safety, mutations, search.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::path::Path;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float16Type, Float32Type, TimeUnit, UInt32Type, UInt64Type};
+use blipdex_core::Error;
+use blipdex_store::{Batch, Dtype, HnswParams, ImageRecord, Store, StoreOptions};
+use common::{recall, Synth};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+const FP: &str = "test/blip2-tiny@abc123";
+const Q: usize = 4;
+const E: usize = 16;
+
+fn opts() -> StoreOptions {
+    StoreOptions::new(FP, Q, E)
+}
+
+fn synth() -> Synth {
+    Synth::new(Q, E, 20, 7)
+}
+
+fn add_range(store: &mut Store, s: &Synth, range: std::ops::Range<u64>) -> Vec<u64> {
+    let mut b = Batch::new();
+    for i in range {
+        b.add(s.record(i));
+    }
+    store.commit(b).unwrap().ids
+}
+
+fn files(dir: &Path) -> HashSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn assert_same_contents(a: &Store, b: &Store) {
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a.generation(), b.generation());
+    for row in a.iter() {
+        assert_eq!(Some(row), b.get(row.image_id));
+        assert_eq!(a.embeds(row.image_id), b.embeds(row.image_id));
+    }
+}
+
+#[test]
+fn commit_reopen_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    assert!(store.is_empty());
+    let ids = add_range(&mut store, &s, 0..40);
+    assert_eq!(ids, (0..40).collect::<Vec<_>>());
+    let ids2 = add_range(&mut store, &s, 40..50);
+    assert_eq!(ids2, (40..50).collect::<Vec<_>>());
+    assert_eq!(store.len(), 50);
+
+    for i in 0..50u64 {
+        let rec = s.record(i);
+        let row = store.get(i).unwrap();
+        assert_eq!(row.path, rec.path);
+        assert_eq!(row.paths, rec.paths);
+        assert_eq!(row.content_hash, rec.content_hash);
+        assert_eq!(
+            (row.width, row.height, row.file_size),
+            (rec.width, rec.height, rec.file_size)
+        );
+        assert_eq!(row.mtime_ns, rec.mtime_ns);
+        assert!(!row.deleted);
+        assert_eq!(store.embeds(i).unwrap(), rec.embeds.as_slice());
+        assert_eq!(
+            store.by_content_hash(&rec.content_hash).unwrap().image_id,
+            i
+        );
+        assert_eq!(store.by_path(&rec.path).unwrap().image_id, i);
+    }
+    let generation = store.generation();
+    drop(store);
+
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.generation(), generation);
+    assert!(!ro.is_writable());
+    let rw = Store::create_or_open(dir.path(), opts()).unwrap();
+    assert_same_contents(&ro, &rw);
+    assert_eq!(rw.next_image_id(), 50);
+    // Everything the dump covers was reloaded, nothing rebuilt.
+    assert_eq!(rw.ann_info().reloaded_rows, 50);
+    assert_eq!(rw.ann_info().rows, 50);
+}
+
+#[test]
+fn parquet_shard_reads_back_with_arrow_reader() {
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = synth();
+        let mut store = Store::create_or_open(dir.path(), opts().with_dtype(dtype)).unwrap();
+        let mut b = Batch::new();
+        for i in 0..30 {
+            let mut r = s.record(i);
+            if i % 3 == 0 {
+                r.caption = Some(format!("caption {i}"));
+            }
+            if i == 5 {
+                r.paths.push("/copies/five.jpg".into());
+            }
+            b.add(r);
+        }
+        store.commit(b).unwrap();
+        let shard = files(dir.path())
+            .into_iter()
+            .find(|f| f.starts_with("shard-"))
+            .unwrap();
+
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(dir.path().join(&shard)).unwrap())
+                .unwrap();
+        let kv: Vec<(String, String)> = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .iter()
+            .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+            .collect();
+        assert!(kv.contains(&("blipdex.model_fingerprint".into(), FP.into())));
+        assert!(kv.contains(&("blipdex.num_query".into(), Q.to_string())));
+        assert!(kv.contains(&("blipdex.dim".into(), E.to_string())));
+        let compression = builder.metadata().row_group(0).column(0).compression();
+        assert!(
+            format!("{compression:?}").starts_with("ZSTD"),
+            "{compression:?}"
+        );
+
+        let schema = builder.schema().clone();
+        let elem = if dtype == Dtype::F32 {
+            DataType::Float32
+        } else {
+            DataType::Float16
+        };
+        match schema.field_with_name("image_embeds").unwrap().data_type() {
+            DataType::FixedSizeList(f, n) => {
+                assert_eq!(*n as usize, Q * E);
+                assert_eq!(f.data_type(), &elem);
+            }
+            t => panic!("image_embeds is {t:?}"),
+        }
+        assert_eq!(
+            schema.field_with_name("mtime").unwrap().data_type(),
+            &DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+        );
+        let batches: Vec<_> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+        let mut i = 0u64;
+        for b in &batches {
+            let ids = b
+                .column_by_name("image_id")
+                .unwrap()
+                .as_primitive::<UInt64Type>();
+            let widths = b
+                .column_by_name("width")
+                .unwrap()
+                .as_primitive::<UInt32Type>();
+            let paths = b.column_by_name("paths").unwrap().as_list::<i32>();
+            let path = b.column_by_name("path").unwrap().as_string::<i32>();
+            let hash = b.column_by_name("content_hash").unwrap().as_string::<i32>();
+            let caption = b.column_by_name("caption").unwrap().as_string::<i32>();
+            let deleted = b.column_by_name("deleted").unwrap().as_boolean();
+            let fp = b
+                .column_by_name("model_fingerprint")
+                .unwrap()
+                .as_string::<i32>();
+            let emb = b
+                .column_by_name("image_embeds")
+                .unwrap()
+                .as_fixed_size_list();
+            for r in 0..b.num_rows() {
+                let rec = s.record(i);
+                assert_eq!(ids.value(r), i);
+                assert_eq!(widths.value(r), rec.width);
+                assert_eq!(path.value(r), rec.path);
+                assert_eq!(hash.value(r), rec.content_hash);
+                assert_eq!(fp.value(r), FP);
+                assert!(!deleted.value(r));
+                assert_eq!(caption.is_null(r), i % 3 != 0);
+                let p = paths.value(r);
+                let p = p.as_string::<i32>();
+                assert_eq!(p.value(0), rec.path);
+                assert_eq!(p.len(), if i == 5 { 2 } else { 1 });
+                let v = emb.value(r);
+                let got: Vec<f32> = match dtype {
+                    Dtype::F32 => v.as_primitive::<Float32Type>().values().to_vec(),
+                    Dtype::F16 => v
+                        .as_primitive::<Float16Type>()
+                        .values()
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect(),
+                };
+                let tol = if dtype == Dtype::F32 { 0.0 } else { 1e-3 };
+                for (a, b) in got.iter().zip(&rec.embeds) {
+                    assert!((a - b).abs() <= tol, "{a} vs {b}");
+                }
+                // The store hands out what the file holds.
+                assert_eq!(store.embeds(i).unwrap(), got.as_slice());
+                i += 1;
+            }
+        }
+        assert_eq!(i, 30);
+    }
+}
+
+#[test]
+fn orphans_are_ignored_then_cleaned() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..20);
+    let committed = files(dir.path());
+    let generation = store.generation();
+    let shard = committed
+        .iter()
+        .find(|f| f.starts_with("shard-"))
+        .unwrap()
+        .clone();
+    drop(store);
+
+    // What a kill -9 mid-commit can leave: a half-written temp shard, a finished shard no
+    // manifest names (crash before the manifest rename), a temp manifest, a half dump.
+    fs::write(
+        dir.path().join(".tmp-4242-shard-0000000099.parquet"),
+        b"PAR1 truncated",
+    )
+    .unwrap();
+    fs::copy(
+        dir.path().join(&shard),
+        dir.path().join("shard-0000000099.parquet"),
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join(".tmp-4242-manifest.json"),
+        b"{\"format\": \"blipdex-st",
+    )
+    .unwrap();
+    fs::write(dir.path().join("hnsw-0000000099.hnsw.graph"), b"junk").unwrap();
+    fs::write(dir.path().join("patch-0000000099.parquet"), b"junk").unwrap();
+    fs::write(dir.path().join("notes.txt"), b"not ours").unwrap();
+
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.len(), 20);
+    assert_eq!(ro.generation(), generation);
+    assert!(
+        dir.path().join("shard-0000000099.parquet").exists(),
+        "readers never delete"
+    );
+
+    let mut rw = Store::create_or_open(dir.path(), opts()).unwrap();
+    assert_eq!(rw.len(), 20);
+    let mut expected = committed.clone();
+    expected.insert("notes.txt".into());
+    assert_eq!(files(dir.path()), expected);
+    // The next commit reuses generation 99's name space safely.
+    add_range(&mut rw, &s, 20..25);
+    assert_eq!(Store::open_readonly(dir.path()).unwrap().len(), 25);
+}
+
+#[test]
+fn crash_between_data_commit_and_index_dump_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..30);
+    let old_manifest = fs::read(dir.path().join("manifest.json")).unwrap();
+    let old_dump: Vec<(String, Vec<u8>)> = files(dir.path())
+        .into_iter()
+        .filter(|f| f.starts_with("hnsw-"))
+        .map(|f| (f.clone(), fs::read(dir.path().join(&f)).unwrap()))
+        .collect();
+    add_range(&mut store, &s, 30..50);
+    let t = s.text(1);
+    let want = store.search_exact(&t, 5).unwrap();
+    drop(store);
+
+    // Rewind to the state after step 2 of the second commit: data manifest written, graph
+    // dump still the old one.
+    let old: serde_json::Value = serde_json::from_slice(&old_manifest).unwrap();
+    let mut cur: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    cur["hnsw"] = old["hnsw"].clone();
+    fs::write(
+        dir.path().join("manifest.json"),
+        serde_json::to_vec(&cur).unwrap(),
+    )
+    .unwrap();
+    for (f, bytes) in old_dump {
+        fs::write(dir.path().join(f), bytes).unwrap();
+    }
+
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.len(), 50);
+    assert_eq!(ro.ann_info().reloaded_rows, 30);
+    assert_eq!(ro.ann_info().rows, 50);
+    assert_eq!(ro.search_ann(&t, 5, 64).unwrap(), want);
+    drop(ro);
+    // A writer persists the caught-up graph so the next start reloads everything.
+    drop(Store::create_or_open(dir.path(), opts()).unwrap());
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.ann_info().reloaded_rows, 50);
+}
+
+#[test]
+fn corrupt_dump_is_rebuilt_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..30);
+    drop(store);
+    for f in files(dir.path()) {
+        if f.ends_with(".hnsw.graph") {
+            fs::write(dir.path().join(f), b"garbage").unwrap();
+        }
+    }
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.ann_info().reloaded_rows, 0);
+    assert_eq!(ro.ann_info().rows, 30);
+    assert_eq!(
+        ro.search_ann(&s.text(0), 3, 64).unwrap(),
+        ro.search_exact(&s.text(0), 3).unwrap()
+    );
+}
+
+/// Child half of `kill9_leaves_whole_commits`: commits until killed.
+#[test]
+fn kill9_child() {
+    let Ok(dir) = std::env::var("BLIPDEX_KILL9_DIR") else {
+        return;
+    };
+    let s = synth();
+    let mut store = Store::create_or_open(&dir, opts()).unwrap();
+    loop {
+        let first = store.next_image_id();
+        let mut b = Batch::new();
+        for i in first..first + KILL9_BATCH {
+            b.add(s.record(i));
+        }
+        if first > 0 {
+            b.set_caption(first - 1, Some(format!("caption of {}", first - 1)));
+        }
+        store.commit(b).unwrap();
+    }
+}
+
+const KILL9_BATCH: u64 = 25;
+
+#[test]
+fn kill9_leaves_whole_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let exe = std::env::current_exe().unwrap();
+    for round in 0..6u64 {
+        let mut child = std::process::Command::new(&exe)
+            .args(["kill9_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env("BLIPDEX_KILL9_DIR", dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(150 + 97 * round));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let store = Store::create_or_open(dir.path(), opts()).unwrap();
+        let n = store.len() as u64;
+        assert_eq!(
+            n % KILL9_BATCH,
+            0,
+            "round {round}: {n} rows is not whole commits"
+        );
+        assert_eq!(store.next_image_id(), n);
+        assert_eq!(store.total_rows() as u64, n);
+        for i in 0..n {
+            let row = store.get(i).unwrap();
+            assert_eq!(row.content_hash, s.record(i).content_hash);
+            assert_eq!(store.embeds(i).unwrap(), s.image(i).as_slice());
+            let captioned = (i + 1) % KILL9_BATCH == 0 && i + 1 < n;
+            assert_eq!(row.caption.is_some(), captioned, "round {round} image {i}");
+        }
+        assert_eq!(store.ann_info().rows as u64, n);
+        // Only files the manifest names are left.
+        for f in files(dir.path()) {
+            assert!(!f.starts_with(".tmp-"), "round {round}: {f} left behind");
+        }
+        if n > 0 {
+            let t = s.text(round);
+            assert_eq!(
+                store.search_ann(&t, 3, 200).unwrap(),
+                store.search_exact(&t, 3).unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn model_mismatch_names_both_fingerprints() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::create_or_open(dir.path(), opts()).unwrap());
+    let err = Store::create_or_open(dir.path(), StoreOptions::new("other/model@def456", Q, E))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::ModelMismatch { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(FP) && msg.contains("other/model@def456"),
+        "{msg}"
+    );
+
+    let err = Store::create_or_open(dir.path(), StoreOptions::new(FP, Q, 2 * E))
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::ModelMismatch { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("4x16") && err.to_string().contains("4x32"),
+        "{err}"
+    );
+}
+
+#[test]
+fn one_writer_at_a_time_readers_any_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let _w = Store::create_or_open(dir.path(), opts()).unwrap();
+    let err = Store::create_or_open(dir.path(), opts()).err().unwrap();
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    let mut ro = Store::open_readonly(dir.path()).unwrap();
+    assert!(ro.commit(Batch::new()).is_err());
+    let err = Store::open_readonly(tempfile::tempdir().unwrap().path())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("not a blipdex index"), "{err}");
+}
+
+#[test]
+fn delete_hides_from_exact_and_ann_and_persists() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..300);
+    // Query with one of image 17's own vectors: 17 is the top hit.
+    let t = s.image(17)[..E].to_vec();
+    assert_eq!(store.search_exact(&t, 1).unwrap()[0].image_id, 17);
+    assert_eq!(store.search_ann(&t, 1, 50).unwrap()[0].image_id, 17);
+
+    store.mark_deleted(&[17, 18]).unwrap();
+    assert_eq!(store.len(), 298);
+    assert!(store.get(17).unwrap().deleted);
+    assert!(store.by_content_hash(&s.record(17).content_hash).is_none());
+    assert!(store.by_path(&s.record(17).path).is_none());
+    assert!(store.iter().all(|r| r.image_id != 17 && r.image_id != 18));
+    let check = |st: &Store| {
+        let exact = st.search_exact(&t, 300).unwrap();
+        assert_eq!(exact.len(), 298);
+        assert!(exact.iter().all(|h| h.image_id != 17 && h.image_id != 18));
+        let ann = st.search_ann(&t, 10, 400).unwrap();
+        assert!(ann.iter().all(|h| h.image_id != 17 && h.image_id != 18));
+        assert_eq!(ann, exact[..10].to_vec());
+    };
+    check(&store);
+    drop(store);
+    check(&Store::open_readonly(dir.path()).unwrap());
+
+    // Unknown ids fail the whole batch.
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    let generation = store.generation();
+    assert!(matches!(
+        store.mark_deleted(&[1, 9999]),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(store.generation(), generation);
+    assert!(!store.get(1).unwrap().deleted);
+}
+
+#[test]
+fn captions_set_and_persisted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    let mut b = Batch::new();
+    let mut r = s.record(0);
+    r.caption = Some("given at ingest".into());
+    b.add(r);
+    for i in 1..5 {
+        b.add(s.record(i));
+    }
+    store.commit(b).unwrap();
+    store.set_caption(1, "a cat on a blanket").unwrap();
+    let mut b = Batch::new();
+    b.set_caption(2, Some("first".into()));
+    b.set_caption(2, Some("second wins".into()));
+    b.set_caption(0, None);
+    store.commit(b).unwrap();
+    let check = |st: &Store| {
+        assert_eq!(st.get(0).unwrap().caption, None);
+        assert_eq!(
+            st.get(1).unwrap().caption.as_deref(),
+            Some("a cat on a blanket")
+        );
+        assert_eq!(st.get(2).unwrap().caption.as_deref(), Some("second wins"));
+        assert_eq!(st.get(3).unwrap().caption, None);
+    };
+    check(&store);
+    // Caption-only commits write patch files, not new shard rows.
+    assert_eq!(store.total_rows(), 5);
+    assert!(files(dir.path()).iter().any(|f| f.starts_with("patch-")));
+    drop(store);
+    check(&Store::open_readonly(dir.path()).unwrap());
+}
+
+#[test]
+fn identical_bytes_moved_and_changed_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..3);
+
+    // A copy of image 0's bytes elsewhere: same image, one more path, no new id.
+    let mut copy = s.record(0);
+    copy.path = "/backup/zero.jpg".into();
+    copy.paths = vec![copy.path.clone()];
+    let mut b = Batch::new();
+    b.add(copy);
+    let info = store.commit(b).unwrap();
+    assert_eq!(info.ids, vec![0]);
+    let row = store.get(0).unwrap();
+    assert_eq!(row.path, "/backup/zero.jpg");
+    assert_eq!(
+        row.paths,
+        vec!["/backup/zero.jpg".to_string(), s.record(0).path]
+    );
+    assert_eq!(store.by_path(&s.record(0).path).unwrap().image_id, 0);
+    assert_eq!(store.len(), 3);
+    // The re-added image superseded its row: one live row, two rows on disk.
+    assert_eq!(store.total_rows(), 4);
+
+    // Image 1's file is overwritten with new bytes: the path moves to a new image and image 1,
+    // left without paths, is deleted.
+    let mut changed = s.record(100);
+    changed.path = s.record(1).path;
+    changed.paths = vec![changed.path.clone()];
+    let mut b = Batch::new();
+    b.add(changed);
+    let new_id = store.commit(b).unwrap().ids[0];
+    assert_eq!(new_id, 3);
+    assert!(store.get(1).unwrap().deleted);
+    assert_eq!(store.by_path(&s.record(1).path).unwrap().image_id, 3);
+
+    // add_path / remove_path.
+    let mut b = Batch::new();
+    b.add_path(2, "/elsewhere/two.jpg");
+    b.remove_path(s.record(2).path);
+    b.remove_path("/never/seen.jpg");
+    store.commit(b).unwrap();
+    let two = store.get(2).unwrap();
+    assert_eq!(two.paths, vec!["/elsewhere/two.jpg".to_string()]);
+    assert_eq!(two.path, "/elsewhere/two.jpg");
+    let mut b = Batch::new();
+    b.remove_path("/elsewhere/two.jpg");
+    store.commit(b).unwrap();
+    assert!(store.get(2).unwrap().deleted);
+    assert_eq!(store.len(), 2);
+
+    let ids: Vec<u64> = store.iter().map(|r| r.image_id).collect();
+    drop(store);
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.iter().map(|r| r.image_id).collect::<Vec<_>>(), ids);
+    assert_eq!(ro.get(0).unwrap().path, "/backup/zero.jpg");
+    // Deleted content added again gets a fresh id (ids are never reused).
+    drop(ro);
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    let id = add_range(&mut store, &s, 1..2)[0];
+    assert_eq!(id, 4);
+}
+
+#[test]
+fn bad_records_commit_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    let cases: Vec<(&str, ImageRecord)> = vec![
+        (
+            "short embeds",
+            ImageRecord {
+                embeds: vec![0.25; Q * E - 1],
+                ..s.record(1)
+            },
+        ),
+        (
+            "not unit",
+            ImageRecord {
+                embeds: vec![1.0; Q * E],
+                ..s.record(1)
+            },
+        ),
+        (
+            "nan",
+            ImageRecord {
+                embeds: vec![f32::NAN; Q * E],
+                ..s.record(1)
+            },
+        ),
+        (
+            "hash",
+            ImageRecord {
+                content_hash: "ABC".into(),
+                ..s.record(1)
+            },
+        ),
+        (
+            "path",
+            ImageRecord {
+                path: String::new(),
+                ..s.record(1)
+            },
+        ),
+    ];
+    for (what, rec) in cases {
+        let mut b = Batch::new();
+        b.add(s.record(0));
+        b.add(rec);
+        let err = store.commit(b).err().unwrap();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{what}: {err:?}");
+    }
+    assert!(store.is_empty());
+    assert_eq!(store.generation(), 0);
+    assert!(store.search_exact(&[0.0; E - 1], 1).is_err());
+    assert!(store.search_ann(&[0.0; E], 1, 10).unwrap().is_empty());
+}
+
+#[test]
+fn hnsw_dump_reload_gives_identical_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..600);
+    add_range(&mut store, &s, 600..1000);
+    let queries: Vec<Vec<f32>> = (0..50).map(|i| s.text(i)).collect();
+    let before: Vec<_> = queries
+        .iter()
+        .map(|t| store.search_ann(t, 10, 40).unwrap())
+        .collect();
+    drop(store);
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.ann_info().reloaded_rows, 1000);
+    let after: Vec<_> = queries
+        .iter()
+        .map(|t| ro.search_ann(t, 10, 40).unwrap())
+        .collect();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn reader_hot_reloads_by_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut w = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut w, &s, 0..10);
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(Store::read_generation(dir.path()).unwrap(), ro.generation());
+    add_range(&mut w, &s, 10..20);
+    let now = Store::read_generation(dir.path()).unwrap();
+    assert!(now > ro.generation());
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!((ro.generation(), ro.len()), (now, 20));
+}
+
+#[test]
+fn compact_drops_dead_rows_and_keeps_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..200);
+    add_range(&mut store, &s, 50..60); // re-adds: superseded rows
+    store.mark_deleted(&(100..150).collect::<Vec<_>>()).unwrap();
+    store.set_caption(7, "seven").unwrap();
+    assert_eq!(store.total_rows(), 210);
+    let t = s.text(3);
+    let before = store.search_exact(&t, 20).unwrap();
+    let rows: Vec<_> = store.iter().cloned().collect();
+
+    store.compact().unwrap();
+    assert_eq!(store.total_rows(), 150);
+    assert_eq!(store.search_exact(&t, 20).unwrap(), before);
+    assert_eq!(store.search_ann(&t, 20, 300).unwrap(), before);
+    let shards: Vec<_> = files(dir.path())
+        .into_iter()
+        .filter(|f| f.starts_with("shard-") || f.starts_with("patch-"))
+        .collect();
+    assert_eq!(shards.len(), 1, "{shards:?}");
+    drop(store);
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.iter().cloned().collect::<Vec<_>>(), rows);
+    assert_eq!(ro.get(7).unwrap().caption.as_deref(), Some("seven"));
+    assert!(
+        ro.get(120).is_none(),
+        "deleted rows are gone after compaction"
+    );
+    assert_eq!(ro.next_image_id(), 200);
+    assert_eq!(ro.ann_info().reloaded_rows, 150);
+}
+
+#[test]
+fn ann_recall_matches_exact_on_seeded_set() {
+    // BLIP-2's real shape, small collection; see examples/bench_search.rs for 100k.
+    let (q, e) = (32, 256);
+    let s = Synth::new(q, e, 100, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::create_or_open(dir.path(), StoreOptions::new(FP, q, e)).unwrap();
+    let mut b = Batch::new();
+    for i in 0..3000 {
+        b.add(s.record(i));
+    }
+    store.commit(b).unwrap();
+    let nq = 100;
+    let ts: Vec<f32> = (0..nq).flat_map(|i| s.text(i)).collect();
+    let truth = store.search_exact_batch(&ts, 10).unwrap();
+    let mut total = 0.0;
+    for (i, t) in ts.chunks_exact(e).enumerate() {
+        let got = store.search_ann(t, 10, 200).unwrap();
+        // Scores are exact for whatever is returned.
+        for h in &got {
+            let v = store.embeds(h.image_id).unwrap();
+            let best = v
+                .chunks_exact(e)
+                .map(|x| x.iter().zip(t).map(|(a, b)| a * b).sum::<f32>())
+                .fold(f32::MIN, f32::max);
+            assert!((best - h.score).abs() < 1e-5);
+        }
+        let ids = |h: &[blipdex_store::Hit]| h.iter().map(|x| x.image_id).collect::<Vec<_>>();
+        total += recall(&ids(&truth[i]), &ids(&got));
+    }
+    let r = total / nq as f64;
+    assert!(r >= 0.99, "recall@10 {r}");
+    // search_exact agrees with the batched scan.
+    assert_eq!(store.search_exact(&ts[..e], 10).unwrap(), truth[0]);
+    let _ = HnswParams::default();
+}
