@@ -2,6 +2,8 @@
 
 mod args;
 mod embed;
+mod ingest;
+mod search;
 
 use std::process::ExitCode;
 
@@ -22,6 +24,10 @@ struct Cli {
 enum Command {
     /// Export BLIP-2 features of images and texts to a safetensors file.
     Embed(embed::EmbedArgs),
+    /// Index folders of photos (incremental, crash-safe).
+    Ingest(ingest::IngestArgs),
+    /// Text-to-image search in an index.
+    Search(search::SearchArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +41,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed::run(&args),
+        Command::Ingest(args) => ingest::run(&args),
+        Command::Search(args) => search::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

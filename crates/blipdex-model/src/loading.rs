@@ -141,6 +141,24 @@ impl ModelFiles {
         p.is_file().then_some(p)
     }
 
+    /// Identity of the checkpoint's content: blake3 over config.json and every weight file, so
+    /// the same weights fetched from the hub or copied to a directory fingerprint alike, and any
+    /// other checkpoint differs. Stored with every index so embeddings of two models never mix.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut h = blake3::Hasher::new();
+        let mut files = vec![self.config.clone()];
+        files.extend(self.weights.iter().cloned());
+        for f in &files {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            h.update(name.as_bytes());
+            h.update_mmap_rayon(f).map_err(|e| Error::io(f, e))?;
+        }
+        Ok(format!("blake3:{}", h.finalize().to_hex()))
+    }
+
     pub fn read_config(&self) -> Result<String> {
         std::fs::read_to_string(&self.config).map_err(|e| Error::io(&self.config, e))
     }

@@ -119,7 +119,8 @@ impl OptConfig {
             ))
             }
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads
@@ -184,7 +185,7 @@ impl OptLinear {
         } else {
             None
         };
-        if storage == LinearStorage::Q8 && in_dim % GgmlDType::Q8_0.block_size() == 0 {
+        if storage == LinearStorage::Q8 && in_dim.is_multiple_of(GgmlDType::Q8_0.block_size()) {
             let q = QTensor::quantize(&weight, GgmlDType::Q8_0)?;
             return Ok(Self::Quantized {
                 weight: QMatMul::from_qtensor(q)?,
@@ -195,7 +196,25 @@ impl OptLinear {
     }
 
     fn is_quantized(&self) -> bool {
-        matches!(self, Self::Quantized { .. })
+        // QMatMul dequantizes at load when CANDLE_DEQUANTIZE_ALL is set.
+        matches!(
+            self,
+            Self::Quantized {
+                weight: QMatMul::QTensor(_),
+                ..
+            }
+        )
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Self::Float(l) => dense(l.weight()),
+            Self::Quantized { weight, .. } => match weight {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),
+            },
+        }
     }
 }
 
@@ -646,8 +665,7 @@ impl OptForCausalLM {
         self.storage
     }
 
-    /// How many decoder Linear layers hold Q8_0 weights, of how many.
-    pub fn quantized_linears(&self) -> (usize, usize) {
+    fn linears(&self) -> Vec<&OptLinear> {
         let mut all: Vec<&OptLinear> = Vec::new();
         for l in &self.decoder.layers {
             all.extend([
@@ -660,6 +678,17 @@ impl OptForCausalLM {
         }
         all.extend(self.decoder.project_in.iter());
         all.extend(self.decoder.project_out.iter());
+        all
+    }
+
+    /// How many decoder Linear layers hold Q8_0 weights, of how many.
+    pub fn quantized_linears(&self) -> (usize, usize) {
+        let all = self.linears();
         (all.iter().filter(|l| l.is_quantized()).count(), all.len())
+    }
+
+    /// Bytes held by the decoder's Linear weights (biases, norms and embeddings not counted).
+    pub fn linear_weight_bytes(&self) -> usize {
+        self.linears().iter().map(|l| l.weight_bytes()).sum()
     }
 }

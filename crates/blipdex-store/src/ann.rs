@@ -183,12 +183,13 @@ impl Ann {
         self.rows = total;
     }
 
-    /// Candidate rows, best first: distinct rows of the `ef` nearest graph points that pass
-    /// `keep` (graph traversal still crosses filtered points).
+    /// Candidate rows, best first: distinct rows that pass `keep` among the `ef` nearest graph
+    /// points, at least `min_rows` of them when the graph has that many.
     pub fn candidates(
         &self,
         t: &[f32],
         ef: usize,
+        min_rows: usize,
         keep: &(dyn Fn(usize) -> bool + Sync),
     ) -> Vec<usize> {
         let m = self.per_image;

@@ -138,4 +138,6 @@ mod types;
 
 pub use ann::{AnnInfo, DotDist};
 pub use store::{content_hash_bytes, content_hash_file, Batch, Store};
-pub use types::{CommitInfo, Dtype, Hit, HnswParams, ImageRecord, ImageRow, StoreOptions};
+pub use types::{
+    CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow, StoreOptions,
+};

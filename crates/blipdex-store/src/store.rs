@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use blipdex_core::{Error, Result};
 use fs2::FileExt;
@@ -14,7 +14,9 @@ use crate::manifest::{FileRef, HnswDump, Manifest, MANIFEST};
 use crate::search;
 use crate::shard::{self, Layout, Patch};
 use crate::state::State;
-use crate::types::{CommitInfo, Dtype, Hit, HnswParams, ImageRecord, ImageRow, StoreOptions};
+use crate::types::{
+    CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow, StoreOptions,
+};
 
 const LOCK: &str = "LOCK";
 /// Prefixes of the files the manifest owns; unreferenced ones are orphans.
@@ -401,7 +403,9 @@ impl Store {
         }
         let live = &self.state.row_live;
         let keep = |r: usize| live.get(r).copied().unwrap_or(false);
-        let rows = self.ann.candidates(t, ef.max(k), k.min(self.state.live), &keep);
+        let rows = self
+            .ann
+            .candidates(t, ef.max(k), k.min(self.state.live), &keep);
         Ok(search::rescore(&self.state, &rows, t, k))
     }
 
@@ -435,6 +439,8 @@ impl Store {
     /// the graph (so the cost of a commit grows with the index; commit in batches).
     pub fn commit(&mut self, batch: Batch) -> Result<CommitInfo> {
         self.check_writable()?;
+        let started = Instant::now();
+        let mut timings = CommitTimings::default();
         let now = now_ns();
         let plan = Plan::run(&self.state, &self.manifest, batch, now)?;
         let ids = plan.ids.clone();
@@ -450,6 +456,7 @@ impl Store {
                 generation: self.manifest.generation,
                 ids,
                 index_persisted: self.index_persisted(),
+                timings,
             });
         }
 
@@ -509,15 +516,21 @@ impl Store {
         }
 
         // 3. The index: insert the new rows, dump, point the manifest at the dump.
+        timings.data = started.elapsed();
         if added {
+            let t = Instant::now();
             self.ann
                 .catch_up(&self.state.embeds, self.state.q, self.state.e);
+            timings.index_insert = t.elapsed();
+            let t = Instant::now();
             self.persist_index();
+            timings.index_dump = t.elapsed();
         }
         Ok(CommitInfo {
             generation: self.manifest.generation,
             ids,
             index_persisted: self.index_persisted(),
+            timings,
         })
     }
 
@@ -542,6 +555,7 @@ impl Store {
     /// graph's build time; run it when many rows are dead.
     pub fn compact(&mut self) -> Result<CommitInfo> {
         self.check_writable()?;
+        let started = Instant::now();
         let q = self.state.q;
         let e = self.state.e;
         let live_rows: Vec<usize> = (0..self.state.rows())
@@ -586,8 +600,11 @@ impl Store {
             self.remove_files(&written);
             return Err(e);
         }
+        let data = started.elapsed();
+        let t = Instant::now();
         let mut ann = Ann::new(&next.hnsw_params, state.rows());
         ann.catch_up(&state.embeds, q, e);
+        let index_insert = t.elapsed();
         let old_files = self.manifest.referenced_files();
         if let Err(e) = self.write_manifest(next) {
             if !self.poisoned {
@@ -598,11 +615,17 @@ impl Store {
         self.state = state;
         self.ann = ann;
         self.remove_files(&old_files);
+        let t = Instant::now();
         self.persist_index();
         Ok(CommitInfo {
             generation: self.manifest.generation,
             ids: Vec::new(),
             index_persisted: self.index_persisted(),
+            timings: CommitTimings {
+                data,
+                index_insert,
+                index_dump: t.elapsed(),
+            },
         })
     }
 

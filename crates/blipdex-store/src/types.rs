@@ -133,6 +133,17 @@ pub struct Hit {
     pub query: u16,
 }
 
+/// Where a commit's time went (for ingest progress logs and the benchmark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitTimings {
+    /// Planning, writing and fsyncing the Parquet files and the manifest.
+    pub data: std::time::Duration,
+    /// Inserting the new rows into the HNSW graph.
+    pub index_insert: std::time::Duration,
+    /// Dumping the graph (hnsw_rs `file_dump`, fsync, manifest).
+    pub index_dump: std::time::Duration,
+}
+
 /// What [`crate::Store::commit`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitInfo {
@@ -143,4 +154,5 @@ pub struct CommitInfo {
     /// False when the data was committed but writing the HNSW dump failed; the next commit or
     /// open catches the index up from the Parquet rows, so nothing is lost.
     pub index_persisted: bool,
+    pub timings: CommitTimings,
 }

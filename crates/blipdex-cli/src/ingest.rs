@@ -1,0 +1,120 @@
+//! `blipdex ingest`: flags (or a pipeline file) → one ingest job.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use blipdex_ingest::IngestJob;
+use blipdex_model::{Blip2, LoadOptions, ModelFiles};
+use clap::Args;
+
+use crate::args::{parse_device, parse_dtype};
+
+#[derive(Args, Debug)]
+pub struct IngestArgs {
+    /// Folders (or files) to index.
+    #[arg(env = "BLIPDEX_PATHS", value_delimiter = ',')]
+    pub paths: Vec<PathBuf>,
+    /// Index directory (created if missing).
+    #[arg(long, env = "BLIPDEX_INDEX")]
+    pub index: Option<PathBuf>,
+    /// Retrieval checkpoint: directory or hub repo id.
+    #[arg(long, env = "BLIPDEX_MODEL")]
+    pub model: Option<String>,
+    #[arg(long, env = "BLIPDEX_REVISION")]
+    pub revision: Option<String>,
+    /// A TOML ingest job (see pipelines/); flags override its keys.
+    #[arg(long, env = "BLIPDEX_PIPELINE")]
+    pub pipeline: Option<PathBuf>,
+    #[arg(long, env = "BLIPDEX_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Images per atomic commit.
+    #[arg(long, env = "BLIPDEX_COMMIT_EVERY")]
+    pub commit_every: Option<usize>,
+    #[arg(long, env = "BLIPDEX_DECODE_THREADS")]
+    pub decode_threads: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "BLIPDEX_DEVICE")]
+    pub device: Option<String>,
+    /// Vision tower precision: f32, f16, bf16.
+    #[arg(long, env = "BLIPDEX_DTYPE")]
+    pub dtype: Option<String>,
+    #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<u64>,
+    /// Also store a caption per image, made by this captioning checkpoint.
+    #[arg(long, env = "BLIPDEX_CAPTION_MODEL")]
+    pub caption_model: Option<String>,
+    /// Print the final summary as one JSON line.
+    #[arg(long, env = "BLIPDEX_JSON")]
+    pub json: bool,
+}
+
+impl IngestArgs {
+    fn job(&self) -> anyhow::Result<IngestJob> {
+        let mut job = match &self.pipeline {
+            Some(p) => IngestJob::from_toml_file(p)?,
+            None => IngestJob::default(),
+        };
+        if !self.paths.is_empty() {
+            job.roots = self.paths.clone();
+        }
+        macro_rules! set {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &self.$field { job.$field = v.clone().into(); }
+            )*};
+        }
+        set!(
+            index,
+            model,
+            revision,
+            batch_size,
+            commit_every,
+            decode_threads,
+            device,
+            dtype
+        );
+        set!(max_image_pixels, caption_model);
+        Ok(job)
+    }
+}
+
+pub fn run(args: &IngestArgs) -> anyhow::Result<()> {
+    let job = args.job()?;
+    job.validate()?;
+    if job.caption_model.is_some() {
+        anyhow::bail!(
+            "--caption-model at ingest is not available yet; captions come from `blipdex caption`"
+        );
+    }
+    let spec = job.model.as_deref().context("no --model")?;
+    let files = ModelFiles::resolve(spec, job.revision.as_deref())?;
+    let opts = LoadOptions {
+        device: parse_device(&job.device)?,
+        dtype: parse_dtype(&job.dtype)?,
+    };
+    let model = Blip2::load(&files, &opts)?;
+    let summary = blipdex_ingest::ingest(&job, &model, &files)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "indexed {} new images ({:.1}/s), {} duplicates, {} unchanged, {} rejected, {} removed \
+             in {:.1}s",
+            summary.indexed,
+            summary.images_per_s,
+            summary.duplicates,
+            summary.unchanged,
+            summary.rejected,
+            summary.removed,
+            summary.seconds
+        );
+        if summary.rejected > 0 {
+            if let Some(index) = &job.index {
+                println!(
+                    "rejected files and reasons: {}",
+                    index.join("rejects.jsonl").display()
+                );
+            }
+        }
+    }
+    Ok(())
+}

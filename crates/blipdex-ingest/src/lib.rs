@@ -1,0 +1,9 @@
+//! `blipdex ingest`: walk photo folders, decode and embed new or changed images, and commit
+//! them to the store in atomic batches so that a crash loses at most the uncommitted batch.
+
+pub mod job;
+pub mod pipeline;
+pub mod walk;
+
+pub use job::IngestJob;
+pub use pipeline::{ingest, IngestSummary};

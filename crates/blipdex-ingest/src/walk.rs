@@ -1,0 +1,159 @@
+//! Recursive discovery of image files under the ingest roots.
+
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use blipdex_core::{Error, Result};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+/// Extensions of the formats the `image` crate decodes for us (lower case).
+pub const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Absolute path (below a canonicalized root).
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// What the walk could not read (permission denied, a symlink loop, ...), reported as rejects.
+#[derive(Debug, Clone)]
+pub struct WalkProblem {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+pub struct Filters {
+    include: Option<GlobSet>,
+    exclude: GlobSet,
+}
+
+impl Filters {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Self> {
+        let build = |pats: &[String]| -> Result<GlobSet> {
+            let mut b = GlobSetBuilder::new();
+            for p in pats {
+                b.add(
+                    Glob::new(p).map_err(|e| Error::InvalidArgument(format!("glob {p:?}: {e}")))?,
+                );
+            }
+            b.build().map_err(|e| Error::InvalidArgument(e.to_string()))
+        };
+        Ok(Self {
+            include: if include.is_empty() {
+                None
+            } else {
+                Some(build(include)?)
+            },
+            exclude: build(exclude)?,
+        })
+    }
+
+    fn wants(&self, path: &Path) -> bool {
+        let ext_ok = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+        ext_ok
+            && !self.exclude.is_match(path)
+            && self.include.as_ref().is_none_or(|i| i.is_match(path))
+    }
+}
+
+/// Canonical absolute form of a root, so that the same folder given two ways is one folder.
+pub fn canonical_root(root: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(root).map_err(|e| Error::io(root, e))
+}
+
+/// Walks `roots` (already canonical) and returns the image files in a stable order, plus what
+/// could not be walked. Symlinks are followed; walkdir detects cycles, which end up as problems.
+pub fn walk(roots: &[PathBuf], filters: &Filters) -> (Vec<FileEntry>, Vec<WalkProblem>) {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for root in roots {
+        for entry in walkdir::WalkDir::new(root)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let path = e
+                        .path()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| root.clone());
+                    let reason = if e.loop_ancestor().is_some() {
+                        "symlink cycle; not followed".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    problems.push(WalkProblem { path, reason });
+                    continue;
+                }
+            };
+            if !entry.file_type().is_file() || !filters.wants(entry.path()) {
+                continue;
+            }
+            // Overlapping roots must not yield a file twice.
+            if !seen.insert(entry.path().to_path_buf()) {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(m) => files.push(FileEntry {
+                    path: entry.path().to_path_buf(),
+                    size: m.len(),
+                    mtime_ns: m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos() as i64),
+                }),
+                Err(e) => problems.push(WalkProblem {
+                    path: entry.path().to_path_buf(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+    }
+    (files, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_by_extension_and_globs() -> Result<()> {
+        let f = Filters::new(&[], &["**/skip/**".into()])?;
+        assert!(f.wants(Path::new("/a/b.JPG")));
+        assert!(!f.wants(Path::new("/a/b.txt")));
+        assert!(!f.wants(Path::new("/a/skip/b.png")));
+        let f = Filters::new(&["**/keep/*".into()], &[])?;
+        assert!(f.wants(Path::new("/x/keep/b.png")));
+        assert!(!f.wants(Path::new("/x/other/b.png")));
+        assert!(Filters::new(&["[".into()], &[]).is_err());
+        Ok(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlink_cycles_terminate() -> std::io::Result<()> {
+        let d = tempfile::tempdir()?;
+        std::fs::create_dir(d.path().join("a"))?;
+        std::fs::write(d.path().join("a/x.png"), b"not really")?;
+        std::os::unix::fs::symlink(d.path(), d.path().join("a/loop"))?;
+        let f = Filters::new(&[], &[]).map_err(std::io::Error::other)?;
+        let root = std::fs::canonicalize(d.path())?;
+        let (files, problems) = walk(&[root], &f);
+        assert_eq!(files.len(), 1);
+        assert!(
+            problems.iter().any(|p| p.reason.contains("cycle")),
+            "{problems:?}"
+        );
+        Ok(())
+    }
+}
