@@ -1,7 +1,7 @@
 //! `blipdex caption`: captions / answers from a BLIP-2 OPT checkpoint (`Blip2ForConditionalGeneration`),
 //! token for token what transformers' `generate` gives.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use blipdex_core::Error;
@@ -10,10 +10,11 @@ use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::tokenizer::TextTokenizer;
 use blipdex_model::Blip2;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 
 use crate::args::ModelArgs;
+use crate::embed::read_pixel_values;
 
 /// How to store the language model's decoder weights.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,37 +176,6 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
         }
     }
     Ok(out)
-}
-
-fn read_pixel_values(path: &Path) -> anyhow::Result<Tensor> {
-    let file = path.display().to_string();
-    if !path.is_file() {
-        bail!(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
-        ));
-    }
-    let bad = |reason: String| Error::BadTensor {
-        file: file.clone(),
-        name: "pixel_values".into(),
-        reason,
-    };
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
-    let t = tensors.get("pixel_values").ok_or_else(|| {
-        bad(format!(
-            "missing; the file holds {:?}",
-            tensors.keys().collect::<Vec<_>>()
-        ))
-    })?;
-    match t.dims() {
-        [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
-        d => bail!(bad(format!("shape {d:?}, expected [N, 3, H, W]"))),
-    }
-    if !t.dtype().is_float() {
-        bail!(bad(format!("dtype {:?}, expected a float type", t.dtype())));
-    }
-    Ok(t.to_dtype(DType::F32)?)
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! `blipdex embed`: the model's tensors for given images and texts, as transformers names them.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use blipdex_core::Error;
+use blipdex_model::caption::LanguageHead;
 use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
+use blipdex_model::opt::LinearStorage;
 use blipdex_model::tokenizer::TextTokenizer;
 use blipdex_model::Blip2;
 use candle_core::{DType, Device, Tensor};
@@ -50,6 +52,17 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         bail!("--itm needs both images (--image or --pixel-values) and --text");
     }
     let (files, model) = args.model.load()?;
+    // A captioning checkpoint (Blip2Model / Blip2ForConditionalGeneration) has OPT instead of
+    // the retrieval heads: export what transformers' Blip2Model gives for it.
+    let language = if model.retrieval.is_none() {
+        Some(LanguageHead::load(
+            &files,
+            &args.model.load_options()?,
+            LinearStorage::Float,
+        )?)
+    } else {
+        None
+    };
     let mut out: HashMap<String, Tensor> = HashMap::new();
 
     let pixel_values = if let Some(path) = &args.pixel_values {
@@ -78,21 +91,32 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         if model.retrieval.is_some() {
             out.insert("image_embeds".into(), model.image_embeds(&q)?);
         }
+        if let Some(lm) = &language {
+            out.insert(
+                "language_model_inputs".into(),
+                lm.language_model_inputs(&q)?,
+            );
+        }
         out.insert("qformer_last_hidden_state".into(), q);
         vision = Some(v);
     }
 
+    if let Some(v) = &vision {
+        out.insert("vision_last_hidden_state".into(), v.clone());
+    }
     if !args.texts.is_empty() {
-        let Some(heads) = &model.retrieval else {
-            bail!(Error::Unsupported(format!(
-                "{} has no Q-Former text path; --text needs a retrieval checkpoint",
-                files.name
-            )));
-        };
         let tokenizer = TextTokenizer::from_model_dir(&files.dir)?;
         let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
-        let enc = tokenizer.encode_batch(&texts, Some(heads.embeddings.max_positions()))?;
         let dev = model.device();
+        let Some(heads) = &model.retrieval else {
+            let lm = language.as_ref().context("no language model")?;
+            let enc = tokenizer.encode_batch(&texts, Some(lm.config().max_position_embeddings))?;
+            let ids = to_tensor(&enc.input_ids, dev)?;
+            let mask = to_tensor(&enc.attention_mask, dev)?;
+            out.insert("text_features".into(), lm.text_features(&ids, &mask)?);
+            return save(out, &args.output);
+        };
+        let enc = tokenizer.encode_batch(&texts, Some(heads.embeddings.max_positions()))?;
         let ids = to_tensor(&enc.input_ids, dev)?;
         let mask = to_tensor(&enc.attention_mask, dev)?;
         let text_embeds = model.text_embeds(&ids, &mask)?;
@@ -109,22 +133,24 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
         }
         out.insert("text_embeds".into(), text_embeds);
     }
-    if let Some(v) = vision {
-        out.insert("vision_last_hidden_state".into(), v);
-    }
 
+    save(out, &args.output)
+}
+
+/// Writes the tensors as f32 on the CPU, named as given.
+fn save(out: HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
     let out = out
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect::<candle_core::Result<HashMap<_, _>>>()?;
-    candle_core::safetensors::save(&out, &args.output)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    candle_core::safetensors::save(&out, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     let mut names: Vec<_> = out
         .iter()
         .map(|(k, t)| format!("{k} {:?}", t.dims()))
         .collect();
     names.sort();
-    eprintln!("wrote {}: {}", args.output.display(), names.join(", "));
+    eprintln!("wrote {}: {}", path.display(), names.join(", "));
     Ok(())
 }
 
@@ -147,7 +173,8 @@ fn to_tensor(rows: &[Vec<u32>], dev: &Device) -> anyhow::Result<Tensor> {
     Ok(Tensor::from_vec(flat, (rows.len(), l), dev)?)
 }
 
-fn read_pixel_values(path: &PathBuf) -> anyhow::Result<Tensor> {
+/// `pixel_values` [N,3,H,W] (any float dtype) from a safetensors file, as f32.
+pub(crate) fn read_pixel_values(path: &Path) -> anyhow::Result<Tensor> {
     let file = path.display().to_string();
     if !path.is_file() {
         bail!(Error::io(

@@ -1,6 +1,7 @@
 //! `blipdex`: bulk-index photo collections with BLIP-2 and search them.
 
 mod args;
+mod caption;
 mod embed;
 mod ingest;
 mod search;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Export BLIP-2 features of images and texts to a safetensors file.
     Embed(embed::EmbedArgs),
+    /// Caption images (or answer a prompt about them) with a BLIP-2 OPT checkpoint.
+    Caption(caption::CaptionArgs),
     /// Index folders of photos (incremental, crash-safe).
     Ingest(ingest::IngestArgs),
     /// Text-to-image search in an index.
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => embed::run(&args),
+        Command::Caption(args) => caption::run(&args),
         Command::Ingest(args) => ingest::run(&args),
         Command::Search(args) => search::run(&args),
     };

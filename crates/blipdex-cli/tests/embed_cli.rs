@@ -119,6 +119,47 @@ fn embed_pixel_values_matches_transformers() -> Result<()> {
     Ok(())
 }
 
+/// A captioning checkpoint: `Blip2Model`'s outputs (get_qformer_features, the projected queries,
+/// get_text_features) within 1e-4 of transformers.
+#[test]
+fn embed_captioning_checkpoint_matches_transformers() -> Result<()> {
+    let name = "caption-a";
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out.safetensors");
+    let golden_path = fixtures().join(format!("golden/{name}.safetensors"));
+    let model = fixtures().join(format!("models/{name}"));
+    let mut args = vec![
+        "embed".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--pixel-values".into(),
+        golden_path.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    for t in golden_texts(name)? {
+        args.push("--text".into());
+        args.push(t);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = blipdex(&args)?;
+    ensure!(o.status.success(), "{}", stderr(&o));
+    let got = load(&out)?;
+    let want = load(&golden_path)?;
+    for k in [
+        "vision_last_hidden_state",
+        "qformer_last_hidden_state",
+        "language_model_inputs",
+        "text_features",
+    ] {
+        let g = got.get(k).with_context(|| format!("output lacks {k}"))?;
+        let d = max_abs(g, want.get(k).context(k)?)?;
+        ensure!(d <= 1e-4, "{name} {k}: max abs diff {d:e}");
+    }
+    ensure!(!got.contains_key("image_embeds") && !got.contains_key("itc_scores"));
+    Ok(())
+}
+
 /// Real photos through the whole CLI: preprocessing within the Pillow tolerance, every tensor
 /// present with the checkpoint's shapes.
 #[test]

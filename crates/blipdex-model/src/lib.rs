@@ -1,9 +1,11 @@
 //! BLIP-2 in candle, ported from transformers' `modeling_blip_2.py`.
 
 pub mod blip2;
+pub mod caption;
 pub mod config;
 pub mod image;
 pub mod loading;
+pub mod opt;
 pub mod qformer;
 pub mod tokenizer;
 pub mod vision;
@@ -11,5 +13,3 @@ pub mod vision;
 pub use blip2::{Blip2, LoadOptions};
 pub use config::Blip2Config;
 pub use loading::ModelFiles;
-pub mod caption;
-pub mod opt;
