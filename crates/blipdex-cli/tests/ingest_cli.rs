@@ -250,3 +250,140 @@ fn ingest_search_rerank_and_resync() -> Result<()> {
     );
     Ok(())
 }
+
+/// kill -9 in the middle of a bulk ingest, then resume: every image once, committed work kept.
+#[test]
+fn kill_9_mid_ingest_then_resume() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let folder = tmp.path().join("bulk");
+    let index = tmp.path().join("index");
+    std::fs::create_dir_all(&folder)?;
+    // Distinct bytes per file: the fixture JPEG with a different trailer after its EOI marker.
+    let jpeg = std::fs::read(fixtures().join("photos/rocket.jpg"))?;
+    let n = 240;
+    for i in 0..n {
+        let mut bytes = jpeg.clone();
+        bytes.extend_from_slice(format!("copy {i}").as_bytes());
+        std::fs::write(folder.join(format!("img{i:04}.jpg")), bytes)?;
+    }
+    let model = fixtures().join("models/itm-a");
+    let args = [
+        "ingest",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&model)?,
+        "--batch-size",
+        "4",
+        "--commit-every",
+        "8",
+        "--decode-threads",
+        "1",
+        s(&folder)?,
+        "--json",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    // Wait for a couple of image commits (generation 1 is the empty index), then kill.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while blipdex_store::Store::read_generation(&index).unwrap_or(0) < 3
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill()?; // SIGKILL
+    let status = child.wait()?;
+    let killed_mid_run = !status.success();
+
+    let resumed = run_json(&args)?;
+    let indexed = resumed["indexed"].as_u64().context("indexed")? as usize;
+    let unchanged = resumed["unchanged"].as_u64().context("unchanged")? as usize;
+    ensure!(indexed + unchanged == n, "{resumed}");
+    if killed_mid_run {
+        ensure!(unchanged > 0, "committed work was redone: {resumed}");
+    }
+    let all = run_json(&[
+        "search",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&model)?,
+        "--query",
+        "rocket",
+        "--top-k",
+        "1000",
+        "--exact",
+        "--json",
+    ])?;
+    let hits = all["hits"].as_array().context("hits")?;
+    let paths: std::collections::HashSet<&str> =
+        hits.iter().filter_map(|h| h["path"].as_str()).collect();
+    let ids: std::collections::HashSet<u64> =
+        hits.iter().filter_map(|h| h["image_id"].as_u64()).collect();
+    ensure!(
+        hits.len() == n && paths.len() == n && ids.len() == n,
+        "{} hits",
+        hits.len()
+    );
+    Ok(())
+}
+
+/// A phone photo stored rotated with EXIF Orientation=6 embeds like its upright twin.
+#[test]
+fn exif_rotated_photo_embeds_like_its_upright_twin() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let index = tmp.path().join("index");
+    let folder = fixtures().join("photos-exif");
+    let model = fixtures().join("models/itm-a");
+    let out = run_json(&[
+        "ingest",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&model)?,
+        s(&folder)?,
+        "--json",
+    ])?;
+    ensure!(out["indexed"] == 2, "{out}");
+    let store = blipdex_store::Store::open_readonly(&index)?;
+    let embeds_of = |name: &str| -> Result<Vec<f32>> {
+        let row = store
+            .iter()
+            .find(|r| r.path.ends_with(name))
+            .context("row")?;
+        Ok(store.embeds(row.image_id).context("embeds")?.to_vec())
+    };
+    let upright = embeds_of("upright.jpg")?;
+    let rotated = embeds_of("rotated_exif6.jpg")?;
+    // The same file read without EXIF (as `embed` and transformers do) is the control.
+    let raw_path = tmp.path().join("raw.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args([
+            "embed",
+            "--model",
+            s(&model)?,
+            "--output",
+            s(&raw_path)?,
+            "--image",
+        ])
+        .arg(folder.join("rotated_exif6.jpg"))
+        .output()?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let raw = candle_core::safetensors::load(&raw_path, &Device::Cpu)?["image_embeds"]
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (twin, control) = (max_diff(&upright, &rotated), max_diff(&upright, &raw));
+    eprintln!("EXIF twin max diff {twin:.4}, unrotated control {control:.4}");
+    // Only JPEG re-encoding separates the twins (≤ 3 levels); the unrotated read is far off.
+    ensure!(twin * 4.0 < control, "twin {twin} vs unrotated {control}");
+    Ok(())
+}
