@@ -1,8 +1,12 @@
 //! Flags shared by the subcommands that load a model.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, Context};
+use blipdex_core::Error;
+use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
 use blipdex_model::{Blip2, LoadOptions, ModelFiles};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
 #[derive(Args, Debug, Clone)]
@@ -65,4 +69,94 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
         bail!("--device {s}: this blipdex was built without CUDA; rebuild with `cargo build --release --features cuda`");
     }
     Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+}
+
+/// Image inputs of `embed` and `caption`: files to decode, or preprocessed pixel values.
+#[derive(Args, Debug, Clone)]
+pub struct ImageInputArgs {
+    /// Image file (repeatable). Any format the `image` crate reads.
+    #[arg(long = "image", env = "BLIPDEX_IMAGES", value_delimiter = ',')]
+    pub images: Vec<PathBuf>,
+    /// Read preprocessed `pixel_values` [N,3,H,W] from a safetensors file instead of decoding images.
+    #[arg(long, env = "BLIPDEX_PIXEL_VALUES", conflicts_with = "images")]
+    pub pixel_values: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+    /// Refuse images with more pixels than this (decompression-bomb guard).
+    #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+}
+
+impl ImageInputArgs {
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty() && self.pixel_values.is_none()
+    }
+
+    pub fn batch_size(&self) -> usize {
+        usize::try_from(self.batch_size).unwrap_or(usize::MAX)
+    }
+
+    /// The pixel values [N,3,H,W] (f32, CPU) and a name per image (its file, or its row in
+    /// --pixel-values); `None` when no image was given. Images are preprocessed with the
+    /// checkpoint's processor settings found in `model_dir`.
+    pub fn load(
+        &self,
+        model_dir: &Path,
+    ) -> anyhow::Result<Option<(Tensor, Vec<serde_json::Value>)>> {
+        if let Some(path) = &self.pixel_values {
+            let px = read_pixel_values(path)?;
+            let names = (0..px.dim(0)?).map(serde_json::Value::from).collect();
+            return Ok(Some((px, names)));
+        }
+        if self.images.is_empty() {
+            return Ok(None);
+        }
+        let processor = ImageProcessor::new(ImageConfig::from_model_dir(model_dir)?)
+            .with_max_pixels(self.max_image_pixels);
+        let (h, w) = (processor.config.height, processor.config.width);
+        let mut data = Vec::with_capacity(self.images.len() * 3 * h * w);
+        for path in &self.images {
+            data.extend(processor.pixel_values_from_file(path)?);
+        }
+        let px = Tensor::from_vec(data, (self.images.len(), 3, h, w), &Device::Cpu)?;
+        let names = self
+            .images
+            .iter()
+            .map(|p| p.display().to_string().into())
+            .collect();
+        Ok(Some((px, names)))
+    }
+}
+
+/// `pixel_values` [N,3,H,W] (any float dtype) from a safetensors file, as f32.
+fn read_pixel_values(path: &Path) -> anyhow::Result<Tensor> {
+    let file = path.display().to_string();
+    if !path.is_file() {
+        bail!(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
+        ));
+    }
+    let bad = |reason: String| Error::BadTensor {
+        file: file.clone(),
+        name: "pixel_values".into(),
+        reason,
+    };
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let t = tensors.get("pixel_values").ok_or_else(|| {
+        bad(format!(
+            "missing; the file holds {:?}",
+            tensors.keys().collect::<Vec<_>>()
+        ))
+    })?;
+    match t.dims() {
+        [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
+        d => bail!(bad(format!("shape {d:?}, expected [N, 3, H, W]"))),
+    }
+    if !t.dtype().is_float() {
+        bail!(bad(format!("dtype {:?}, expected a float type", t.dtype())));
+    }
+    Ok(t.to_dtype(DType::F32)?)
 }

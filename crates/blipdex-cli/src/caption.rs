@@ -1,20 +1,16 @@
 //! `blipdex caption`: captions / answers from a BLIP-2 OPT checkpoint (`Blip2ForConditionalGeneration`),
 //! token for token what transformers' `generate` gives.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context};
 use blipdex_core::Error;
 use blipdex_model::caption::{trim_after_eos, GenerationConfig, LanguageHead};
-use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::tokenizer::TextTokenizer;
 use blipdex_model::Blip2;
-use candle_core::{Device, Tensor};
+
 use clap::{Args, ValueEnum};
 
-use crate::args::ModelArgs;
-use crate::embed::read_pixel_values;
+use crate::args::{ImageInputArgs, ModelArgs};
 
 /// How to store the language model's decoder weights.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,12 +25,8 @@ pub struct CaptionArgs {
     /// Salesforce/blip2-opt-2.7b). --dtype applies to the language model too.
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Image file to caption (repeatable). Any format the `image` crate reads.
-    #[arg(long = "image", env = "BLIPDEX_IMAGES", value_delimiter = ',')]
-    pub images: Vec<PathBuf>,
-    /// Read preprocessed `pixel_values` [N,3,H,W] from a safetensors file instead of decoding images.
-    #[arg(long, env = "BLIPDEX_PIXEL_VALUES", conflicts_with = "images")]
-    pub pixel_values: Option<PathBuf>,
+    #[command(flatten)]
+    pub input: ImageInputArgs,
     /// Prompt for every image, e.g. "Question: what is in the photo? Answer:". Without it: a caption.
     #[arg(long, env = "BLIPDEX_PROMPT")]
     pub prompt: Option<String>,
@@ -53,12 +45,6 @@ pub struct CaptionArgs {
     /// One JSON object per line: {"image": <file, or index into --pixel-values>, "token_ids": [...], "text": "..."}.
     #[arg(long, env = "BLIPDEX_JSON")]
     pub json: bool,
-    /// Images per forward pass.
-    #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8)]
-    pub batch_size: usize,
-    /// Refuse images with more pixels than this (decompression-bomb guard).
-    #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
-    pub max_image_pixels: u64,
 }
 
 /// One image's result.
@@ -92,13 +78,8 @@ pub fn run(args: &CaptionArgs) -> anyhow::Result<()> {
 
 /// Everything `run` prints, without printing it.
 pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
-    if args.images.is_empty() && args.pixel_values.is_none() {
+    if args.input.is_empty() {
         bail!("nothing to caption: give --image or --pixel-values");
-    }
-    if args.batch_size == 0 {
-        bail!(Error::InvalidArgument(
-            "--batch-size must be at least 1".into()
-        ));
     }
     let files = args.model.resolve()?;
     let opts = args.model.load_options()?;
@@ -131,36 +112,17 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
     };
     let model = Blip2::load(&files, &opts)?;
 
-    let (pixel_values, names): (Tensor, Vec<serde_json::Value>) = match &args.pixel_values {
-        Some(path) => {
-            let px = read_pixel_values(path)?;
-            let n = px.dim(0)?;
-            (px, (0..n).map(serde_json::Value::from).collect())
-        }
-        None => {
-            let processor = ImageProcessor::new(ImageConfig::from_model_dir(&files.dir)?)
-                .with_max_pixels(args.max_image_pixels);
-            let (h, w) = (processor.config.height, processor.config.width);
-            let mut data = Vec::with_capacity(args.images.len() * 3 * h * w);
-            for path in &args.images {
-                data.extend(processor.pixel_values_from_file(path)?);
-            }
-            let px = Tensor::from_vec(data, (args.images.len(), 3, h, w), &Device::Cpu)?;
-            (
-                px,
-                args.images
-                    .iter()
-                    .map(|p| p.display().to_string().into())
-                    .collect(),
-            )
-        }
-    };
+    let (pixel_values, names) = args
+        .input
+        .load(&files.dir)?
+        .context("nothing to caption: give --image or --pixel-values")?;
+    let batch_size = args.input.batch_size();
 
     let eos = gen.eos_token_ids.clone();
     let n = pixel_values.dim(0)?;
     let mut out = Vec::with_capacity(n);
-    for start in (0..n).step_by(args.batch_size) {
-        let len = args.batch_size.min(n - start);
+    for start in (0..n).step_by(batch_size) {
+        let len = batch_size.min(n - start);
         let vision = model.get_image_features(&pixel_values.narrow(0, start, len)?)?;
         let q = model.get_qformer_features(&vision)?;
         let rows = head.generate(&q, &vec![prompt.clone(); len], &gen)?;
@@ -182,6 +144,7 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::path::PathBuf;
 
     #[derive(Parser, Debug)]
     struct Cli {

@@ -4,27 +4,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use blipdex_core::Error;
 use blipdex_model::caption::LanguageHead;
-use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::tokenizer::TextTokenizer;
 use blipdex_model::Blip2;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
-use crate::args::ModelArgs;
+use crate::args::{ImageInputArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct EmbedArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Image file to embed (repeatable). Any format the `image` crate reads.
-    #[arg(long = "image", env = "BLIPDEX_IMAGES", value_delimiter = ',')]
-    pub images: Vec<PathBuf>,
-    /// Read preprocessed `pixel_values` [N,3,H,W] from a safetensors file instead of decoding images.
-    #[arg(long, env = "BLIPDEX_PIXEL_VALUES", conflicts_with = "images")]
-    pub pixel_values: Option<PathBuf>,
+    #[command(flatten)]
+    pub input: ImageInputArgs,
     /// Text to embed (repeatable).
     #[arg(long = "text", env = "BLIPDEX_TEXTS")]
     pub texts: Vec<String>,
@@ -34,21 +28,13 @@ pub struct EmbedArgs {
     /// Where to write the tensors (safetensors, f32).
     #[arg(long, env = "BLIPDEX_OUTPUT")]
     pub output: PathBuf,
-    /// Images per forward pass.
-    #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8)]
-    pub batch_size: usize,
-    /// Refuse images with more pixels than this (decompression-bomb guard).
-    #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
-    pub max_image_pixels: u64,
 }
 
 pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
-    if args.images.is_empty() && args.pixel_values.is_none() && args.texts.is_empty() {
+    if args.input.is_empty() && args.texts.is_empty() {
         bail!("nothing to embed: give --image, --pixel-values or --text");
     }
-    if args.itm
-        && (args.texts.is_empty() || (args.images.is_empty() && args.pixel_values.is_none()))
-    {
+    if args.itm && (args.texts.is_empty() || args.input.is_empty()) {
         bail!("--itm needs both images (--image or --pixel-values) and --text");
     }
     let (files, model) = args.model.load()?;
@@ -65,28 +51,11 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     };
     let mut out: HashMap<String, Tensor> = HashMap::new();
 
-    let pixel_values = if let Some(path) = &args.pixel_values {
-        Some(read_pixel_values(path)?)
-    } else if !args.images.is_empty() {
-        let mut processor = ImageProcessor::new(ImageConfig::from_model_dir(&files.dir)?);
-        processor.max_pixels = args.max_image_pixels;
-        let (h, w) = (processor.config.height, processor.config.width);
-        let mut data = Vec::with_capacity(args.images.len() * 3 * h * w);
-        for path in &args.images {
-            data.extend(processor.pixel_values_from_file(path)?);
-        }
-        Some(Tensor::from_vec(
-            data,
-            (args.images.len(), 3, h, w),
-            &Device::Cpu,
-        )?)
-    } else {
-        None
-    };
+    let pixel_values = args.input.load(&files.dir)?.map(|(px, _)| px);
 
     let mut vision = None;
     if let Some(px) = &pixel_values {
-        let (v, q) = image_features(&model, px, args.batch_size.max(1))?;
+        let (v, q) = image_features(&model, px, args.input.batch_size())?;
         out.insert("pixel_values".into(), px.clone());
         if model.retrieval.is_some() {
             out.insert("image_embeds".into(), model.image_embeds(&q)?);
@@ -171,36 +140,4 @@ fn to_tensor(rows: &[Vec<u32>], dev: &Device) -> anyhow::Result<Tensor> {
     let l = rows.first().map_or(0, Vec::len);
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (rows.len(), l), dev)?)
-}
-
-/// `pixel_values` [N,3,H,W] (any float dtype) from a safetensors file, as f32.
-pub(crate) fn read_pixel_values(path: &Path) -> anyhow::Result<Tensor> {
-    let file = path.display().to_string();
-    if !path.is_file() {
-        bail!(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")
-        ));
-    }
-    let bad = |reason: String| Error::BadTensor {
-        file: file.clone(),
-        name: "pixel_values".into(),
-        reason,
-    };
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
-    let t = tensors.get("pixel_values").ok_or_else(|| {
-        bad(format!(
-            "missing; the file holds {:?}",
-            tensors.keys().collect::<Vec<_>>()
-        ))
-    })?;
-    match t.dims() {
-        [n, 3, h, w] if *n > 0 && *h > 0 && *w > 0 => {}
-        d => bail!(bad(format!("shape {d:?}, expected [N, 3, H, W]"))),
-    }
-    if !t.dtype().is_float() {
-        bail!(bad(format!("dtype {:?}, expected a float type", t.dtype())));
-    }
-    Ok(t.to_dtype(DType::F32)?)
 }

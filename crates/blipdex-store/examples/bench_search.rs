@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Flags (defaults): --images 100000 --queries 1000 --q 32 --e 256 --centres 1000
-//! --noise 1.0 --text-noise 1.0 --aspects 0 --vectors-per-image 1 --m 16
+//! --image-noise 1.0 --query-noise 0.5 --text-noise 1.0 --aspects 0 --vectors-per-image 1 --m 16
 //! --ef-construction 200 --ef 50,100,200,400 --k 10 --batch 10000 --dtype f32 --dir PATH
 //! (default: a temp dir, removed at the end) --seed 1 --truth-file PATH (caches the exact top-k)
 //! --phase search (reuse an index built by an earlier run with the same --dir)
@@ -71,7 +71,8 @@ fn main() {
         Dtype::F32
     };
     let mut synth = Synth::new(q, e, num("centres", "1000"), num("seed", "1") as u64);
-    synth.noise = flt("noise", "1.0");
+    synth.image_noise = flt("image-noise", "1.0");
+    synth.query_noise = flt("query-noise", "0.5");
     synth.text_noise = flt("text-noise", "1.0");
     synth.aspects = num("aspects", "0");
 
@@ -196,7 +197,7 @@ fn main() {
         "e": e,
         "dtype": dtype.to_string(),
         "threads": rayon::current_num_threads(),
-        "synthetic": {"centres": synth.n_centres(), "noise": synth.noise, "text_noise": synth.text_noise, "aspects": synth.aspects},
+        "synthetic": {"centres": synth.n_centres(), "image_noise": synth.image_noise, "query_noise": synth.query_noise, "text_noise": synth.text_noise, "aspects": synth.aspects},
         "hnsw": {"m": params.max_nb_connection, "ef_construction": params.ef_construction, "vectors_per_image": params.vectors_per_image},
         "ingest": ingest,
         "open_readonly_s": open_s,

@@ -5,16 +5,22 @@ use blipdex_store::{content_hash_bytes, ImageRecord};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Clustered unit embeddings: every image belongs to one of `centres`; each of its Q query
-/// vectors is normalize(centre + noise * g) with g ~ N(0, I/E) (so |g| ~ 1), except that
-/// `aspects` of them use a second, random centre (an image showing two things). A text query is
+/// Clustered unit embeddings. Every image belongs to one of `centres`: its own direction is
+/// img = normalize(centre + image_noise * g) with g ~ N(0, I/E) (so |g| ~ 1), and each of its Q
+/// query vectors is normalize(img + query_noise * g'), except that `aspects` of them start from
+/// a second, random centre (an image showing two things). A text query is
 /// normalize(centre + text_noise * g).
+///
+/// image_noise = 0, query_noise = 1 is the adversarial case for one-vector-per-image indexes:
+/// all within-cluster variation is per query vector, so an image's best vector for a text is
+/// unrelated to its mean.
 #[derive(Debug, Clone)]
 pub struct Synth {
     pub q: usize,
     pub e: usize,
     pub centres: Vec<f32>,
-    pub noise: f32,
+    pub image_noise: f32,
+    pub query_noise: f32,
     pub text_noise: f32,
     pub aspects: usize,
     pub seed: u64,
@@ -47,7 +53,8 @@ impl Synth {
             q,
             e,
             centres,
-            noise: 1.0,
+            image_noise: 1.0,
+            query_noise: 0.5,
             text_noise: 1.0,
             aspects: 0,
             seed,
@@ -58,14 +65,15 @@ impl Synth {
         self.centres.len() / self.e
     }
 
-    fn noisy(&self, c: usize, noise: f32, rng: &mut StdRng) -> Vec<f32> {
+    fn noisy(&self, base: &[f32], noise: f32, rng: &mut StdRng) -> Vec<f32> {
         let s = noise / (self.e as f32).sqrt();
-        let mut v: Vec<f32> = self.centres[c * self.e..(c + 1) * self.e]
-            .iter()
-            .map(|x| x + s * gauss(rng))
-            .collect();
+        let mut v: Vec<f32> = base.iter().map(|x| x + s * gauss(rng)).collect();
         normalize(&mut v);
         v
+    }
+
+    fn centre(&self, c: usize) -> &[f32] {
+        &self.centres[c * self.e..(c + 1) * self.e]
     }
 
     /// Q*E embeddings of image `i` (deterministic in (seed, i)).
@@ -75,10 +83,12 @@ impl Synth {
         );
         let main = rng.random_range(0..self.n_centres());
         let second = rng.random_range(0..self.n_centres());
+        let main = self.noisy(self.centre(main), self.image_noise, &mut rng);
+        let second = self.noisy(self.centre(second), self.image_noise, &mut rng);
         let mut out = Vec::with_capacity(self.q * self.e);
         for j in 0..self.q {
-            let c = if j < self.aspects { second } else { main };
-            out.extend(self.noisy(c, self.noise, &mut rng));
+            let base = if j < self.aspects { &second } else { &main };
+            out.extend(self.noisy(base, self.query_noise, &mut rng));
         }
         out
     }
@@ -87,7 +97,7 @@ impl Synth {
     pub fn text(&self, i: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(!self.seed ^ i.wrapping_mul(0x2545_f491_4f6c_dd1d));
         let c = rng.random_range(0..self.n_centres());
-        self.noisy(c, self.text_noise, &mut rng)
+        self.noisy(self.centre(c), self.text_noise, &mut rng)
     }
 
     pub fn record(&self, i: u64) -> ImageRecord {
