@@ -58,8 +58,8 @@ pub(crate) fn representatives(vectors: &[f32], q: usize, e: usize, m: usize) -> 
             .unwrap_or(0);
         centres.extend_from_slice(row(far));
         let c = centres.len() / e - 1;
-        for i in 0..q {
-            best_sim[i] = best_sim[i].max(dot(row(i), &centres[c * e..(c + 1) * e]));
+        for (i, s) in best_sim.iter_mut().enumerate() {
+            *s = s.max(dot(row(i), &centres[c * e..(c + 1) * e]));
         }
     }
     let mut assign = vec![0usize; q];

@@ -24,6 +24,9 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::fsutil;
+
+/// A shard reader and the file's key-value metadata.
+type ReaderWithMeta = (ParquetRecordBatchReaderBuilder<File>, Vec<(String, String)>);
 use crate::types::{Dtype, ImageRow};
 
 /// Key-value metadata in every file, so a Parquet file alone says what it holds.
@@ -345,7 +348,7 @@ impl Reader<'_> {
             .collect())
     }
 
-    fn open(&self) -> Result<(ParquetRecordBatchReaderBuilder<File>, Vec<(String, String)>)> {
+    fn open(&self) -> Result<ReaderWithMeta> {
         let f = File::open(self.path).map_err(|e| Error::io(self.path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| self.err(e))?;
         let kv = b
@@ -375,11 +378,12 @@ impl Reader<'_> {
     }
 }
 
-/// Reads a shard, appending its embeddings (as f32) to `embeds`.
+/// Reads a shard, writing its embeddings (as f32) into `embeds`, which must hold exactly
+/// rows * Q * E values.
 pub(crate) fn read_shard(
     path: &Path,
     layout: &Layout<'_>,
-    embeds: &mut Vec<f32>,
+    embeds: &mut [f32],
 ) -> Result<Vec<ImageRow>> {
     let r = Reader { path };
     let (builder, kv) = r.open()?;
@@ -419,10 +423,16 @@ pub(crate) fn read_shard(
         if vals.len() != n * qe || vals.null_count() > 0 {
             return Err(r.err("image_embeds values do not match the row count"));
         }
+        let start = rows.len() * qe;
+        let out = embeds
+            .get_mut(start..start + n * qe)
+            .ok_or_else(|| r.err("more rows than the manifest says"))?;
         if let Some(v) = vals.as_primitive_opt::<Float32Type>() {
-            embeds.extend_from_slice(v.values());
+            out.copy_from_slice(v.values());
         } else if let Some(v) = vals.as_primitive_opt::<Float16Type>() {
-            embeds.extend(v.values().iter().map(|x| x.to_f32()));
+            for (o, x) in out.iter_mut().zip(v.values().iter()) {
+                *o = x.to_f32();
+            }
         } else {
             return Err(r.err("image_embeds elements are neither float32 nor float16"));
         }

@@ -7,6 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use blipdex_core::{Error, Result};
 use fs2::FileExt;
+use rayon::prelude::*;
 
 use crate::ann::{Ann, AnnInfo};
 use crate::fsutil::{self, TMP_PREFIX};
@@ -380,7 +381,7 @@ impl Store {
     /// [`Store::search_exact`] for many queries (`ts` holds n*E values); much faster per query
     /// than one call each, since every image is read from memory once per 32 queries.
     pub fn search_exact_batch(&self, ts: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
-        if ts.len() % self.dim() != 0 {
+        if !ts.len().is_multiple_of(self.dim()) {
             return Err(Error::InvalidArgument(format!(
                 "{} values are not a whole number of {}-dim text embeddings",
                 ts.len(),
@@ -569,6 +570,7 @@ impl Store {
         next.rows = live_rows.len() as u64;
         next.hnsw = None;
         let mut state = State::new(q, e, live_rows.len());
+        state.embeds.reserve_exact(live_rows.len() * q * e);
         let mut written = Vec::new();
         let result = (|| {
             let layout = self.layout();
@@ -745,19 +747,40 @@ fn remove_orphans(dir: &Path, m: &Manifest) -> Result<()> {
 /// Replays the manifest's files into memory and brings the graph up to date.
 fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
     let layout = layout(m);
-    let mut state = State::new(m.num_query, m.dim, m.rows as usize);
-    // Replay order: by generation, a commit's shard before its patch.
-    let mut files: Vec<(u64, u8, &FileRef)> = m
+    let qe = m.num_query * m.dim;
+    if m.shards.iter().map(|f| f.rows).sum::<u64>() != m.rows {
+        return Err(Error::store(
+            dir,
+            "shard row counts do not add up to the manifest's",
+        ));
+    }
+    // Replay order: by generation, a commit's shard before its patch (stable sorts keep the
+    // manifest's order within a generation).
+    let mut shards: Vec<&FileRef> = m.shards.iter().collect();
+    shards.sort_by_key(|f| f.generation);
+    let mut events: Vec<(u64, u8, &FileRef)> = m
         .shards
         .iter()
         .map(|f| (f.generation, 0u8, f))
         .chain(m.patches.iter().map(|f| (f.generation, 1u8, f)))
         .collect();
-    files.sort_by_key(|(g, kind, _)| (*g, *kind));
-    for (_, kind, f) in files {
-        let path = dir.join(&f.file);
-        if kind == 0 {
-            let rows = shard::read_shard(&path, &layout, &mut state.embeds)?;
+    events.sort_by_key(|(g, kind, _)| (*g, *kind));
+
+    // Decode shards in parallel, each straight into its slice of the embedding matrix (Parquet
+    // list decoding is the slow part of start-up; no second copy of the matrix).
+    let mut embeds = vec![0f32; m.rows as usize * qe];
+    let mut slices = Vec::with_capacity(shards.len());
+    let mut rest = embeds.as_mut_slice();
+    for f in &shards {
+        let (a, b) = rest.split_at_mut(f.rows as usize * qe);
+        slices.push(a);
+        rest = b;
+    }
+    let metas: Vec<Result<Vec<ImageRow>>> = shards
+        .par_iter()
+        .zip(slices)
+        .map(|(f, out)| {
+            let rows = shard::read_shard(&dir.join(&f.file), &layout, out)?;
             if rows.len() as u64 != f.rows {
                 return Err(Error::store(
                     dir,
@@ -769,6 +792,18 @@ fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
                     ),
                 ));
             }
+            Ok(rows)
+        })
+        .collect();
+
+    let mut state = State::new(m.num_query, m.dim, m.rows as usize);
+    state.embeds = embeds;
+    let mut metas = metas.into_iter();
+    for (_, kind, f) in events {
+        if kind == 0 {
+            let rows = metas
+                .next()
+                .ok_or_else(|| Error::store(dir, "shard bookkeeping mismatch"))??;
             for r in rows {
                 if r.image_id >= m.next_image_id {
                     return Err(Error::store(
@@ -782,7 +817,7 @@ fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
                 state.push_row(r);
             }
         } else {
-            for p in shard::read_patch(&path, &layout)? {
+            for p in shard::read_patch(&dir.join(&f.file), &layout)? {
                 if !state.apply_patch(&p) {
                     return Err(Error::store(
                         dir,
@@ -808,6 +843,11 @@ fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
             match Ann::load(dir, &d.basename, &params, d.rows as usize) {
                 Ok(a) => a,
                 Err(e) => {
+                    // A commit may have replaced the dump after we read the manifest: then let
+                    // the caller reopen at the new generation instead of rebuilding.
+                    if Manifest::read(dir)?.map(|x| x.generation) != Some(m.generation) {
+                        return Err(e);
+                    }
                     tracing::warn!("{e}; rebuilding the HNSW graph from the shards");
                     Ann::new(&params, state.rows())
                 }
