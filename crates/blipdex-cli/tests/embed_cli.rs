@@ -69,36 +69,41 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Runs `blipdex embed` on the golden pixel values of fixture `name` with its golden texts plus
+/// `extra` flags; returns the written tensors and the golden ones.
+fn embed_golden(
+    name: &str,
+    extra: &[&str],
+) -> Result<(HashMap<String, Tensor>, HashMap<String, Tensor>)> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out.safetensors");
+    let golden_path = fixtures().join(format!("golden/{name}.safetensors"));
+    let model = fixtures().join(format!("models/{name}"));
+    let mut args = vec![
+        "embed".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--pixel-values".into(),
+        golden_path.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    for t in golden_texts(name)? {
+        args.push("--text".into());
+        args.push(t);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = blipdex(&args)?;
+    ensure!(o.status.success(), "{name}: {}", stderr(&o));
+    Ok((load(&out)?, load(&golden_path)?))
+}
+
 /// From transformers' own pixel values, every output tensor within 1e-4 of transformers.
 #[test]
 fn embed_pixel_values_matches_transformers() -> Result<()> {
     for name in ["itm-a", "itm-b"] {
-        let dir = tempfile::tempdir()?;
-        let out = dir.path().join("out.safetensors");
-        let golden_path = fixtures().join(format!("golden/{name}.safetensors"));
-        let model = fixtures().join(format!("models/{name}"));
-        let texts = golden_texts(name)?;
-        let mut args = vec![
-            "embed".to_string(),
-            "--model".into(),
-            model.display().to_string(),
-            "--pixel-values".into(),
-            golden_path.display().to_string(),
-            "--itm".into(),
-            "--batch-size".into(),
-            "2".into(),
-            "--output".into(),
-            out.display().to_string(),
-        ];
-        for t in &texts {
-            args.push("--text".into());
-            args.push(t.clone());
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = blipdex(&args)?;
-        ensure!(o.status.success(), "{name}: {}", stderr(&o));
-        let got = load(&out)?;
-        let want = load(&golden_path)?;
+        let (got, want) = embed_golden(name, &["--itm", "--batch-size", "2"])?;
         for k in [
             "pixel_values",
             "vision_last_hidden_state",
@@ -124,28 +129,7 @@ fn embed_pixel_values_matches_transformers() -> Result<()> {
 #[test]
 fn embed_captioning_checkpoint_matches_transformers() -> Result<()> {
     let name = "caption-a";
-    let dir = tempfile::tempdir()?;
-    let out = dir.path().join("out.safetensors");
-    let golden_path = fixtures().join(format!("golden/{name}.safetensors"));
-    let model = fixtures().join(format!("models/{name}"));
-    let mut args = vec![
-        "embed".to_string(),
-        "--model".into(),
-        model.display().to_string(),
-        "--pixel-values".into(),
-        golden_path.display().to_string(),
-        "--output".into(),
-        out.display().to_string(),
-    ];
-    for t in golden_texts(name)? {
-        args.push("--text".into());
-        args.push(t);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = blipdex(&args)?;
-    ensure!(o.status.success(), "{}", stderr(&o));
-    let got = load(&out)?;
-    let want = load(&golden_path)?;
+    let (got, want) = embed_golden(name, &[])?;
     for k in [
         "vision_last_hidden_state",
         "qformer_last_hidden_state",

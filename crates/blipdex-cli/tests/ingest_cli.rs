@@ -26,6 +26,22 @@ fn s(p: &Path) -> Result<&str> {
     p.to_str().context("utf-8 path")
 }
 
+/// `blipdex search --json` on `index` with `model`, plus `extra` flags.
+fn search(index: &Path, model: &Path, query: &str, extra: &[&str]) -> Result<Value> {
+    let mut args = vec![
+        "search",
+        "--index",
+        s(index)?,
+        "--model",
+        s(model)?,
+        "--query",
+        query,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run_json(&args)
+}
+
 /// A folder like a user's: nested dirs, a duplicate, a truncated JPEG, text named .jpg, an empty file.
 fn make_folder(root: &Path) -> Result<()> {
     let photos = fixtures().join("photos");
@@ -111,21 +127,12 @@ fn ingest_search_rerank_and_resync() -> Result<()> {
         .filter_map(Value::as_str)
         .collect();
     for (j, text) in texts.iter().enumerate().take(3) {
-        let out = run_json(&[
-            "search",
-            "--index",
-            s(&index)?,
-            "--model",
-            s(&model)?,
-            "--query",
+        let out = search(
+            &index,
+            &model,
             text,
-            "--top-k",
-            "5",
-            "--exact",
-            "--rerank",
-            "5",
-            "--json",
-        ])?;
+            &["--top-k", "5", "--exact", "--rerank", "5"],
+        )?;
         let hits = out["hits"].as_array().context("hits")?;
         ensure!(hits.len() == 5, "{out}");
         for h in hits {
@@ -169,27 +176,8 @@ fn ingest_search_rerank_and_resync() -> Result<()> {
             "not ordered by ITM: {ranked:?}"
         );
         // ANN finds the same top hit on this small index.
-        let ann = run_json(&[
-            "search",
-            "--index",
-            s(&index)?,
-            "--model",
-            s(&model)?,
-            "--query",
-            text,
-            "--json",
-        ])?;
-        let exact = run_json(&[
-            "search",
-            "--index",
-            s(&index)?,
-            "--model",
-            s(&model)?,
-            "--query",
-            text,
-            "--exact",
-            "--json",
-        ])?;
+        let ann = search(&index, &model, text, &[])?;
+        let exact = search(&index, &model, text, &["--exact"])?;
         ensure!(
             ann["hits"][0]["image_id"] == exact["hits"][0]["image_id"],
             "{ann} vs {exact}"
@@ -201,19 +189,7 @@ fn ingest_search_rerank_and_resync() -> Result<()> {
     std::fs::remove_file(folder.join("rocket.jpg"))?;
     let third = run_json(&ingest)?;
     ensure!(third["removed"] == 2 && third["indexed"] == 0, "{third}");
-    let all = run_json(&[
-        "search",
-        "--index",
-        s(&index)?,
-        "--model",
-        s(&model)?,
-        "--query",
-        "photo",
-        "--top-k",
-        "10",
-        "--exact",
-        "--json",
-    ])?;
+    let all = search(&index, &model, "photo", &["--top-k", "10", "--exact"])?;
     let paths: Vec<&str> = all["hits"]
         .as_array()
         .context("hits")?
@@ -305,19 +281,7 @@ fn kill_9_mid_ingest_then_resume() -> Result<()> {
     if killed_mid_run {
         ensure!(unchanged > 0, "committed work was redone: {resumed}");
     }
-    let all = run_json(&[
-        "search",
-        "--index",
-        s(&index)?,
-        "--model",
-        s(&model)?,
-        "--query",
-        "rocket",
-        "--top-k",
-        "1000",
-        "--exact",
-        "--json",
-    ])?;
+    let all = search(&index, &model, "rocket", &["--top-k", "1000", "--exact"])?;
     let hits = all["hits"].as_array().context("hits")?;
     let paths: std::collections::HashSet<&str> =
         hits.iter().filter_map(|h| h["path"].as_str()).collect();

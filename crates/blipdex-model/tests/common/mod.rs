@@ -45,26 +45,25 @@ pub fn ids(g: &HashMap<String, Tensor>, k: &str) -> Result<Tensor> {
     Ok(get(g, k)?.to_dtype(DType::U32)?)
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+/// |a - b| elementwise, flattened, after checking the shapes agree.
+fn abs_diff(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     ensure!(
         a.dims() == b.dims(),
         "shape {:?} != {:?}",
         a.dims(),
         b.dims()
     );
-    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
-    Ok(d.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?)
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(abs_diff(a, b)?.max(0)?.to_scalar::<f32>()?)
 }
 
 pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    ensure!(
-        a.dims() == b.dims(),
-        "shape {:?} != {:?}",
-        a.dims(),
-        b.dims()
-    );
-    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?;
-    Ok(d.flatten_all()?.mean(0)?.to_scalar::<f32>()?)
+    Ok(abs_diff(a, b)?.mean(0)?.to_scalar::<f32>()?)
 }
 
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> Result<f32> {
