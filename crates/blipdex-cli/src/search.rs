@@ -33,7 +33,7 @@ pub struct SearchArgs {
     #[arg(long, env = "BLIPDEX_EXACT")]
     pub exact: bool,
     /// HNSW search breadth (larger = better recall, slower).
-    #[arg(long, env = "BLIPDEX_EF", default_value_t = 128)]
+    #[arg(long, env = "BLIPDEX_EF", default_value_t = blipdex_store::DEFAULT_EF)]
     pub ef: usize,
     #[arg(long, env = "BLIPDEX_JSON")]
     pub json: bool,

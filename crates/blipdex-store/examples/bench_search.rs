@@ -5,8 +5,8 @@
 //! ```
 //!
 //! Flags (defaults): --images 100000 --queries 1000 --q 32 --e 256 --centres 1000
-//! --image-noise 1.0 --query-noise 0.5 --text-noise 1.0 --aspects 0 --vectors-per-image 1 --m 16
-//! --ef-construction 200 --ef 50,100,200,400 --k 10 --batch 10000 --dtype f32 --dir PATH
+//! --image-noise 1.0 --query-noise 0.5 --text-noise 1.0 --aspects 0 --vectors-per-image 4 --m 16
+//! --ef-construction 100 (HnswParams::default()) --ef 64,128,192,256 --k 10 --batch 10000 --dtype f32 --dir PATH
 //! (default: a temp dir, removed at the end) --seed 1 --truth-file PATH (caches the exact top-k)
 //! --phase search (reuse an index built by an earlier run with the same --dir)
 #![allow(clippy::unwrap_used)]
@@ -56,14 +56,15 @@ fn main() {
     let (q, e) = (num("q", "32"), num("e", "256"));
     let k = num("k", "10");
     let batch = num("batch", "10000");
-    let efs: Vec<usize> = get("ef", "50,100,200,400")
+    let efs: Vec<usize> = get("ef", "64,128,192,256")
         .split(',')
         .map(|x| x.parse().unwrap())
         .collect();
+    let d = HnswParams::default();
     let params = HnswParams {
-        max_nb_connection: num("m", "16"),
-        ef_construction: num("ef-construction", "200"),
-        vectors_per_image: num("vectors-per-image", "1"),
+        max_nb_connection: num("m", &d.max_nb_connection.to_string()),
+        ef_construction: num("ef-construction", &d.ef_construction.to_string()),
+        vectors_per_image: num("vectors-per-image", &d.vectors_per_image.to_string()),
     };
     let dtype = if get("dtype", "f32") == "f16" {
         Dtype::F16

@@ -132,11 +132,8 @@ fn validate_options(dir: &Path, o: &StoreOptions) -> Result<()> {
             h.max_nb_connection, h.ef_construction
         ));
     }
-    if h.vectors_per_image == 0 || h.vectors_per_image > o.num_query {
-        return bad(format!(
-            "HNSW vectors_per_image must be in 1..={}, got {}",
-            o.num_query, h.vectors_per_image
-        ));
+    if h.vectors_per_image == 0 {
+        return bad("HNSW vectors_per_image must be at least 1".into());
     }
     Ok(())
 }
@@ -199,12 +196,14 @@ impl Store {
                 m
             }
             None => {
+                let mut hnsw = options.hnsw;
+                hnsw.vectors_per_image = hnsw.vectors_per_image.min(options.num_query);
                 let m = Manifest::new(
                     &options.fingerprint,
                     options.num_query,
                     options.dim,
                     options.dtype,
-                    options.hnsw,
+                    hnsw,
                 );
                 m.write(&dir)?;
                 m

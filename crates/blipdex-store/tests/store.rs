@@ -715,17 +715,13 @@ fn compact_drops_dead_rows_and_keeps_ids() {
 fn ann_recall_matches_exact_on_seeded_set() {
     // Smaller than BLIP-2's 32x256 because this crate's own code runs unoptimized in debug
     // tests; examples/bench_search.rs measures the real shape at 100k images.
-    let (q, e) = (16, 64);
-    let s = Synth::new(q, e, 100, 11);
+    let (q, e) = (8, 32);
+    let s = Synth::new(q, e, 50, 11);
     let dir = tempfile::tempdir().unwrap();
-    let params = HnswParams {
-        ef_construction: 100,
-        ..HnswParams::default()
-    };
-    let mut store =
-        Store::create_or_open(dir.path(), StoreOptions::new(FP, q, e).with_hnsw(params)).unwrap();
+    let mut store = Store::create_or_open(dir.path(), StoreOptions::new(FP, q, e)).unwrap();
+    assert_eq!(store.hnsw_params(), HnswParams::default());
     let mut b = Batch::new();
-    for i in 0..3000 {
+    for i in 0..1500 {
         b.add(s.record(i));
     }
     store.commit(b).unwrap();
@@ -734,7 +730,7 @@ fn ann_recall_matches_exact_on_seeded_set() {
     let truth = store.search_exact_batch(&ts, 10).unwrap();
     let mut total = 0.0;
     for (i, t) in ts.chunks_exact(e).enumerate() {
-        let got = store.search_ann(t, 10, 100).unwrap();
+        let got = store.search_ann(t, 10, blipdex_store::DEFAULT_EF).unwrap();
         // Scores are exact for whatever is returned.
         for h in &got {
             let v = store.embeds(h.image_id).unwrap();
@@ -751,4 +747,11 @@ fn ann_recall_matches_exact_on_seeded_set() {
     assert!(r >= 0.99, "recall@10 {r}");
     // search_exact agrees with the batched scan.
     assert_eq!(store.search_exact(&ts[..e], 10).unwrap(), truth[0]);
+}
+
+#[test]
+fn store_is_shareable_across_threads() {
+    // A server shares one Store behind an Arc and searches from many threads.
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Store>();
 }
