@@ -21,7 +21,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// max over the `q` rows of `vectors` ([q][e]) of dot(row, t), with the arg-max.
+/// max over the `q` rows of `vectors` (`[q][e]`) of dot(row, t), with the arg-max.
 #[inline]
 pub(crate) fn max_sim(vectors: &[f32], t: &[f32]) -> (f32, u16) {
     let mut best = f32::NEG_INFINITY;

@@ -17,7 +17,7 @@ pub(crate) struct State {
     pub e: usize,
     /// Row -> image id.
     pub row_image: Vec<u64>,
-    /// Row-major [row][q][e] f32 (filled by the loader, extended by commits).
+    /// Row-major `[row][q][e]` f32 (filled by the loader, extended by commits).
     pub embeds: Vec<f32>,
     /// True when the row is its image's current row and the image is not deleted.
     pub row_live: Vec<bool>,

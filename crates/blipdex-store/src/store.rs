@@ -326,7 +326,7 @@ impl Store {
         self.state.meta(image_id)
     }
 
-    /// An image's Q*E embeddings ([Q][E], f32), deleted images included.
+    /// An image's Q*E embeddings (`[Q][E]`, f32), deleted images included.
     pub fn embeds(&self, image_id: u64) -> Option<&[f32]> {
         let e = self.state.images.get(&image_id)?;
         Some(self.state.row_embeds(e.row))

@@ -107,7 +107,7 @@ pub struct ImageRecord {
     pub file_size: u64,
     /// Modification time of `path`, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
-    /// Q*E unit vectors, row-major [Q][E] (the model's normalized `image_embeds`).
+    /// Q*E unit vectors, row-major `[Q][E]` (the model's normalized `image_embeds`).
     pub embeds: Vec<f32>,
     pub caption: Option<String>,
 }
