@@ -2,11 +2,8 @@
 //! token for token what transformers' `generate` gives.
 
 use anyhow::{bail, Context};
-use blipdex_core::Error;
-use blipdex_model::caption::{trim_after_eos, GenerationConfig, LanguageHead};
 use blipdex_model::opt::LinearStorage;
-use blipdex_model::tokenizer::TextTokenizer;
-use blipdex_model::Blip2;
+use blipdex_model::{CaptionRequest, Captioner};
 
 use clap::{Args, ValueEnum};
 
@@ -87,53 +84,31 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
         Some(Quantize::Q8) => LinearStorage::Q8,
         None => LinearStorage::Float,
     };
-    // The language side first: a retrieval checkpoint fails here with a clear message.
-    let head = LanguageHead::load(&files, &opts, storage)?;
-    let tokenizer = TextTokenizer::from_model_dir(&files.dir).with_context(|| {
-        format!(
-            "{}: captions need the checkpoint's OPT tokenizer",
-            files.name
-        )
-    })?;
-    let mut gen = GenerationConfig::from_model_dir(&files.dir, head.config())?;
-    if let Some(n) = args.max_new_tokens {
-        gen.max_new_tokens = Some(n);
-    }
-    if let Some(n) = args.min_new_tokens {
-        gen.min_new_tokens = Some(n);
-    }
-    if let Some(n) = args.num_beams {
-        gen.num_beams = n;
-    }
-    gen.validate().map_err(Error::InvalidArgument)?;
-    let prompt = match args.prompt.as_deref() {
-        Some(p) if !p.is_empty() => tokenizer.encode_no_special(p)?,
-        _ => Vec::new(),
+    let captioner = Captioner::load(&files, &opts, storage)?;
+    let req = CaptionRequest {
+        prompt: args.prompt.clone().unwrap_or_default(),
+        max_new_tokens: args.max_new_tokens,
+        min_new_tokens: args.min_new_tokens,
+        num_beams: args.num_beams,
     };
-    let model = Blip2::load(&files, &opts)?;
+    // Validate the decoding settings before any image is read.
+    captioner.generation_for(&req)?;
 
     let (pixel_values, names) = args
         .input
         .load(&files.dir)?
         .context("nothing to caption: give --image or --pixel-values")?;
     let batch_size = args.input.batch_size();
-
-    let eos = gen.eos_token_ids.clone();
     let n = pixel_values.dim(0)?;
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(batch_size) {
         let len = batch_size.min(n - start);
-        let vision = model.get_image_features(&pixel_values.narrow(0, start, len)?)?;
-        let q = model.get_qformer_features(&vision)?;
-        let rows = head.generate(&q, &vec![prompt.clone(); len], &gen)?;
-        for (i, row) in rows.iter().enumerate() {
-            // Rows that ended early are padded in a batch; report what the image generated alone.
-            let token_ids = trim_after_eos(row, &eos).to_vec();
-            let text = tokenizer.decode(&token_ids, true)?.trim().to_string();
+        let rows = captioner.generate(&pixel_values.narrow(0, start, len)?, &req)?;
+        for (i, g) in rows.into_iter().enumerate() {
             out.push(Caption {
                 image: names[start + i].clone(),
-                token_ids,
-                text,
+                token_ids: g.token_ids,
+                text: g.text,
             });
         }
     }
@@ -143,6 +118,7 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blipdex_model::caption::trim_after_eos;
     use clap::Parser;
     use std::path::PathBuf;
 

@@ -221,7 +221,7 @@ fn ingest_search_rerank_and_resync() -> Result<()> {
         .output()?;
     let err = String::from_utf8_lossy(&o.stderr);
     ensure!(
-        !o.status.success() && err.contains("built with model"),
+        !o.status.success() && err.contains("holds embeddings of model"),
         "{err}"
     );
     Ok(())
@@ -350,4 +350,59 @@ fn exif_rotated_photo_embeds_like_its_upright_twin() -> Result<()> {
     // Only JPEG re-encoding separates the twins (≤ 3 levels); the unrotated read is far off.
     ensure!(twin * 4.0 < control, "twin {twin} vs unrotated {control}");
     Ok(())
+}
+
+/// `--caption-model` stores a caption per image and `--vision-cache` one state file per image;
+/// `search --json` shows the captions and reranks from the cache.
+#[test]
+fn ingest_with_captions_and_vision_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let folder = tmp.path().join("photos");
+    let index = tmp.path().join("index");
+    make_folder(&folder)?;
+    let model = fixtures().join("models/itm-a");
+    let caption_model = fixtures().join("models/caption-a");
+    let out = run_json(&[
+        "ingest",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&model)?,
+        "--caption-model",
+        s(&caption_model)?,
+        "--vision-cache",
+        "f16",
+        s(&folder)?,
+        "--json",
+    ])?;
+    ensure!(out["indexed"] == 5 && out["captioned"] == 5, "{out}");
+    let entries = walk_files(&index.join("vision-cache"))?;
+    ensure!(entries == 5, "{entries} vision cache files");
+    let hits = search(
+        &index,
+        &model,
+        "a rocket",
+        &["--top-k", "5", "--rerank", "5"],
+    )?;
+    for h in hits["hits"].as_array().context("hits")? {
+        ensure!(
+            h["caption"].as_str().is_some_and(|c| !c.is_empty()) || h["caption"] == "",
+            "{h}"
+        );
+        ensure!(h["itm_score"].is_f64(), "{h}");
+    }
+    Ok(())
+}
+
+fn walk_files(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            n += walk_files(&e.path())?;
+        } else if e.path().extension().is_some_and(|x| x == "safetensors") {
+            n += 1;
+        }
+    }
+    Ok(n)
 }

@@ -77,6 +77,14 @@ pub enum Error {
         requested: String,
     },
 
+    /// A thing the request names (an image id, ...) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// Too much work is queued; retry later (the server's bounded queue is full).
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
     /// The embedded store is unusable: corrupt or unreadable files, a locked directory, an
     /// unknown image id, a failed commit.
     #[error("index {dir}: {reason}")]

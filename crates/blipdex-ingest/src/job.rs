@@ -40,8 +40,12 @@ pub struct IngestJob {
     /// Store embeddings as f16 on disk (half the size; scores change by ~1e-3).
     #[serde(default)]
     pub f16_embeddings: bool,
-    /// Captioning checkpoint: also store a caption per image.
+    /// Captioning checkpoint: also store a caption per image (and add missing ones to images
+    /// indexed earlier).
     pub caption_model: Option<String>,
+    /// Keep each new image's vision encoder states in `<index>/vision-cache` ("f16" or "f32")
+    /// so ITM reranking reads them instead of re-running the vision tower.
+    pub vision_cache: Option<String>,
 }
 
 mod defaults {
@@ -102,6 +106,9 @@ impl IngestJob {
         }
         if self.model.is_none() {
             return Err(Error::InvalidArgument("no model: give --model".into()));
+        }
+        if let Some(v) = &self.vision_cache {
+            v.parse::<blipdex_model::vision_cache::CacheDtype>()?;
         }
         if self.batch_size == 0 || self.commit_every == 0 {
             return Err(Error::InvalidArgument(

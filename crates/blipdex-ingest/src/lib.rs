@@ -6,4 +6,4 @@ pub mod pipeline;
 pub mod walk;
 
 pub use job::IngestJob;
-pub use pipeline::{ingest, IngestSummary};
+pub use pipeline::{ingest, ingest_with, IngestModels, IngestSummary};

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use blipdex_core::{Error, Result};
 use blipdex_model::image::{ImageConfig, ImageProcessor};
-use blipdex_model::{Blip2, ModelFiles};
+use blipdex_model::vision_cache::{self, CacheDtype};
+use blipdex_model::{Blip2, CaptionRequest, Captioner, ModelFiles};
 use blipdex_store::{Batch, Dtype, ImageRecord, Store, StoreOptions};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -35,8 +36,10 @@ pub struct IngestSummary {
     pub commits: usize,
     pub seconds: f64,
     pub images_per_s: f64,
-    /// Time spent in the model alone (vision + Q-Former + projection).
+    /// Time spent in the model alone (vision + Q-Former + projection, and captions).
     pub model_seconds: f64,
+    /// Captions generated (new images and earlier ones that had none).
+    pub captioned: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -45,29 +48,70 @@ pub struct Reject {
     pub reason: String,
 }
 
+/// The models an ingest runs.
+#[derive(Clone, Copy)]
+pub struct IngestModels<'a> {
+    /// The retrieval checkpoint whose ITC embeddings are stored.
+    pub retrieval: &'a Blip2,
+    pub files: &'a ModelFiles,
+    /// Stores a caption per image when given.
+    pub captioner: Option<&'a Captioner>,
+}
+
+/// One decoded image, preprocessed for each model.
+struct Pixels {
+    retrieval: Vec<f32>,
+    /// For the captioner when its preprocessing differs from the retrieval model's.
+    caption: Option<Vec<f32>>,
+    width: u32,
+    height: u32,
+}
+
 /// Output of a decode worker.
 struct Decoded {
     entry: FileEntry,
     hash: String,
-    result: Result<(Vec<f32>, u32, u32)>,
+    result: Result<Pixels>,
 }
 
 struct Queued {
     entry: FileEntry,
     hash: String,
-    pixels: Vec<f32>,
-    width: u32,
-    height: u32,
+    pixels: Pixels,
     extra_paths: Vec<String>,
+}
+
+/// An image indexed earlier that still needs a caption.
+struct CaptionOnly {
+    image_id: u64,
+    pixels: Pixels,
 }
 
 fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// Runs one ingest job with an already loaded retrieval model.
+/// Runs one ingest job with an already loaded retrieval model (no captions).
 pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<IngestSummary> {
+    ingest_with(
+        job,
+        IngestModels {
+            retrieval: model,
+            files,
+            captioner: None,
+        },
+    )
+}
+
+/// Runs one ingest job with already loaded models.
+pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSummary> {
+    let (model, files) = (models.retrieval, models.files);
     job.validate()?;
+    let cache = job
+        .vision_cache
+        .as_deref()
+        .map(str::parse::<CacheDtype>)
+        .transpose()?;
     let start = Instant::now();
     let index = job
         .index
@@ -117,7 +161,12 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
     for e in entries {
         let p = path_string(&e.path);
         match store.by_path(&p) {
-            Some(row) if !row.deleted && row.file_size == e.size && row.mtime_ns == e.mtime_ns => {
+            Some(row)
+                if !row.deleted
+                    && row.file_size == e.size
+                    && row.mtime_ns == e.mtime_ns
+                    && (models.captioner.is_none() || row.caption.is_some()) =>
+            {
                 summary.unchanged += 1;
                 keep.insert(p);
             }
@@ -129,6 +178,18 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
         .with_max_pixels(job.max_image_pixels)
         .with_exif_orientation(true);
     let (h, w) = (processor.config.height, processor.config.width);
+    // The captioner decodes the same image; preprocess twice only if its settings differ.
+    let caption_processor = models
+        .captioner
+        .filter(|c| c.processor.config != processor.config)
+        .map(|c| c.processor.clone());
+    let embedder = Embedder {
+        model,
+        h,
+        w,
+        captioner: models.captioner,
+        cache: cache.map(|d| (vision_cache::cache_dir(&index), d)),
+    };
     let threads = match job.decode_threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
@@ -141,9 +202,10 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
             crossbeam_channel::bounded::<Decoded>(job.batch_size * 2 + threads);
         for _ in 0..threads {
             let (work_rx, done_tx, processor) = (work_rx.clone(), done_tx.clone(), &processor);
+            let caption_processor = caption_processor.as_ref();
             scope.spawn(move || {
                 for entry in work_rx {
-                    let decoded = decode(processor, entry);
+                    let decoded = decode(processor, caption_processor, entry);
                     if done_tx.send(decoded).is_err() {
                         break;
                     }
@@ -164,7 +226,7 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
         for d in done_rx {
             progress.tick();
             let p = path_string(&d.entry.path);
-            let (pixels, width, height) = match d.result {
+            let pixels = match d.result {
                 Ok(v) => v,
                 Err(e) => {
                     rejects.push(Reject {
@@ -174,9 +236,22 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
                     continue;
                 }
             };
+            let (width, height) = (pixels.width, pixels.height);
+            if store.by_path(&p).is_some_and(|r| r.content_hash != d.hash) {
+                state.replaced = true;
+            }
             keep.insert(p.clone());
             if let Some(row) = store.by_content_hash(&d.hash).filter(|r| !r.deleted) {
                 let id = row.image_id;
+                if models.captioner.is_some()
+                    && row.caption.is_none()
+                    && !state.caption_only.iter().any(|c| c.image_id == id)
+                {
+                    state.caption_only.push(CaptionOnly {
+                        image_id: id,
+                        pixels,
+                    });
+                }
                 if row.paths.contains(&p) && row.path != p {
                     // A known duplicate copy: the row's size/mtime are the primary path's, so
                     // copies are re-hashed each run; identical bytes mean nothing to write.
@@ -208,13 +283,14 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
                     entry: d.entry,
                     hash: d.hash,
                     pixels,
-                    width,
-                    height,
                     extra_paths: Vec::new(),
                 });
             }
             if state.queue.len() >= job.batch_size {
-                summary.model_seconds += state.embed_queue(model, h, w)?;
+                summary.model_seconds += state.embed_queue(&embedder, &mut summary)?;
+            }
+            if state.caption_only.len() >= job.batch_size {
+                summary.model_seconds += state.caption_existing(&embedder, &mut summary)?;
             }
             if state.adds >= job.commit_every {
                 summary.indexed += state.adds;
@@ -224,7 +300,8 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
                 state.batched_hash.clear();
             }
         }
-        summary.model_seconds += state.embed_queue(model, h, w)?;
+        summary.model_seconds += state.embed_queue(&embedder, &mut summary)?;
+        summary.model_seconds += state.caption_existing(&embedder, &mut summary)?;
         summary.indexed += state.adds;
 
         // Files gone from the roots (or now unreadable) stop being searchable.
@@ -239,6 +316,11 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
         if !state.batch.is_empty() {
             store.commit(std::mem::take(&mut state.batch))?;
             summary.commits += 1;
+        }
+        if summary.removed > 0 || state.replaced {
+            if let Some((dir, _)) = &embedder.cache {
+                collect_cache_garbage(dir, &store);
+            }
         }
         Ok(())
     });
@@ -256,6 +338,55 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
     Ok(summary)
 }
 
+/// The model side of the pipeline.
+struct Embedder<'a> {
+    model: &'a Blip2,
+    h: usize,
+    w: usize,
+    captioner: Option<&'a Captioner>,
+    /// Where and how to keep vision states for reranking.
+    cache: Option<(PathBuf, CacheDtype)>,
+}
+
+fn tensor_err(e: candle_core::Error) -> Error {
+    Error::Tensor(e.to_string())
+}
+
+impl Embedder<'_> {
+    /// Plain captions for preprocessed images; `retrieval_px` is reused when the captioner
+    /// preprocesses like the retrieval model.
+    fn captions(&self, pixels: &[&Pixels], retrieval_px: Option<&Tensor>) -> Result<Vec<String>> {
+        let Some(c) = self.captioner else {
+            return Ok(Vec::new());
+        };
+        let px = match (
+            pixels.first().and_then(|p| p.caption.as_ref()),
+            retrieval_px,
+        ) {
+            (None, Some(t)) => t.clone(),
+            (None, None) => stack(pixels.iter().map(|p| &p.retrieval), self.h, self.w)?,
+            (Some(_), _) => {
+                let (h, w) = (c.processor.config.height, c.processor.config.width);
+                stack(pixels.iter().filter_map(|p| p.caption.as_ref()), h, w)?
+            }
+        };
+        Ok(c.generate(&px, &CaptionRequest::default())?
+            .into_iter()
+            .map(|g| g.text)
+            .collect())
+    }
+}
+
+fn stack<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, h: usize, w: usize) -> Result<Tensor> {
+    let mut data = Vec::new();
+    let mut n = 0;
+    for r in rows {
+        data.extend_from_slice(r);
+        n += 1;
+    }
+    Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu).map_err(tensor_err)
+}
+
 /// What the current (uncommitted) round holds.
 #[derive(Default)]
 struct Round {
@@ -263,41 +394,96 @@ struct Round {
     queued_hash: HashMap<String, usize>,
     /// Embeddings added to `batch` but not yet committed, for duplicates arriving meanwhile.
     batched_hash: HashMap<String, Vec<f32>>,
+    caption_only: Vec<CaptionOnly>,
     batch: Batch,
     adds: usize,
+    /// Some image lost a path this run (its cache entry may be garbage now).
+    replaced: bool,
 }
 
 impl Round {
     /// Embeds the queued images in one forward pass and moves them into the batch.
-    fn embed_queue(&mut self, model: &Blip2, h: usize, w: usize) -> Result<f64> {
+    fn embed_queue(&mut self, m: &Embedder<'_>, summary: &mut IngestSummary) -> Result<f64> {
         if self.queue.is_empty() {
             return Ok(0.0);
         }
         let t0 = Instant::now();
         let n = self.queue.len();
-        let mut data = Vec::with_capacity(n * 3 * h * w);
-        for q in &self.queue {
-            data.extend_from_slice(&q.pixels);
-        }
-        let tensor_err = |e: candle_core::Error| Error::Tensor(e.to_string());
-        let px = Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu).map_err(tensor_err)?;
-        let vision = model.get_image_features(&px)?;
-        let embeds = model.image_embeds(&model.get_qformer_features(&vision)?)?;
+        let px = stack(self.queue.iter().map(|q| &q.pixels.retrieval), m.h, m.w)?;
+        let vision = m.model.get_image_features(&px)?;
+        let embeds = m
+            .model
+            .image_embeds(&m.model.get_qformer_features(&vision)?)?;
         let flat: Vec<f32> = embeds
             .flatten_all()
             .and_then(|t| t.to_dtype(candle_core::DType::F32))
             .and_then(|t| t.to_vec1())
             .map_err(tensor_err)?;
+        if let Some((dir, dtype)) = &m.cache {
+            for (i, q) in self.queue.iter().enumerate() {
+                let states = vision.get(i).map_err(tensor_err)?;
+                vision_cache::write(dir, &q.hash, &states, *dtype)?;
+            }
+        }
+        let pixels: Vec<&Pixels> = self.queue.iter().map(|q| &q.pixels).collect();
+        let mut captions = m.captions(&pixels, Some(&px))?.into_iter();
+        summary.captioned += captions.len();
         let per = flat.len() / n;
         for (q, e) in self.queue.drain(..).zip(flat.chunks_exact(per)) {
-            let mut rec = record(&q.entry, &q.hash, q.width, q.height, e.to_vec());
+            let mut rec = record(
+                &q.entry,
+                &q.hash,
+                q.pixels.width,
+                q.pixels.height,
+                e.to_vec(),
+            );
             rec.paths.extend(q.extra_paths);
+            rec.caption = captions.next();
             self.batched_hash.insert(q.hash, e.to_vec());
             self.batch.add(rec);
             self.adds += 1;
         }
         self.queued_hash.clear();
         Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// Captions images indexed earlier without one.
+    fn caption_existing(&mut self, m: &Embedder<'_>, summary: &mut IngestSummary) -> Result<f64> {
+        if self.caption_only.is_empty() {
+            return Ok(0.0);
+        }
+        let t0 = Instant::now();
+        let pixels: Vec<&Pixels> = self.caption_only.iter().map(|c| &c.pixels).collect();
+        let captions = m.captions(&pixels, None)?;
+        summary.captioned += captions.len();
+        for (c, text) in self.caption_only.drain(..).zip(captions) {
+            self.batch.set_caption(c.image_id, Some(text));
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
+/// Removes vision-cache entries of images no longer live. Best effort: a leftover entry only
+/// costs disk space (entries are content-addressed, never wrong).
+fn collect_cache_garbage(dir: &Path, store: &Store) {
+    let live: HashSet<&str> = store.iter().map(|r| r.content_hash.as_str()).collect();
+    let Ok(subdirs) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for sub in subdirs.flatten() {
+        let Ok(entries) = std::fs::read_dir(sub.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(hash) = name.strip_suffix(".safetensors") {
+                if !live.contains(hash) {
+                    if let Err(err) = vision_cache::remove(dir, hash) {
+                        tracing::warn!("cannot remove stale vision cache entry: {err}");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -317,7 +503,11 @@ fn record(entry: &FileEntry, hash: &str, width: u32, height: u32, embeds: Vec<f3
 }
 
 /// Read once, hash those bytes, decode the same bytes: what is embedded is what was hashed.
-fn decode(processor: &ImageProcessor, entry: FileEntry) -> Decoded {
+fn decode(
+    processor: &ImageProcessor,
+    caption_processor: Option<&ImageProcessor>,
+    entry: FileEntry,
+) -> Decoded {
     let bytes = match std::fs::read(&entry.path) {
         Ok(b) => b,
         Err(e) => {
@@ -332,8 +522,13 @@ fn decode(processor: &ImageProcessor, entry: FileEntry) -> Decoded {
     let hash = blake3::hash(&bytes).to_hex().to_string();
     let what = path_string(&entry.path);
     let result = processor.load_bytes(&bytes, &what).and_then(|img| {
-        let (w, h) = img.dimensions();
-        Ok((processor.preprocess(&img)?, w, h))
+        let (width, height) = img.dimensions();
+        Ok(Pixels {
+            retrieval: processor.preprocess(&img)?,
+            caption: caption_processor.map(|c| c.preprocess(&img)).transpose()?,
+            width,
+            height,
+        })
     });
     Decoded {
         entry,

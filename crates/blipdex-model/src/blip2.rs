@@ -202,21 +202,39 @@ impl Blip2 {
         input_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
+        let n = vision_states.dim(0).map_err(terr)?;
+        let m = input_ids.dim(0).map_err(terr)?;
+        let pairs: Vec<(u32, u32)> = (0..n * m)
+            .map(|p| ((p / m) as u32, (p % m) as u32))
+            .collect();
+        self.itm_logits_pairs(vision_states, input_ids, attention_mask, &pairs)?
+            .reshape((n, m, 2))
+            .map_err(terr)
+    }
+
+    /// ITM logits [P, 2] for the given (image row, text row) pairs only, e.g. the pairs of many
+    /// concurrent rerank requests batched together.
+    pub fn itm_logits_pairs(
+        &self,
+        vision_states: &Tensor,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        pairs: &[(u32, u32)],
+    ) -> Result<Tensor> {
         let heads = self.heads()?;
         let run = || -> candle_core::Result<Tensor> {
-            let n = vision_states.dim(0)?;
-            let m = input_ids.dim(0)?;
             let nq = self.query_tokens.dim(1)?;
             let hq = self.query_tokens.dim(2)?;
+            if pairs.is_empty() {
+                return Tensor::zeros((0, 2), DType::F32, &self.device);
+            }
             let text = heads.embeddings.forward(input_ids)?; // [M, L, H]
             let vision = vision_states.to_dtype(DType::F32)?;
-            let total = n * m;
-            let mut out = Vec::with_capacity(total.div_ceil(ITM_CHUNK));
-            for start in (0..total).step_by(ITM_CHUNK) {
-                let len = ITM_CHUNK.min(total - start);
-                let pairs: Vec<u32> = (start..start + len).map(|p| p as u32).collect();
-                let img_idx = Tensor::from_iter(pairs.iter().map(|p| p / m as u32), &self.device)?;
-                let txt_idx = Tensor::from_iter(pairs.iter().map(|p| p % m as u32), &self.device)?;
+            let mut out = Vec::with_capacity(pairs.len().div_ceil(ITM_CHUNK));
+            for chunk in pairs.chunks(ITM_CHUNK) {
+                let len = chunk.len();
+                let img_idx = Tensor::from_iter(chunk.iter().map(|p| p.0), &self.device)?;
+                let txt_idx = Tensor::from_iter(chunk.iter().map(|p| p.1), &self.device)?;
                 let v = vision.index_select(&img_idx, 0)?;
                 let t = text.index_select(&txt_idx, 0)?;
                 let tm = attention_mask.index_select(&txt_idx, 0)?;
@@ -228,7 +246,7 @@ impl Blip2 {
                 let logits = heads.itm_head.forward(&h.narrow(1, 0, nq)?)?.mean(1)?;
                 out.push(logits);
             }
-            Tensor::cat(&out, 0)?.reshape((n, m, 2))
+            Tensor::cat(&out, 0)
         };
         run().map_err(terr)
     }

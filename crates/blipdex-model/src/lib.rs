@@ -2,6 +2,7 @@
 
 pub mod blip2;
 pub mod caption;
+pub mod captioner;
 pub mod config;
 pub mod image;
 pub mod loading;
@@ -9,7 +10,9 @@ pub mod opt;
 pub mod qformer;
 pub mod tokenizer;
 pub mod vision;
+pub mod vision_cache;
 
 pub use blip2::{Blip2, LoadOptions};
+pub use captioner::{CaptionRequest, Captioner, Generated};
 pub use config::Blip2Config;
 pub use loading::ModelFiles;

@@ -1,0 +1,975 @@
+//! The retrieval engine behind `blipdex search` and `blipdex serve`: a loaded retrieval
+//! checkpoint (and optionally a captioning one) over an index directory.
+//!
+//! Every method is blocking and takes `&self`; the server calls them from its model thread(s),
+//! never from the async runtime. The index is a snapshot ([`Engine::store`]) swapped atomically
+//! by [`Engine::refresh`] when a later ingest commits, so a query never sees a half-written state.
+
+mod images;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use blipdex_core::{Error, Result};
+use blipdex_model::image::{ImageConfig, ImageProcessor};
+use blipdex_model::opt::LinearStorage;
+use blipdex_model::tokenizer::TextTokenizer;
+use blipdex_model::vision_cache;
+use blipdex_model::{Blip2, CaptionRequest, Captioner, Generated, LoadOptions, ModelFiles};
+use blipdex_store::{Batch, Store, StoreOptions};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+pub use images::image_similarity;
+
+/// Most results one query may ask for (`offset + top_k`); larger requests are refused.
+pub const MAX_RESULTS: usize = 10_000;
+/// Longest query text, in bytes (the tokenizer truncates to the model's positions anyway).
+pub const MAX_QUERY_BYTES: usize = 4096;
+/// Most image ids one rerank or caption request may name.
+pub const MAX_RERANK: usize = 1000;
+/// Captions kept in memory (per image and request).
+const CAPTION_CACHE_ENTRIES: usize = 10_000;
+
+/// What [`Engine::load`] needs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub index: PathBuf,
+    /// The retrieval checkpoint (`Blip2ForImageTextRetrieval`) that built the index.
+    pub model: ModelFiles,
+    pub load: LoadOptions,
+    /// A captioning checkpoint (`Blip2ForConditionalGeneration`), for on-demand captions.
+    pub caption_model: Option<ModelFiles>,
+    pub caption_storage: LinearStorage,
+    /// Decompression-bomb guard for images sent in requests and read for reranking.
+    pub max_image_pixels: u64,
+    /// Budget of the in-memory LRU of vision states used by ITM reranking.
+    pub vision_lru_bytes: usize,
+}
+
+impl EngineOptions {
+    pub fn new(index: impl Into<PathBuf>, model: ModelFiles) -> Self {
+        Self {
+            index: index.into(),
+            model,
+            load: LoadOptions::default(),
+            caption_model: None,
+            caption_storage: LinearStorage::Float,
+            max_image_pixels: blipdex_model::image::DEFAULT_MAX_PIXELS,
+            vision_lru_bytes: 512 << 20,
+        }
+    }
+}
+
+/// Search settings shared by text and image queries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchParams {
+    pub top_k: usize,
+    /// Skip this many of the best results (pagination).
+    pub offset: usize,
+    /// Brute force over every image instead of the HNSW graph.
+    pub exact: bool,
+    /// HNSW search breadth.
+    pub ef: usize,
+    /// Only images with a path starting with this.
+    pub path_prefix: Option<String>,
+    /// Only results scoring at least this.
+    pub min_score: Option<f32>,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        Self {
+            top_k: 10,
+            offset: 0,
+            exact: false,
+            ef: blipdex_store::DEFAULT_EF,
+            path_prefix: None,
+            min_score: None,
+        }
+    }
+}
+
+impl SearchParams {
+    pub fn validate(&self) -> Result<()> {
+        if self.top_k == 0 {
+            return Err(Error::InvalidArgument("top_k must be at least 1".into()));
+        }
+        if self.offset.saturating_add(self.top_k) > MAX_RESULTS {
+            return Err(Error::InvalidArgument(format!(
+                "offset + top_k must be at most {MAX_RESULTS}, got {} + {}",
+                self.offset, self.top_k
+            )));
+        }
+        if self.ef == 0 || self.ef > 100_000 {
+            return Err(Error::InvalidArgument(format!(
+                "ef must be between 1 and 100000, got {}",
+                self.ef
+            )));
+        }
+        if self.min_score.is_some_and(|s| !s.is_finite()) {
+            return Err(Error::InvalidArgument("min_score must be finite".into()));
+        }
+        Ok(())
+    }
+
+    fn filtered(&self) -> bool {
+        self.path_prefix.is_some() || self.min_score.is_some()
+    }
+
+    fn keeps(&self, store: &Store, id: u64, score: f32) -> bool {
+        if self.min_score.is_some_and(|m| score < m) {
+            return false;
+        }
+        match &self.path_prefix {
+            None => true,
+            Some(prefix) => store
+                .get(id)
+                .is_some_and(|r| r.paths.iter().any(|p| p.starts_with(prefix.as_str()))),
+        }
+    }
+}
+
+/// One result.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    pub image_id: u64,
+    pub path: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_paths: Vec<String>,
+    pub content_hash: String,
+    pub width: u32,
+    pub height: u32,
+    /// ITC max-sim score for text queries; the image similarity for image queries.
+    pub itc_score: f32,
+    /// ITM match probability, on reranked hits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub itm_score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    /// Why this hit has no `itm_score` / caption although one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What to caption.
+#[derive(Debug, Clone)]
+pub enum CaptionSource {
+    ImageId(u64),
+    Bytes(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptionOutcome {
+    pub generated: Generated,
+    /// Served from the store or the cache without running the model.
+    pub cached: bool,
+}
+
+/// Index and model facts for `GetStats` / logs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    pub images: usize,
+    /// Rows held but not live (deleted or superseded; what compaction reclaims).
+    pub dead_rows: usize,
+    pub generation: u64,
+    pub model: String,
+    pub model_fingerprint: String,
+    pub caption_model: Option<String>,
+    pub captions_stored: usize,
+    pub captions_pending: usize,
+    pub index_bytes: u64,
+    pub hnsw_points: usize,
+    pub vision_cache_entries: usize,
+}
+
+struct VisionLru {
+    cache: lru::LruCache<String, Tensor>,
+}
+
+pub struct Engine {
+    index: PathBuf,
+    files: ModelFiles,
+    fingerprint: String,
+    model: Blip2,
+    tokenizer: TextTokenizer,
+    max_text_len: usize,
+    processor: ImageProcessor,
+    store: RwLock<Arc<Store>>,
+    vision_lru: Mutex<VisionLru>,
+    vision_shape: (usize, usize),
+    captioner: Option<Captioner>,
+    /// (content hash, request) → generated; default-request captions also go to `pending`.
+    caption_cache: Mutex<lru::LruCache<(String, CaptionRequest), Generated>>,
+    /// Default captions not yet written to the store.
+    pending: Mutex<HashMap<String, String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn terr(e: candle_core::Error) -> Error {
+    Error::Tensor(e.to_string())
+}
+
+impl Engine {
+    /// Opens the index, checks that `opts.model` built it, loads the model(s).
+    pub fn load(opts: &EngineOptions) -> Result<Self> {
+        let store = Store::open_readonly(&opts.index)?;
+        let fingerprint = opts.model.fingerprint()?;
+        if fingerprint != store.model_fingerprint() {
+            return Err(Error::ModelMismatch {
+                dir: opts.index.clone(),
+                stored: store.model_fingerprint().to_string(),
+                requested: format!("{} ({fingerprint})", opts.model.name),
+            });
+        }
+        let model = Blip2::load(&opts.model, &opts.load)?;
+        let heads = model.retrieval.as_ref().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{} has no ITC/ITM heads; search needs a Blip2ForImageTextRetrieval checkpoint",
+                opts.model.name
+            ))
+        })?;
+        let max_text_len = heads.embeddings.max_positions();
+        let tokenizer = TextTokenizer::from_model_dir(&opts.model.dir)?;
+        let processor = ImageProcessor::new(ImageConfig::from_model_dir(&opts.model.dir)?)
+            .with_max_pixels(opts.max_image_pixels)
+            .with_exif_orientation(true);
+        let (h, w) = (processor.config.height, processor.config.width);
+        let vc = &model.config.vision_config;
+        let (ph, pw) = vc.patch_size.hw();
+        let vision_shape = ((h / ph.max(1)) * (w / pw.max(1)) + 1, vc.hidden_size);
+        let per_entry = (vision_shape.0 * vision_shape.1 * 4).max(1);
+        let cap = std::num::NonZeroUsize::new((opts.vision_lru_bytes / per_entry).max(1))
+            .unwrap_or(std::num::NonZeroUsize::MIN);
+        let captioner = opts
+            .caption_model
+            .as_ref()
+            .map(|f| {
+                Captioner::load(f, &opts.load, opts.caption_storage)
+                    .map(|c| c.with_max_pixels(opts.max_image_pixels))
+            })
+            .transpose()?;
+        Ok(Self {
+            index: opts.index.clone(),
+            files: opts.model.clone(),
+            fingerprint,
+            model,
+            tokenizer,
+            max_text_len,
+            processor,
+            store: RwLock::new(Arc::new(store)),
+            vision_lru: Mutex::new(VisionLru {
+                cache: lru::LruCache::new(cap),
+            }),
+            vision_shape,
+            captioner,
+            caption_cache: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(CAPTION_CACHE_ENTRIES)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn model(&self) -> &Blip2 {
+        &self.model
+    }
+
+    pub fn model_files(&self) -> &ModelFiles {
+        &self.files
+    }
+
+    pub fn has_captioner(&self) -> bool {
+        self.captioner.is_some()
+    }
+
+    pub fn index_dir(&self) -> &Path {
+        &self.index
+    }
+
+    /// The current snapshot of the index.
+    pub fn store(&self) -> Arc<Store> {
+        self.store
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Picks up what a later ingest committed: reopens the index when its manifest generation
+    /// moved on. Queries running meanwhile keep the snapshot they started with. Returns whether
+    /// a new snapshot was installed.
+    pub fn refresh(&self) -> Result<bool> {
+        let current = self.store().generation();
+        if Store::read_generation(&self.index)? == current {
+            return Ok(false);
+        }
+        let fresh = Store::open_readonly(&self.index)?;
+        if fresh.model_fingerprint() != self.fingerprint {
+            return Err(Error::ModelMismatch {
+                dir: self.index.clone(),
+                stored: fresh.model_fingerprint().to_string(),
+                requested: self.fingerprint.clone(),
+            });
+        }
+        let mut guard = self.store.write().unwrap_or_else(PoisonError::into_inner);
+        if fresh.generation() > guard.generation() {
+            tracing::info!(
+                generation = fresh.generation(),
+                images = fresh.len(),
+                "index reloaded"
+            );
+            *guard = Arc::new(fresh);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn check_query(q: &str) -> Result<()> {
+        if q.trim().is_empty() {
+            return Err(Error::InvalidArgument("the query text is empty".into()));
+        }
+        if q.len() > MAX_QUERY_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "the query text is {} bytes; at most {MAX_QUERY_BYTES} are accepted",
+                q.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn tokenize(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
+        let enc = self
+            .tokenizer
+            .encode_batch(texts, Some(self.max_text_len))?;
+        let n = enc.input_ids.len();
+        let len = enc.input_ids.first().map_or(0, Vec::len);
+        let dev = self.model.device();
+        let ids = Tensor::from_vec(enc.input_ids.concat(), (n, len), dev).map_err(terr)?;
+        let mask = Tensor::from_vec(enc.attention_mask.concat(), (n, len), dev).map_err(terr)?;
+        Ok((ids, mask))
+    }
+
+    /// ITC text embeddings (unit vectors of length E), one per text, in one batch.
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        for t in texts {
+            Self::check_query(t)?;
+        }
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, mask) = self.tokenize(texts)?;
+        let e = self.model.text_embeds(&ids, &mask)?;
+        e.to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.to_vec2())
+            .map_err(terr)
+    }
+
+    /// Decodes and preprocesses request bytes with the retrieval checkpoint's processor.
+    fn pixels(&self, bytes: &[&[u8]]) -> Result<Tensor> {
+        let (h, w) = (self.processor.config.height, self.processor.config.width);
+        let mut data = Vec::with_capacity(bytes.len() * 3 * h * w);
+        for (i, b) in bytes.iter().enumerate() {
+            let img = self
+                .processor
+                .load_bytes(b, &format!("#{i} in the request"))?;
+            data.extend(self.processor.preprocess(&img)?);
+        }
+        Tensor::from_vec(data, (bytes.len(), 3, h, w), &Device::Cpu).map_err(terr)
+    }
+
+    /// ITC image embeddings (Q×E values, `[Q][E]`) of encoded images, in one batch.
+    pub fn embed_images(&self, images: &[&[u8]]) -> Result<Vec<Vec<f32>>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let px = self.pixels(images)?;
+        let vision = self.model.get_image_features(&px)?;
+        let e = self
+            .model
+            .image_embeds(&self.model.get_qformer_features(&vision)?)?;
+        let n = images.len();
+        let flat: Vec<f32> = e
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(terr)?;
+        let per = flat.len() / n;
+        Ok(flat.chunks_exact(per).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Text → images by ITC (max over each image's Q vectors of the cosine; exact scores also
+    /// for HNSW results).
+    pub fn search_text(&self, store: &Store, t: &[f32], p: &SearchParams) -> Result<Vec<Hit>> {
+        p.validate()?;
+        let need = p.offset + p.top_k;
+        let scored = if p.exact {
+            let all = store.search_exact(t, if p.filtered() { store.len() } else { need })?;
+            all.into_iter()
+                .filter(|h| p.keeps(store, h.image_id, h.score))
+                .take(need)
+                .map(|h| (h.image_id, h.score))
+                .collect()
+        } else {
+            let fetch = if p.filtered() {
+                (need * 4).max(100).min(store.len().max(1))
+            } else {
+                need
+            };
+            let raw = store.search_ann(t, fetch, p.ef.max(fetch))?;
+            let maybe_more = raw.len() == fetch && raw.len() < store.len();
+            let last = raw.last().map(|h| h.score);
+            let kept: Vec<(u64, f32)> = raw
+                .into_iter()
+                .filter(|h| p.keeps(store, h.image_id, h.score))
+                .map(|h| (h.image_id, h.score))
+                .collect();
+            let short = kept.len() < need
+                && maybe_more
+                && (p.path_prefix.is_some() || p.min_score.is_none_or(|m| last >= Some(m)));
+            if short {
+                // The filter threw away too much of the graph's candidates: scan everything.
+                let exact = SearchParams {
+                    exact: true,
+                    ..p.clone()
+                };
+                return self.search_text(store, t, &exact);
+            }
+            kept.into_iter().take(need).collect::<Vec<_>>()
+        };
+        Ok(self.hits(store, scored.into_iter().skip(p.offset)))
+    }
+
+    /// Image → images: for each of the query's Q vectors, its best cosine over the candidate's
+    /// Q vectors, averaged over the query's vectors (1.0 for identical embeddings). Candidates
+    /// come from the HNSW graph, searched with every query vector, and are rescored exactly.
+    pub fn search_image(
+        &self,
+        store: &Store,
+        embeds: &[f32],
+        p: &SearchParams,
+    ) -> Result<Vec<Hit>> {
+        p.validate()?;
+        let (q, e) = (store.num_query(), store.dim());
+        if embeds.len() != q * e {
+            return Err(Error::InvalidArgument(format!(
+                "an image query must be {q}x{e} values, got {}",
+                embeds.len()
+            )));
+        }
+        let need = p.offset + p.top_k;
+        let candidates: Vec<u64> = if p.exact || p.filtered() {
+            store.iter().map(|r| r.image_id).collect()
+        } else {
+            let mut set = HashSet::new();
+            for v in embeds.chunks_exact(e) {
+                for h in store.search_ann(v, need, p.ef.max(need))? {
+                    set.insert(h.image_id);
+                }
+            }
+            set.into_iter().collect()
+        };
+        let mut scored: Vec<(u64, f32)> = candidates
+            .into_iter()
+            .filter_map(|id| {
+                let c = store.embeds(id)?;
+                let s = image_similarity(embeds, c, e);
+                p.keeps(store, id, s).then_some((id, s))
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored.truncate(need);
+        Ok(self.hits(store, scored.into_iter().skip(p.offset)))
+    }
+
+    fn hits(&self, store: &Store, scored: impl Iterator<Item = (u64, f32)>) -> Vec<Hit> {
+        scored
+            .filter_map(|(id, score)| {
+                let row = store.get(id)?;
+                Some(Hit {
+                    image_id: id,
+                    path: row.path.clone(),
+                    other_paths: row
+                        .paths
+                        .iter()
+                        .filter(|p| **p != row.path)
+                        .cloned()
+                        .collect(),
+                    content_hash: row.content_hash.clone(),
+                    width: row.width,
+                    height: row.height,
+                    itc_score: score,
+                    itm_score: None,
+                    caption: row
+                        .caption
+                        .clone()
+                        .or_else(|| lock(&self.pending).get(&row.content_hash).cloned()),
+                    error: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Hits for explicit image ids (scores zero), e.g. for `Rerank`. Unknown or deleted ids
+    /// are NOT_FOUND.
+    pub fn hits_for_ids(&self, store: &Store, ids: &[u64]) -> Result<Vec<Hit>> {
+        if ids.len() > MAX_RERANK {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_RERANK} image ids per request, got {}",
+                ids.len()
+            )));
+        }
+        for id in ids {
+            if store.get(*id).is_none_or(|r| r.deleted) {
+                return Err(Error::NotFound(format!(
+                    "image id {id} is not in the index"
+                )));
+            }
+        }
+        Ok(self.hits(store, ids.iter().map(|id| (*id, 0.0))))
+    }
+
+    /// The vision states [1+P, Dv] of indexed images: in-memory LRU, then the on-disk cache
+    /// written at ingest, then recomputed from the file (its content hash verified). Per-image
+    /// errors (file gone or changed) do not fail the others.
+    pub fn vision_states(&self, store: &Store, ids: &[u64]) -> Vec<Result<Tensor>> {
+        let mut out: Vec<Option<Result<Tensor>>> = (0..ids.len()).map(|_| None).collect();
+        let mut todo: Vec<(usize, String, Vec<u8>)> = Vec::new();
+        let disk = vision_cache::cache_dir(&self.index);
+        for (i, id) in ids.iter().enumerate() {
+            let Some(row) = store.get(*id).filter(|r| !r.deleted) else {
+                out[i] = Some(Err(Error::NotFound(format!(
+                    "image id {id} is not in the index"
+                ))));
+                continue;
+            };
+            let hash = row.content_hash.clone();
+            if let Some(t) = lock(&self.vision_lru).cache.get(&hash) {
+                out[i] = Some(Ok(t.clone()));
+                continue;
+            }
+            match vision_cache::read(&disk, &hash, self.vision_shape) {
+                Ok(Some(t)) => {
+                    let t = t.to_dtype(self.model.vision_model.dtype()).map_err(terr);
+                    if let Ok(t) = &t {
+                        lock(&self.vision_lru).cache.put(hash, t.clone());
+                    }
+                    out[i] = Some(t);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("vision cache entry unusable, recomputing: {e}"),
+            }
+            match images::read_verified(&row.paths, &row.content_hash) {
+                Ok(bytes) => todo.push((i, hash, bytes)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        // Recompute the misses in one batch; a file that no longer decodes fails alone.
+        let mut decoded = Vec::new();
+        for (i, hash, bytes) in todo {
+            match self.pixels(&[&bytes]) {
+                Ok(px) => decoded.push((i, hash, px)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        if !decoded.is_empty() {
+            let run = || -> Result<Tensor> {
+                let px = Tensor::cat(&decoded.iter().map(|d| &d.2).collect::<Vec<_>>(), 0)
+                    .map_err(terr)?;
+                self.model.get_image_features(&px)
+            };
+            match run() {
+                Ok(states) => {
+                    for (row, (i, hash, _)) in decoded.into_iter().enumerate() {
+                        let t = states.get(row).map_err(terr);
+                        if let Ok(t) = &t {
+                            lock(&self.vision_lru).cache.put(hash, t.clone());
+                        }
+                        out[i] = Some(t);
+                    }
+                }
+                Err(e) => {
+                    for (i, _, _) in decoded {
+                        out[i] = Some(Err(Error::Tensor(e.to_string())));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::Tensor("vision state not computed".into()))))
+            .collect()
+    }
+
+    /// ITM match probabilities for many (query, image ids) requests in one Q-Former batch.
+    /// Outer error: a bad query; inner: that image's problem (missing file, ...).
+    pub fn itm_many(
+        &self,
+        store: &Store,
+        requests: &[(&str, &[u64])],
+    ) -> Result<Vec<Vec<Result<f32>>>> {
+        for (q, ids) in requests {
+            Self::check_query(q)?;
+            if ids.len() > MAX_RERANK {
+                return Err(Error::InvalidArgument(format!(
+                    "at most {MAX_RERANK} images per rerank, got {}",
+                    ids.len()
+                )));
+            }
+        }
+        let mut unique: Vec<u64> = Vec::new();
+        let mut slot: HashMap<u64, usize> = HashMap::new();
+        for (_, ids) in requests {
+            for id in *ids {
+                slot.entry(*id).or_insert_with(|| {
+                    unique.push(*id);
+                    unique.len() - 1
+                });
+            }
+        }
+        let states = self.vision_states(store, &unique);
+        // Rows of the stacked vision tensor for the images that have states.
+        let mut row_of: HashMap<u64, u32> = HashMap::new();
+        let mut ok = Vec::new();
+        for (id, s) in unique.iter().zip(&states) {
+            if let Ok(t) = s {
+                row_of.insert(*id, ok.len() as u32);
+                ok.push(t.clone());
+            }
+        }
+        let mut pairs = Vec::new();
+        for (ti, (_, ids)) in requests.iter().enumerate() {
+            for id in *ids {
+                if let Some(r) = row_of.get(id) {
+                    pairs.push((*r, ti as u32));
+                }
+            }
+        }
+        let probs: Vec<f32> = if pairs.is_empty() {
+            Vec::new()
+        } else {
+            let vision = Tensor::stack(&ok, 0).map_err(terr)?;
+            let texts: Vec<&str> = requests.iter().map(|r| r.0).collect();
+            let (ids_t, mask) = self.tokenize(&texts)?;
+            let logits = self
+                .model
+                .itm_logits_pairs(&vision, &ids_t, &mask, &pairs)?;
+            Blip2::itm_probability(&logits)?.to_vec1().map_err(terr)?
+        };
+        let mut next = probs.into_iter();
+        let mut out = Vec::with_capacity(requests.len());
+        for (_, ids) in requests {
+            let mut row = Vec::with_capacity(ids.len());
+            for id in *ids {
+                if row_of.contains_key(id) {
+                    row.push(
+                        next.next()
+                            .ok_or_else(|| Error::Tensor("ITM pair lost".into())),
+                    );
+                } else {
+                    let e = match &states[slot[id]] {
+                        Err(e) => clone_error(e),
+                        Ok(_) => Error::Tensor("vision state lost".into()),
+                    };
+                    row.push(Err(e));
+                }
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    /// Scores the first `n` hits by ITM probability and puts them first, ordered by it; the
+    /// rest keep their order. A hit whose image cannot be read gets `error` and sorts last
+    /// among the reranked.
+    pub fn rerank(&self, store: &Store, query: &str, hits: &mut [Hit], n: usize) -> Result<()> {
+        let n = n.min(hits.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let ids: Vec<u64> = hits[..n].iter().map(|h| h.image_id).collect();
+        let scores = self
+            .itm_many(store, &[(query, &ids)])?
+            .pop()
+            .unwrap_or_default();
+        for (h, s) in hits.iter_mut().zip(scores) {
+            match s {
+                Ok(p) => h.itm_score = Some(p),
+                Err(e) => h.error = Some(e.to_string()),
+            }
+        }
+        hits[..n].sort_by(|a, b| {
+            b.itm_score
+                .unwrap_or(f32::NEG_INFINITY)
+                .total_cmp(&a.itm_score.unwrap_or(f32::NEG_INFINITY))
+        });
+        Ok(())
+    }
+
+    fn captioner(&self) -> Result<&Captioner> {
+        self.captioner.as_ref().ok_or_else(|| {
+            Error::Unsupported(
+                "no caption model is loaded; start the server with --caption-model \
+                 (e.g. Salesforce/blip2-opt-2.7b)"
+                    .into(),
+            )
+        })
+    }
+
+    /// Captions many sources at once (one model batch per distinct request). The plain caption
+    /// (default request) of an indexed image is served from the store when it has one, and new
+    /// ones are queued for [`Engine::flush_captions`]; every result is cached in memory.
+    pub fn caption_many(
+        &self,
+        store: &Store,
+        items: &[(CaptionSource, CaptionRequest)],
+    ) -> Vec<Result<CaptionOutcome>> {
+        let captioner = match self.captioner() {
+            Ok(c) => c,
+            Err(e) => return items.iter().map(|_| Err(clone_error(&e))).collect(),
+        };
+        let mut out: Vec<Option<Result<CaptionOutcome>>> = (0..items.len()).map(|_| None).collect();
+        // (request) → [(item index, content hash, bytes)]
+        let mut groups: HashMap<&CaptionRequest, Vec<Pending>> = HashMap::new();
+        for (i, (src, req)) in items.iter().enumerate() {
+            if let Err(e) = captioner.generation_for(req) {
+                out[i] = Some(Err(e));
+                continue;
+            }
+            let (hash, bytes, stored) = match src {
+                CaptionSource::ImageId(id) => {
+                    let Some(row) = store.get(*id).filter(|r| !r.deleted) else {
+                        out[i] = Some(Err(Error::NotFound(format!(
+                            "image id {id} is not in the index"
+                        ))));
+                        continue;
+                    };
+                    (row.content_hash.clone(), None, row.caption.clone())
+                }
+                CaptionSource::Bytes(b) => (blake3::hash(b).to_hex().to_string(), Some(b), None),
+            };
+            let plain = *req == CaptionRequest::default();
+            if plain {
+                // The store keeps the text only: token ids are empty for these.
+                if let Some(text) = stored {
+                    out[i] = Some(Ok(CaptionOutcome {
+                        generated: Generated {
+                            token_ids: Vec::new(),
+                            text,
+                        },
+                        cached: true,
+                    }));
+                    continue;
+                }
+            }
+            if let Some(g) = lock(&self.caption_cache).get(&(hash.clone(), req.clone())) {
+                out[i] = Some(Ok(CaptionOutcome {
+                    generated: g.clone(),
+                    cached: true,
+                }));
+                continue;
+            }
+            let bytes = match bytes {
+                Some(b) => b.clone(),
+                None => {
+                    let row = match src {
+                        CaptionSource::ImageId(id) => store.get(*id),
+                        CaptionSource::Bytes(_) => None,
+                    };
+                    match row.map(|r| images::read_verified(&r.paths, &r.content_hash)) {
+                        Some(Ok(b)) => b,
+                        Some(Err(e)) => {
+                            out[i] = Some(Err(e));
+                            continue;
+                        }
+                        None => {
+                            out[i] = Some(Err(Error::NotFound("image vanished".into())));
+                            continue;
+                        }
+                    }
+                }
+            };
+            groups.entry(req).or_default().push((i, hash, bytes));
+        }
+        for (req, members) in groups {
+            let mut imgs = Vec::new();
+            let mut idx = Vec::new();
+            for (i, hash, bytes) in members {
+                match captioner
+                    .processor
+                    .load_bytes(&bytes, &format!("image {}", &hash[..12.min(hash.len())]))
+                {
+                    Ok(img) => {
+                        imgs.push(img);
+                        idx.push((i, hash));
+                    }
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            if imgs.is_empty() {
+                continue;
+            }
+            let result = captioner
+                .pixel_values(&imgs)
+                .and_then(|px| captioner.generate(&px, req));
+            match result {
+                Ok(gens) => {
+                    for ((i, hash), g) in idx.into_iter().zip(gens) {
+                        lock(&self.caption_cache).put((hash.clone(), req.clone()), g.clone());
+                        if *req == CaptionRequest::default()
+                            && matches!(items[i].0, CaptionSource::ImageId(_))
+                        {
+                            lock(&self.pending).insert(hash, g.text.clone());
+                        }
+                        out[i] = Some(Ok(CaptionOutcome {
+                            generated: g,
+                            cached: false,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    for (i, _) in idx {
+                        out[i] = Some(Err(clone_error(&e)));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(Error::Tensor("caption not computed".into()))))
+            .collect()
+    }
+
+    /// Fills `caption` of hits that have none (plain captions, generated in one batch).
+    pub fn fill_captions(&self, store: &Store, hits: &mut [Hit]) -> Result<()> {
+        self.captioner()?;
+        let need: Vec<usize> = (0..hits.len())
+            .filter(|i| hits[*i].caption.is_none())
+            .collect();
+        let items: Vec<(CaptionSource, CaptionRequest)> = need
+            .iter()
+            .map(|i| {
+                (
+                    CaptionSource::ImageId(hits[*i].image_id),
+                    CaptionRequest::default(),
+                )
+            })
+            .collect();
+        for (i, r) in need.into_iter().zip(self.caption_many(store, &items)) {
+            match r {
+                Ok(c) => hits[i].caption = Some(c.generated.text),
+                Err(e) => {
+                    hits[i].error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes queued plain captions into the index so they survive a restart. Needs the index's
+    /// writer lock: while an ingest holds it, nothing is written and the captions stay queued
+    /// (returns 0). Returns how many were written.
+    pub fn flush_captions(&self) -> Result<usize> {
+        let pending: Vec<(String, String)> = lock(&self.pending)
+            .iter()
+            .map(|(h, c)| (h.clone(), c.clone()))
+            .collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let snapshot = self.store();
+        let options = StoreOptions::new(
+            snapshot.model_fingerprint(),
+            snapshot.num_query(),
+            snapshot.dim(),
+        )
+        .with_dtype(snapshot.dtype())
+        .with_hnsw(snapshot.hnsw_params());
+        let mut writer = match Store::create_or_open(&self.index, options) {
+            Ok(w) => w,
+            Err(Error::Store { reason, .. }) if reason.contains("another process") => {
+                tracing::info!(
+                    "index is being written; {} captions stay queued",
+                    pending.len()
+                );
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut batch = Batch::new();
+        let mut written = Vec::new();
+        for (hash, caption) in &pending {
+            if let Some(row) = writer.by_content_hash(hash) {
+                if row.caption.is_none() {
+                    batch.set_caption(row.image_id, Some(caption.clone()));
+                }
+            }
+            written.push(hash.clone());
+        }
+        let n = batch.len();
+        if !batch.is_empty() {
+            writer.commit(batch)?;
+        }
+        drop(writer);
+        {
+            let mut p = lock(&self.pending);
+            for h in written {
+                p.remove(&h);
+            }
+        }
+        self.refresh()?;
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let store = self.store();
+        Stats {
+            images: store.len(),
+            dead_rows: store.total_rows().saturating_sub(store.len()),
+            generation: store.generation(),
+            model: self.files.name.clone(),
+            model_fingerprint: self.fingerprint.clone(),
+            caption_model: self.captioner.as_ref().map(|c| c.files.name.clone()),
+            captions_stored: store.iter().filter(|r| r.caption.is_some()).count(),
+            captions_pending: lock(&self.pending).len(),
+            index_bytes: dir_bytes(&self.index),
+            hnsw_points: store.ann_info().points,
+            vision_cache_entries: lock(&self.vision_lru).cache.len(),
+        }
+    }
+}
+
+/// An image waiting for a caption: (item index, content hash, encoded bytes).
+type Pending = (usize, String, Vec<u8>);
+
+/// Errors are not `Clone` (they may hold an `io::Error`); fan one out to many results.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::Unsupported(m) => Error::Unsupported(m.clone()),
+        Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::Overloaded(m) => Error::Overloaded(m.clone()),
+        Error::BadImage { what, reason } => Error::BadImage {
+            what: what.clone(),
+            reason: reason.clone(),
+        },
+        other => Error::Tensor(other.to_string()),
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    fn walk(p: &Path, total: &mut u64, depth: usize) {
+        let Ok(rd) = std::fs::read_dir(p) else { return };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() && depth < 3 => walk(&e.path(), total, depth + 1),
+                Ok(m) if m.is_file() => *total += m.len(),
+                _ => {}
+            }
+        }
+    }
+    let mut total = 0;
+    walk(dir, &mut total, 0);
+    total
+}

@@ -1,0 +1,440 @@
+//! The retrieval engine on a real folder indexed with the tiny fixture checkpoints: search
+//! filters and pages, image search, ITM from the vision cache vs recomputed, captions stored at
+//! ingest and written back on demand, hot refresh.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use blipdex_ingest::{ingest_with, IngestJob, IngestModels, IngestSummary};
+use blipdex_model::image::{ImageConfig, ImageProcessor};
+use blipdex_model::opt::LinearStorage;
+use blipdex_model::vision_cache;
+use blipdex_model::{Blip2, CaptionRequest, Captioner, LoadOptions, ModelFiles};
+use blipdex_search::{CaptionSource, Engine, EngineOptions, SearchParams};
+use blipdex_store::Store;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn files(name: &str) -> Result<ModelFiles> {
+    Ok(ModelFiles::from_dir(&fixtures().join("models").join(name))?)
+}
+
+fn copy_photos(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir.join("sub"))?;
+    for e in std::fs::read_dir(fixtures().join("photos"))? {
+        let e = e?;
+        let name = e.file_name();
+        let dest = if name.to_string_lossy().ends_with(".png") {
+            dir.join("sub").join(&name)
+        } else {
+            dir.join(&name)
+        };
+        std::fs::copy(e.path(), dest)?;
+    }
+    Ok(())
+}
+
+fn run_ingest(
+    root: &Path,
+    index: &Path,
+    captioner: Option<&Captioner>,
+    vision_cache: Option<&str>,
+) -> Result<IngestSummary> {
+    let f = files("itm-a")?;
+    let model = Blip2::load(&f, &LoadOptions::default())?;
+    let job = IngestJob {
+        roots: vec![root.to_path_buf()],
+        index: Some(index.to_path_buf()),
+        model: Some(f.dir.to_string_lossy().into_owned()),
+        batch_size: 2,
+        vision_cache: vision_cache.map(str::to_string),
+        ..Default::default()
+    };
+    Ok(ingest_with(
+        &job,
+        IngestModels {
+            retrieval: &model,
+            files: &f,
+            captioner,
+        },
+    )?)
+}
+
+fn engine(index: &Path, caption: bool) -> Result<Engine> {
+    let mut opts = EngineOptions::new(index, files("itm-a")?);
+    if caption {
+        opts.caption_model = Some(files("caption-a")?);
+    }
+    Ok(Engine::load(&opts)?)
+}
+
+fn captioner() -> Result<Captioner> {
+    Ok(Captioner::load(
+        &files("caption-a")?,
+        &LoadOptions::default(),
+        LinearStorage::Float,
+    )?)
+}
+
+/// What `blipdex caption` gives for one file (the captioner is tested token-exact against
+/// transformers in the model crate).
+fn caption_of(c: &Captioner, path: &Path) -> Result<String> {
+    let img = c.processor.load_file(path)?;
+    let px = c.pixel_values(&[img])?;
+    let g = c.generate(&px, &CaptionRequest::default())?;
+    Ok(g.first().context("one caption")?.text.clone())
+}
+
+#[test]
+fn captions_and_vision_cache_at_ingest_serve_rerank() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (root, index) = (tmp.path().join("photos"), tmp.path().join("index"));
+    copy_photos(&root)?;
+    let cap = captioner()?;
+    let s = run_ingest(&root, &index, Some(&cap), Some("f32"))?;
+    ensure!(s.indexed == 5 && s.captioned == 5, "{s:?}");
+
+    // Every image has the caption the captioner gives its file, and a cache entry of the
+    // vision tower's shape.
+    let store = Store::open_readonly(&index)?;
+    let cache = vision_cache::cache_dir(&index);
+    let eng = engine(&index, false)?;
+    let retrieval = eng.model();
+    let processor = ImageProcessor::new(ImageConfig::from_model_dir(&files("itm-a")?.dir)?)
+        .with_exif_orientation(true);
+    for row in store.iter() {
+        let want = caption_of(&cap, Path::new(&row.path))?;
+        ensure!(
+            row.caption.as_deref() == Some(want.as_str()),
+            "{}: {:?} vs {want}",
+            row.path,
+            row.caption
+        );
+        let px = candle_core::Tensor::from_vec(
+            processor.pixel_values_from_file(Path::new(&row.path))?,
+            (1, 3, processor.config.height, processor.config.width),
+            &candle_core::Device::Cpu,
+        )?;
+        let fresh = retrieval.get_image_features(&px)?.squeeze(0)?;
+        let cached = vision_cache::read(&cache, &row.content_hash, (fresh.dim(0)?, fresh.dim(1)?))?
+            .context("cache entry written at ingest")?;
+        let d = (fresh - cached)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        ensure!(d == 0.0, "f32 cache differs from the vision tower by {d}");
+    }
+
+    // ITM from the cache == ITM recomputed from the files (cache removed), pair for pair,
+    // and batched requests == one at a time.
+    let ids: Vec<u64> = store.iter().map(|r| r.image_id).collect();
+    let snap = eng.store();
+    let queries = ["a rocket on a launch pad", "a cat"];
+    let reqs: Vec<(&str, &[u64])> = queries.iter().map(|q| (*q, ids.as_slice())).collect();
+    let from_cache = eng.itm_many(&snap, &reqs)?;
+    std::fs::remove_dir_all(&cache)?;
+    let eng2 = engine(&index, false)?;
+    for (qi, q) in queries.iter().enumerate() {
+        let alone = eng2.itm_many(&eng2.store(), &[(*q, ids.as_slice())])?;
+        for (a, b) in from_cache[qi].iter().zip(&alone[0]) {
+            let (a, b) = (
+                a.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+                b.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            ensure!((a - b).abs() <= 1e-5, "{q}: cached {a} vs recomputed {b}");
+        }
+    }
+
+    // Re-running is a no-op: nothing re-embedded or re-captioned.
+    let again = run_ingest(&root, &index, Some(&cap), Some("f32"))?;
+    ensure!(
+        again.indexed == 0 && again.captioned == 0 && again.unchanged == 5,
+        "{again:?}"
+    );
+
+    // A deleted photo's cache entry goes with it.
+    let gone = store
+        .iter()
+        .find(|r| r.path.ends_with("rocket.jpg"))
+        .context("rocket")?;
+    let hash = gone.content_hash.clone();
+    std::fs::remove_file(&gone.path)?;
+    let s = run_ingest(&root, &index, Some(&cap), Some("f32"))?;
+    ensure!(s.removed == 1, "{s:?}");
+    ensure!(vision_cache::entry_path(&cache, &hash).is_some_and(|p| !p.exists()));
+    Ok(())
+}
+
+#[test]
+fn f16_vision_cache_is_close_to_recompute() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (root, index) = (tmp.path().join("photos"), tmp.path().join("index"));
+    copy_photos(&root)?;
+    run_ingest(&root, &index, None, Some("f16"))?;
+    let eng = engine(&index, false)?;
+    let snap = eng.store();
+    let ids: Vec<u64> = snap.iter().map(|r| r.image_id).collect();
+    let q = "a photo of a cup of coffee";
+    let cached = eng.itm_many(&snap, &[(q, &ids)])?;
+    std::fs::remove_dir_all(vision_cache::cache_dir(&index))?;
+    let eng2 = engine(&index, false)?;
+    let fresh = eng2.itm_many(&eng2.store(), &[(q, &ids)])?;
+    let mut worst = 0f32;
+    for (a, b) in cached[0].iter().zip(&fresh[0]) {
+        let (a, b) = (
+            a.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+            b.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        worst = worst.max((a - b).abs());
+    }
+    // f16 keeps ~3 significant digits of each state; the stated tolerance is 2e-3.
+    ensure!(worst <= 2e-3, "f16 cache moves ITM by {worst}");
+    Ok(())
+}
+
+#[test]
+fn captions_backfill_and_write_back() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (root, index) = (tmp.path().join("photos"), tmp.path().join("index"));
+    copy_photos(&root)?;
+    run_ingest(&root, &index, None, None)?;
+
+    // On demand: generated once, then cached; the plain caption is written back to the index.
+    let eng = engine(&index, true)?;
+    let snap = eng.store();
+    let row = snap.iter().next().context("a row")?.clone();
+    let want = caption_of(&captioner()?, Path::new(&row.path))?;
+    let items = vec![(
+        CaptionSource::ImageId(row.image_id),
+        CaptionRequest::default(),
+    )];
+    let first = eng.caption_many(&snap, &items).pop().context("one")??;
+    ensure!(
+        !first.cached && first.generated.text == want,
+        "{first:?} vs {want}"
+    );
+    let second = eng.caption_many(&snap, &items).pop().context("one")??;
+    ensure!(
+        second.cached && second.generated == first.generated,
+        "{second:?}"
+    );
+    // By bytes: the same image gives the same caption.
+    let bytes = std::fs::read(&row.path)?;
+    let by_bytes = eng
+        .caption_many(
+            &snap,
+            &[(CaptionSource::Bytes(bytes), CaptionRequest::default())],
+        )
+        .pop()
+        .context("one")??;
+    ensure!(by_bytes.generated.text == want);
+    ensure!(eng.flush_captions()? == 1);
+    let reread = Store::open_readonly(&index)?;
+    ensure!(reread.get(row.image_id).and_then(|r| r.caption.clone()) == Some(want.clone()));
+    ensure!(
+        eng.store().generation() == reread.generation(),
+        "engine refreshed after flush"
+    );
+    // Served from the store after a restart.
+    let eng2 = engine(&index, true)?;
+    let again = eng2
+        .caption_many(&eng2.store(), &items)
+        .pop()
+        .context("one")??;
+    ensure!(again.cached && again.generated.text == want);
+
+    // Ingest with a caption model captions the 4 images that still have none.
+    let s = run_ingest(&root, &index, Some(&captioner()?), None)?;
+    ensure!(s.captioned == 4 && s.indexed == 0, "{s:?}");
+    let s = run_ingest(&root, &index, Some(&captioner()?), None)?;
+    ensure!(s.captioned == 0, "{s:?}");
+
+    // Errors: unknown id, no caption model, bad bytes.
+    let e = eng.caption_many(
+        &snap,
+        &[(CaptionSource::ImageId(999), CaptionRequest::default())],
+    );
+    ensure!(matches!(e[0], Err(blipdex_core::Error::NotFound(_))));
+    let no_cap = engine(&index, false)?;
+    let e = no_cap.caption_many(&snap, &items);
+    ensure!(matches!(e[0], Err(blipdex_core::Error::Unsupported(_))));
+    let e = eng.caption_many(
+        &snap,
+        &[(
+            CaptionSource::Bytes(b"junk".to_vec()),
+            CaptionRequest::default(),
+        )],
+    );
+    ensure!(
+        matches!(e[0], Err(blipdex_core::Error::BadImage { .. })),
+        "{:?}",
+        e[0]
+    );
+    Ok(())
+}
+
+#[test]
+fn search_filters_pages_images_and_refresh() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (root, index) = (tmp.path().join("photos"), tmp.path().join("index"));
+    copy_photos(&root)?;
+    run_ingest(&root, &index, None, None)?;
+    let eng = engine(&index, false)?;
+    let snap = eng.store();
+    let t = eng
+        .embed_texts(&["a grey photo of a man with a camera"])?
+        .remove(0);
+
+    // Exact and ANN agree on a tiny index; both equal the store's brute force.
+    let all = SearchParams {
+        top_k: 5,
+        ..Default::default()
+    };
+    let exact = eng.search_text(
+        &snap,
+        &t,
+        &SearchParams {
+            exact: true,
+            ..all.clone()
+        },
+    )?;
+    let ann = eng.search_text(&snap, &t, &all)?;
+    let brute = snap.search_exact(&t, 5)?;
+    ensure!(exact.len() == 5 && ann.len() == 5);
+    for ((a, b), c) in exact.iter().zip(&ann).zip(&brute) {
+        ensure!(a.image_id == b.image_id && a.image_id == c.image_id && a.itc_score == c.score);
+    }
+    // Pages are slices of the full list.
+    let page = eng.search_text(
+        &snap,
+        &t,
+        &SearchParams {
+            top_k: 2,
+            offset: 2,
+            ..all.clone()
+        },
+    )?;
+    ensure!(page
+        .iter()
+        .map(|h| h.image_id)
+        .eq(exact[2..4].iter().map(|h| h.image_id)));
+    // Path prefix and minimum score.
+    let prefix = root.join("sub").to_string_lossy().into_owned();
+    let sub = eng.search_text(
+        &snap,
+        &t,
+        &SearchParams {
+            path_prefix: Some(prefix.clone()),
+            ..all.clone()
+        },
+    )?;
+    ensure!(
+        sub.len() == 2 && sub.iter().all(|h| h.path.starts_with(&prefix)),
+        "{sub:?}"
+    );
+    let cut = exact[2].itc_score;
+    let top = eng.search_text(
+        &snap,
+        &t,
+        &SearchParams {
+            min_score: Some(cut),
+            ..all.clone()
+        },
+    )?;
+    ensure!(top.len() == 3 && top.iter().all(|h| h.itc_score >= cut));
+    // Absurd requests are refused.
+    ensure!(eng
+        .search_text(
+            &snap,
+            &t,
+            &SearchParams {
+                top_k: 1_000_000,
+                ..all.clone()
+            }
+        )
+        .is_err());
+    ensure!(eng.embed_texts(&["  "]).is_err());
+
+    // Batched text embeddings == one at a time.
+    let qs = [
+        "a rocket",
+        "a cat on a sofa with a much longer description",
+        "coffee",
+    ];
+    let batched = eng.embed_texts(&qs)?;
+    for (q, b) in qs.iter().zip(&batched) {
+        let one = eng.embed_texts(&[q])?.remove(0);
+        let d = one
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        ensure!(d <= 1e-5, "{q}: batched differs by {d}");
+    }
+
+    // Image → image: every photo finds itself first, with similarity 1.
+    for row in snap.iter() {
+        let bytes = std::fs::read(&row.path)?;
+        let q = eng.embed_images(&[&bytes])?.remove(0);
+        for exact in [false, true] {
+            let hits = eng.search_image(
+                &snap,
+                &q,
+                &SearchParams {
+                    top_k: 3,
+                    exact,
+                    ..Default::default()
+                },
+            )?;
+            ensure!(hits[0].image_id == row.image_id, "{}: {hits:?}", row.path);
+            ensure!(
+                (hits[0].itc_score - 1.0).abs() < 1e-4 && hits[1].itc_score < hits[0].itc_score
+            );
+        }
+    }
+
+    // Rerank puts ITM order first; unknown ids are NOT_FOUND; a changed file is a per-hit error.
+    let mut hits = exact.clone();
+    eng.rerank(&snap, "a rocket", &mut hits, 3)?;
+    ensure!(hits[..3]
+        .windows(2)
+        .all(|w| w[0].itm_score >= w[1].itm_score));
+    ensure!(hits[3..].iter().all(|h| h.itm_score.is_none()));
+    ensure!(matches!(
+        eng.hits_for_ids(&snap, &[12345]),
+        Err(blipdex_core::Error::NotFound(_))
+    ));
+    let victim = snap
+        .iter()
+        .find(|r| r.path.ends_with("astronaut.jpg"))
+        .context("astronaut")?;
+    std::fs::write(&victim.path, b"overwritten")?;
+    // (A fresh engine: states already in the LRU describe the indexed bytes and stay usable.)
+    let cold = engine(&index, false)?;
+    let r = cold.itm_many(&cold.store(), &[("x", &[victim.image_id])])?;
+    let msg = r[0][0]
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    ensure!(msg.contains("changed since it was indexed"), "{msg}");
+
+    // A later ingest is picked up by refresh; the old snapshot stays usable.
+    let more = tmp.path().join("more");
+    std::fs::create_dir_all(&more)?;
+    image_variant(&fixtures().join("photos/rocket.jpg"), &more.join("new.png"))?;
+    run_ingest(&more, &index, None, None)?;
+    ensure!(eng.refresh()?, "new generation picked up");
+    ensure!(eng.store().len() == snap.len() + 1 && snap.len() == 5);
+    ensure!(!eng.refresh()?, "no change, no reload");
+    Ok(())
+}
+
+/// A new image (one pixel changed) so it is not a duplicate of an indexed one.
+fn image_variant(src: &Path, dest: &Path) -> Result<()> {
+    let mut img = image::open(src)?.to_rgb8();
+    if let Some(p) = img.get_pixel_mut_checked(0, 0) {
+        p.0[0] = p.0[0].wrapping_add(1);
+    }
+    img.save_with_format(dest, image::ImageFormat::Png)?;
+    Ok(())
+}
