@@ -1,6 +1,8 @@
 //! `blipdex`: bulk-index photo collections with BLIP-2 and search them.
 
 mod args;
+mod bench;
+mod bench_search;
 mod caption;
 mod embed;
 mod ingest;
@@ -31,6 +33,8 @@ enum Command {
     Ingest(ingest::IngestArgs),
     /// Text-to-image search in an index.
     Search(search::SearchArgs),
+    /// Throughput benchmarks: embed, caption, search (JSON with --json).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Caption(args) => caption::run(&args),
         Command::Ingest(args) => ingest::run(&args),
         Command::Search(args) => search::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -126,10 +126,10 @@
 //! (cosine, deterministic seeding), or every query vector (m = Q). **Default: m = 4, M = 16,
 //! ef_construction = 100, and `ef` = [`DEFAULT_EF`] = 192 at query time.**
 //!
-//! Measured with `cargo run --release -p blipdex-store --example bench_search -- --images
-//! 100000` (prints JSON): seeded synthetic 32x256 unit embeddings around 1000 cluster centres
+//! Measured with `blipdex bench search --images 100000` (prints JSON; the same code as the
+//! earlier `bench_search` example): seeded synthetic 32x256 unit embeddings around 1000 cluster centres
 //! (image direction = centre + noise, each query vector = image direction + smaller noise, text
-//! = centre + noise; see `tests/common/mod.rs`), 1000 text queries, recall@10 against
+//! = centre + noise; see [`synth`]), 1000 text queries, recall@10 against
 //! [`Store::search_exact`], qps with both cores, latency per query, on this project's 2-core
 //! dev VM (shared with other builds, so +-20%; baseline x86-64 target, no `target-cpu=native`):
 //!
@@ -178,6 +178,7 @@ mod search;
 mod shard;
 mod state;
 mod store;
+pub mod synth;
 mod types;
 
 pub use ann::{AnnInfo, DotDist};

@@ -39,7 +39,7 @@ pub struct HnswParams {
 
 impl Default for HnswParams {
     fn default() -> Self {
-        // Chosen from the measurements in the crate docs (bench_search at 100k images): 4
+        // Chosen from the measurements in the crate docs (`blipdex bench search` at 100k images): 4
         // centroids keep multi-subject images findable, where the mean alone loses them.
         Self {
             max_nb_connection: 16,

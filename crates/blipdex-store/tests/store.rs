@@ -714,7 +714,7 @@ fn compact_drops_dead_rows_and_keeps_ids() {
 #[test]
 fn ann_recall_matches_exact_on_seeded_set() {
     // Smaller than BLIP-2's 32x256 because this crate's own code runs unoptimized in debug
-    // tests; examples/bench_search.rs measures the real shape at 100k images.
+    // tests; `blipdex bench search` measures the real shape at 100k images.
     let (q, e) = (8, 32);
     let s = Synth::new(q, e, 50, 11);
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,220 @@
+//! `blipdex bench`: throughput of the model paths and of search, for side-by-side comparison
+//! with PyTorch (`scripts/bench/compare.py`). With `--json` the last line is one JSON object.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use blipdex_model::caption::GenerationConfig;
+use blipdex_model::opt::LinearStorage;
+use blipdex_model::{Blip2, Captioner};
+use candle_core::{Device, Tensor};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::args::ModelArgs;
+use crate::caption::Quantize;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Vision encoder + Q-Former + ITC projection on random pixels: images/s.
+    Embed(EmbedBench),
+    /// Batch-1 greedy captions of exactly --max-new-tokens tokens (EOS ignored): tokens/s.
+    Caption(CaptionBench),
+    /// Exact and HNSW search on a synthetic index: queries/s, latency, recall.
+    Search(crate::bench_search::SearchBench),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// Timed runs after one warm-up; the best is reported.
+    #[arg(long, env = "BLIPDEX_ITERS", default_value_t = 3)]
+    pub iters: usize,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "BLIPDEX_THREADS")]
+    pub threads: Option<usize>,
+    #[arg(long, env = "BLIPDEX_JSON")]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedBench {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct CaptionBench {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, env = "BLIPDEX_MAX_NEW_TOKENS", default_value_t = 20)]
+    pub max_new_tokens: usize,
+    #[arg(long, env = "BLIPDEX_QUANTIZE", value_enum)]
+    pub quantize: Option<Quantize>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    match &args.command {
+        BenchCommand::Embed(a) => embed(a),
+        BenchCommand::Caption(a) => caption(a),
+        BenchCommand::Search(a) => crate::bench_search::run(a),
+    }
+}
+
+/// Compute threads for candle (read from RAYON_NUM_THREADS when its pool starts).
+fn set_threads(threads: Option<usize>) -> usize {
+    if let Some(t) = threads.filter(|t| *t > 0) {
+        // Before any model code runs: no other thread reads the environment yet.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    candle_core::utils::get_num_threads()
+}
+
+/// Peak resident memory of this process, MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Seeded uniform pixels in the normalized range, as the processor would give.
+fn random_pixels(n: usize, h: usize, w: usize) -> anyhow::Result<Tensor> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<f32> = (0..n * 3 * h * w)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu)?)
+}
+
+/// Best of `iters` timed runs after one warm-up, seconds.
+fn best_of(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn report(json: bool, v: serde_json::Value) {
+    if json {
+        println!("{v}");
+    } else if let Some(m) = v.as_object() {
+        for (k, val) in m {
+            println!("{k:>20}: {val}");
+        }
+    }
+}
+
+fn embed(a: &EmbedBench) -> anyhow::Result<()> {
+    let threads = set_threads(a.common.threads);
+    let files = a.model.resolve()?;
+    let t = Instant::now();
+    let model = Blip2::load(&files, &a.model.load_options()?)?;
+    let load_s = t.elapsed().as_secs_f64();
+    model
+        .retrieval
+        .as_ref()
+        .context("bench embed needs a retrieval checkpoint (ITC heads)")?;
+    let (h, w) = model.image_size();
+    let px = random_pixels(a.batch_size, h, w)?;
+    let best = best_of(a.common.iters, || {
+        let vision = model.get_image_features(&px)?;
+        let e = model.image_embeds(&model.get_qformer_features(&vision)?)?;
+        e.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
+    })?;
+    report(
+        a.common.json,
+        json!({
+            "bench": "embed",
+            "model": files.name,
+            "device": a.model.device,
+            "dtype": a.model.dtype,
+            "threads": threads,
+            "batch_size": a.batch_size,
+            "image_size": [h, w],
+            "best_batch_s": best,
+            "images_per_s": a.batch_size as f64 / best,
+            "load_s": load_s,
+            "peak_rss_mib": peak_rss_mib(),
+        }),
+    );
+    Ok(())
+}
+
+fn caption(a: &CaptionBench) -> anyhow::Result<()> {
+    anyhow::ensure!(a.max_new_tokens > 0, "--max-new-tokens must be at least 1");
+    let threads = set_threads(a.common.threads);
+    let files = a.model.resolve()?;
+    let storage = match a.quantize {
+        Some(Quantize::Q8) => LinearStorage::Q8,
+        None => LinearStorage::Float,
+    };
+    let t = Instant::now();
+    let c = Captioner::load(&files, &a.model.load_options()?, storage)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let (h, w) = (c.processor.config.height, c.processor.config.width);
+    let px = random_pixels(1, h, w)?;
+    // Exactly T new tokens: EOS is forbidden until T, and T is the limit.
+    let gen = GenerationConfig {
+        max_new_tokens: Some(a.max_new_tokens),
+        min_new_tokens: Some(a.max_new_tokens),
+        num_beams: 1,
+        ..c.generation.clone()
+    };
+    let mut produced = 0;
+    let best = best_of(a.common.iters, || {
+        let vision = c.model.get_image_features(&px)?;
+        let q = c.model.get_qformer_features(&vision)?;
+        let rows = c.head.generate(&q, &[Vec::new()], &gen)?;
+        produced = rows.first().map_or(0, Vec::len);
+        Ok(())
+    })?;
+    anyhow::ensure!(
+        produced == a.max_new_tokens,
+        "generated {produced} tokens, expected {}",
+        a.max_new_tokens
+    );
+    report(
+        a.common.json,
+        json!({
+            "bench": "caption",
+            "model": files.name,
+            "device": a.model.device,
+            "dtype": a.model.dtype,
+            "quantize": a.quantize.map(|_| "q8"),
+            "threads": threads,
+            "new_tokens": a.max_new_tokens,
+            "best_caption_s": best,
+            "tokens_per_s": a.max_new_tokens as f64 / best,
+            "captions_per_s": 1.0 / best,
+            "load_s": load_s,
+            "peak_rss_mib": peak_rss_mib(),
+        }),
+    );
+    Ok(())
+}

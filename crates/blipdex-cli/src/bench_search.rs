@@ -1,0 +1,340 @@
+//! `blipdex bench search`: exact and HNSW search on a seeded synthetic index of BLIP-2-shaped
+//! embeddings (clustered 32x256 unit vectors; see `blipdex_store::synth`). Builds the index
+//! (in commits, as ingest does), then searches it in a fresh process so the reported RSS is what a
+//! reader opening that index uses. Prints one JSON object (pretty unless --json).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{ensure, Context};
+use blipdex_store::synth::{recall, Synth};
+use blipdex_store::{Batch, Dtype, HnswParams, Store, StoreOptions};
+use clap::Args;
+use rayon::prelude::*;
+use serde_json::json;
+
+#[derive(Args, Debug, Clone)]
+pub struct SearchBench {
+    #[arg(long, env = "BLIPDEX_BENCH_IMAGES", default_value_t = 100_000)]
+    pub images: usize,
+    #[arg(long, env = "BLIPDEX_BENCH_QUERIES", default_value_t = 1000)]
+    pub queries: usize,
+    /// Query vectors per image.
+    #[arg(long, env = "BLIPDEX_BENCH_Q", default_value_t = 32)]
+    pub q: usize,
+    /// Embedding size.
+    #[arg(long, env = "BLIPDEX_BENCH_E", default_value_t = 256)]
+    pub e: usize,
+    #[arg(long, env = "BLIPDEX_BENCH_CENTRES", default_value_t = 1000)]
+    pub centres: usize,
+    #[arg(long, env = "BLIPDEX_BENCH_IMAGE_NOISE", default_value_t = 1.0)]
+    pub image_noise: f32,
+    #[arg(long, env = "BLIPDEX_BENCH_QUERY_NOISE", default_value_t = 0.5)]
+    pub query_noise: f32,
+    #[arg(long, env = "BLIPDEX_BENCH_TEXT_NOISE", default_value_t = 1.0)]
+    pub text_noise: f32,
+    /// Query vectors per image drawn around a second subject.
+    #[arg(long, env = "BLIPDEX_BENCH_ASPECTS", default_value_t = 0)]
+    pub aspects: usize,
+    #[arg(long, env = "BLIPDEX_BENCH_VECTORS_PER_IMAGE", default_value_t = HnswParams::default().vectors_per_image)]
+    pub vectors_per_image: usize,
+    #[arg(long, env = "BLIPDEX_BENCH_M", default_value_t = HnswParams::default().max_nb_connection)]
+    pub m: usize,
+    #[arg(long, env = "BLIPDEX_BENCH_EF_CONSTRUCTION", default_value_t = HnswParams::default().ef_construction)]
+    pub ef_construction: usize,
+    /// Search breadths to measure.
+    #[arg(
+        long,
+        env = "BLIPDEX_BENCH_EF",
+        value_delimiter = ',',
+        default_value = "64,128,192,256"
+    )]
+    pub ef: Vec<usize>,
+    #[arg(long, env = "BLIPDEX_BENCH_K", default_value_t = 10)]
+    pub k: usize,
+    /// Images per commit while building.
+    #[arg(long, env = "BLIPDEX_BENCH_BATCH", default_value_t = 10_000)]
+    pub batch: usize,
+    /// f32 or f16 embeddings on disk.
+    #[arg(long, env = "BLIPDEX_BENCH_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Index directory (default: a temporary one, removed at the end).
+    #[arg(long, env = "BLIPDEX_BENCH_DIR")]
+    pub dir: Option<PathBuf>,
+    #[arg(long, env = "BLIPDEX_BENCH_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Caches the exact top-k, so runs varying only the index share it.
+    #[arg(long, env = "BLIPDEX_BENCH_TRUTH_FILE")]
+    pub truth_file: Option<PathBuf>,
+    /// Internal: only search an index built by an earlier run with the same --dir.
+    #[arg(long, hide = true)]
+    pub search_only: bool,
+    #[arg(long, env = "BLIPDEX_JSON")]
+    pub json: bool,
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn params(a: &SearchBench) -> HnswParams {
+    HnswParams {
+        max_nb_connection: a.m,
+        ef_construction: a.ef_construction,
+        vectors_per_image: a.vectors_per_image,
+    }
+}
+
+fn synth(a: &SearchBench) -> Synth {
+    let mut s = Synth::new(a.q, a.e, a.centres, a.seed);
+    s.image_noise = a.image_noise;
+    s.query_noise = a.query_noise;
+    s.text_noise = a.text_noise;
+    s.aspects = a.aspects;
+    s
+}
+
+pub fn run(a: &SearchBench) -> anyhow::Result<()> {
+    ensure!(
+        a.images > 0 && a.queries > 0 && a.k > 0 && a.batch > 0,
+        "sizes must be positive"
+    );
+    let dtype = match a.dtype.as_str() {
+        "f32" => Dtype::F32,
+        "f16" => Dtype::F16,
+        other => anyhow::bail!("--dtype must be f32 or f16, got {other:?}"),
+    };
+    let synth = synth(a);
+    let tmp = tempfile::tempdir()?;
+    let dir = a.dir.clone().unwrap_or_else(|| tmp.path().join("index"));
+    let stats_path = dir.with_extension("build.json");
+    if !a.search_only {
+        let _ = std::fs::remove_dir_all(&dir);
+        let stats = build(&dir, &synth, a.images, a.batch, dtype, params(a))?;
+        std::fs::write(&stats_path, serde_json::to_vec(&stats)?)?;
+        // Search in a fresh process, so its RSS is what a server starting on this index uses.
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        args.extend([
+            "--search-only".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ]);
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .status()?;
+        ensure!(status.success(), "the search phase failed");
+        return Ok(());
+    }
+    let build_stats: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&stats_path)
+            .with_context(|| format!("{} (run without --search-only)", stats_path.display()))?,
+    )?;
+    let out = search(a, &dir, &synth, dtype, build_stats)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+fn search(
+    a: &SearchBench,
+    dir: &Path,
+    synth: &Synth,
+    dtype: Dtype,
+    build_stats: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let (n, nq, e, k) = (a.images, a.queries, a.e, a.k);
+    let rss_before_open = rss_kib("VmRSS:");
+    let t = Instant::now();
+    let store = Store::open_readonly(dir)?;
+    let open_s = t.elapsed().as_secs_f64();
+    let rss_open = rss_kib("VmRSS:");
+    ensure!(
+        store.ann_info().reloaded_rows == n,
+        "the HNSW dump was not reloaded"
+    );
+
+    let ts: Vec<f32> = (0..nq as u64)
+        .into_par_iter()
+        .flat_map_iter(|i| synth.text(i))
+        .collect();
+    let ids = |h: &[blipdex_store::Hit]| h.iter().map(|x| x.image_id).collect::<Vec<_>>();
+    let cached: Option<Vec<Vec<u64>>> = a
+        .truth_file
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (truth, exact_batch_qps) = match cached {
+        Some(t) if t.len() == nq => (t, None),
+        _ => {
+            let t = Instant::now();
+            let truth: Vec<Vec<u64>> = store
+                .search_exact_batch(&ts, k)?
+                .iter()
+                .map(|h| ids(h))
+                .collect();
+            let qps = nq as f64 / t.elapsed().as_secs_f64();
+            if let Some(p) = &a.truth_file {
+                std::fs::write(p, serde_json::to_vec(&truth)?)?;
+            }
+            (truth, Some(qps))
+        }
+    };
+    let single = 5.min(nq);
+    let t = Instant::now();
+    for t1 in ts.chunks_exact(e).take(single) {
+        ensure!(store.search_exact(t1, k)?.len() == k.min(n));
+    }
+    let exact_single_ms = t.elapsed().as_secs_f64() * 1e3 / single as f64;
+
+    let mut ann = Vec::new();
+    for &ef in &a.ef {
+        // Throughput: all cores, queries spread by rayon; latency measured per query meanwhile.
+        let t = Instant::now();
+        let res = ts
+            .par_chunks_exact(e)
+            .map(|t1| {
+                let s = Instant::now();
+                let r = store.search_ann(t1, k, ef)?;
+                Ok((r, s.elapsed().as_secs_f64() * 1e3))
+            })
+            .collect::<blipdex_core::Result<Vec<_>>>()?;
+        let wall = t.elapsed().as_secs_f64();
+        let mut lat: Vec<f64> = res.iter().map(|r| r.1).collect();
+        lat.sort_by(f64::total_cmp);
+        // Single-thread latency, unloaded.
+        let mut lat1 = Vec::new();
+        for t1 in ts.chunks_exact(e).take(200) {
+            let s = Instant::now();
+            store.search_ann(t1, k, ef)?;
+            lat1.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+        lat1.sort_by(f64::total_cmp);
+        let rec: f64 = res
+            .iter()
+            .zip(&truth)
+            .map(|(r, t)| recall(t, &ids(&r.0)))
+            .sum::<f64>()
+            / nq as f64;
+        let row = json!({
+            "ef": ef,
+            "recall_at_k": rec,
+            "qps": nq as f64 / wall,
+            "p50_ms": percentile(&lat, 0.5),
+            "p99_ms": percentile(&lat, 0.99),
+            "p50_ms_1thread": percentile(&lat1, 0.5),
+            "p99_ms_1thread": percentile(&lat1, 0.99),
+        });
+        eprintln!("{row}");
+        ann.push(row);
+    }
+    let p = params(a);
+    Ok(json!({
+        "bench": "search",
+        "images": n,
+        "queries": nq,
+        "k": k,
+        "q": a.q,
+        "e": e,
+        "dtype": dtype.to_string(),
+        "threads": rayon::current_num_threads(),
+        "synthetic": {"centres": synth.n_centres(), "image_noise": synth.image_noise, "query_noise": synth.query_noise, "text_noise": synth.text_noise, "aspects": synth.aspects},
+        "hnsw": {"m": p.max_nb_connection, "ef_construction": p.ef_construction, "vectors_per_image": p.vectors_per_image},
+        "build": build_stats,
+        "open_readonly_s": open_s,
+        "ram": {
+            "reader_bytes_per_image": (rss_open.saturating_sub(rss_before_open)) as f64 * 1024.0 / n as f64,
+            "embeddings_bytes_per_image": a.q * e * 4,
+            "reader_peak_rss_mib": rss_kib("VmHWM:") as f64 / 1024.0,
+        },
+        "exact": {"batch_qps": exact_batch_qps, "single_query_ms": exact_single_ms},
+        "ann": ann,
+    }))
+}
+
+fn build(
+    dir: &Path,
+    synth: &Synth,
+    n: usize,
+    batch: usize,
+    dtype: Dtype,
+    params: HnswParams,
+) -> anyhow::Result<serde_json::Value> {
+    let (q, e) = (synth.q, synth.e);
+    let rss_start = rss_kib("VmRSS:");
+    let mut store = Store::create_or_open(
+        dir,
+        StoreOptions::new("bench/synthetic", q, e)
+            .with_dtype(dtype)
+            .with_hnsw(params),
+    )?;
+    let (mut t_gen, mut t_data, mut t_insert, mut t_dump) = (0.0, 0.0, 0.0, 0.0);
+    let started = Instant::now();
+    for start in (0..n).step_by(batch) {
+        let t = Instant::now();
+        let recs: Vec<_> = (start..(start + batch).min(n))
+            .into_par_iter()
+            .map(|i| synth.record(i as u64))
+            .collect();
+        t_gen += t.elapsed().as_secs_f64();
+        let mut b = Batch::new();
+        for r in recs {
+            b.add(r);
+        }
+        let info = store.commit(b)?;
+        t_data += info.timings.data.as_secs_f64();
+        t_insert += info.timings.index_insert.as_secs_f64();
+        t_dump += info.timings.index_dump.as_secs_f64();
+        eprintln!(
+            "committed {} images, generation {}: {:?}",
+            (start + batch).min(n),
+            info.generation,
+            info.timings
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64() - t_gen;
+    let writer_rss = rss_kib("VmRSS:");
+    drop(store);
+    let mut disk: HashMap<&str, u64> = HashMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let kind = if name.starts_with("shard-") {
+            "parquet"
+        } else if name.starts_with("hnsw-") {
+            "hnsw"
+        } else {
+            "other"
+        };
+        *disk.entry(kind).or_default() += entry.metadata()?.len();
+    }
+    Ok(json!({
+        "seconds": seconds,
+        "parquet_and_manifest_s": t_data,
+        "hnsw_insert_s": t_insert,
+        "hnsw_dump_s": t_dump,
+        "commits": n.div_ceil(batch),
+        "writer_rss_mib": (writer_rss.saturating_sub(rss_start)) as f64 / 1024.0,
+        "disk_bytes_per_image": {
+            "parquet": *disk.get("parquet").unwrap_or(&0) as f64 / n as f64,
+            "hnsw": *disk.get("hnsw").unwrap_or(&0) as f64 / n as f64,
+        },
+    }))
+}
