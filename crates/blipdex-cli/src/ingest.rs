@@ -84,29 +84,7 @@ impl IngestArgs {
 
 pub fn run(args: &IngestArgs) -> anyhow::Result<()> {
     let job = args.job()?;
-    job.validate()?;
-    let spec = job.model.as_deref().context("no --model")?;
-    let files = ModelFiles::resolve(spec, job.revision.as_deref())?;
-    let opts = LoadOptions {
-        device: parse_device(&job.device)?,
-        dtype: parse_dtype(&job.dtype)?,
-    };
-    let model = Blip2::load(&files, &opts)?;
-    let captioner = match job.caption_model.as_deref() {
-        Some(spec) => {
-            let cf = ModelFiles::resolve(spec, None)?;
-            Some(Captioner::load(&cf, &opts, LinearStorage::Float)?)
-        }
-        None => None,
-    };
-    let summary = blipdex_ingest::ingest_with(
-        &job,
-        IngestModels {
-            retrieval: &model,
-            files: &files,
-            captioner: captioner.as_ref(),
-        },
-    )?;
+    let summary = run_job(&job)?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -132,4 +110,31 @@ pub fn run(args: &IngestArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Loads the job's models and runs it.
+pub fn run_job(job: &IngestJob) -> anyhow::Result<blipdex_ingest::IngestSummary> {
+    job.validate()?;
+    let spec = job.model.as_deref().context("no --model")?;
+    let files = ModelFiles::resolve(spec, job.revision.as_deref())?;
+    let opts = LoadOptions {
+        device: parse_device(&job.device)?,
+        dtype: parse_dtype(&job.dtype)?,
+    };
+    let model = Blip2::load(&files, &opts)?;
+    let captioner = match job.caption_model.as_deref() {
+        Some(spec) => {
+            let cf = ModelFiles::resolve(spec, None)?;
+            Some(Captioner::load(&cf, &opts, LinearStorage::Float)?)
+        }
+        None => None,
+    };
+    Ok(blipdex_ingest::ingest_with(
+        job,
+        IngestModels {
+            retrieval: &model,
+            files: &files,
+            captioner: captioner.as_ref(),
+        },
+    )?)
 }

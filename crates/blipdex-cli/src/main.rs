@@ -7,6 +7,7 @@ mod caption;
 mod embed;
 mod ingest;
 mod search;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,8 @@ enum Command {
     Search(search::SearchArgs),
     /// Throughput benchmarks: embed, caption, search (JSON with --json).
     Bench(bench::BenchArgs),
+    /// gRPC retrieval service over an index (search, rerank, captions, health, metrics).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Caption(args) => caption::run(&args),
         Command::Ingest(args) => ingest::run(&args),
         Command::Search(args) => search::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     match result {

@@ -328,13 +328,16 @@ impl Engine {
         Ok(false)
     }
 
-    fn check_query(q: &str) -> Result<()> {
+    /// The rules a query text must meet (non-blank, at most [`MAX_QUERY_BYTES`]).
+    pub fn check_query(q: &str) -> Result<()> {
         if q.trim().is_empty() {
-            return Err(Error::InvalidArgument("the query text is empty".into()));
+            return Err(Error::InvalidArgument(
+                "query is empty; send the text to search for".into(),
+            ));
         }
         if q.len() > MAX_QUERY_BYTES {
             return Err(Error::InvalidArgument(format!(
-                "the query text is {} bytes; at most {MAX_QUERY_BYTES} are accepted",
+                "query is {} bytes; at most {MAX_QUERY_BYTES} are accepted, shorten it",
                 q.len()
             )));
         }
@@ -765,6 +768,10 @@ impl Engine {
                 }
             }
             if let Some(g) = lock(&self.caption_cache).get(&(hash.clone(), req.clone())) {
+                // e.g. captioned by bytes first: an indexed image still gets its caption stored.
+                if plain && matches!(src, CaptionSource::ImageId(_)) {
+                    lock(&self.pending).insert(hash.clone(), g.text.clone());
+                }
                 out[i] = Some(Ok(CaptionOutcome {
                     generated: g.clone(),
                     cached: true,
@@ -943,18 +950,64 @@ impl Engine {
 /// An image waiting for a caption: (item index, content hash, encoded bytes).
 type Pending = (usize, String, Vec<u8>);
 
-/// Errors are not `Clone` (they may hold an `io::Error`); fan one out to many results.
+/// Errors are not `Clone` (they may hold an `io::Error`); fan one out to many results, keeping
+/// its kind so the server maps every copy to the same status.
 fn clone_error(e: &Error) -> Error {
     match e {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::Unsupported(m) => Error::Unsupported(m.clone()),
-        Error::NotFound(m) => Error::NotFound(m.clone()),
-        Error::Overloaded(m) => Error::Overloaded(m.clone()),
+        Error::Io { path, source } => Error::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
         Error::BadImage { what, reason } => Error::BadImage {
             what: what.clone(),
             reason: reason.clone(),
         },
-        other => Error::Tensor(other.to_string()),
+        Error::ImageTooLarge {
+            what,
+            width,
+            height,
+            pixels,
+            limit,
+        } => Error::ImageTooLarge {
+            what: what.clone(),
+            width: *width,
+            height: *height,
+            pixels: *pixels,
+            limit: *limit,
+        },
+        Error::BadModel { model, reason } => Error::BadModel {
+            model: model.clone(),
+            reason: reason.clone(),
+        },
+        Error::Hub { repo, file, reason } => Error::Hub {
+            repo: repo.clone(),
+            file: file.clone(),
+            reason: reason.clone(),
+        },
+        Error::BadTensor { file, name, reason } => Error::BadTensor {
+            file: file.clone(),
+            name: name.clone(),
+            reason: reason.clone(),
+        },
+        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+        Error::Unsupported(m) => Error::Unsupported(m.clone()),
+        Error::Tokenizer(m) => Error::Tokenizer(m.clone()),
+        Error::Tensor(m) => Error::Tensor(m.clone()),
+        Error::ModelMismatch {
+            dir,
+            stored,
+            requested,
+        } => Error::ModelMismatch {
+            dir: dir.clone(),
+            stored: stored.clone(),
+            requested: requested.clone(),
+        },
+        Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::Overloaded(m) => Error::Overloaded(m.clone()),
+        Error::Store { dir, reason } => Error::Store {
+            dir: dir.clone(),
+            reason: reason.clone(),
+        },
     }
 }
 

@@ -1,0 +1,478 @@
+//! The `blipdex.v1.Retrieval` handlers: validate, queue for the model thread, await the reply.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use blipdex_core::Error;
+use blipdex_model::CaptionRequest as EngineCaptionRequest;
+use blipdex_search::{
+    CaptionOutcome, CaptionSource, Engine, SearchParams, MAX_QUERY_BYTES, MAX_RERANK, MAX_RESULTS,
+};
+use crossbeam_channel::TrySendError;
+use tokio::sync::oneshot;
+use tonic::codegen::http::{self, HeaderValue};
+use tonic::codegen::{BoxFuture, Service};
+use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::auth::BearerAuth;
+use crate::pb::retrieval_server::{Retrieval, RetrievalServer};
+use crate::pb::{self, SearchOptions};
+use crate::worker::{dedup_ids, Found, Job, Lane, Reply};
+use crate::{status_from, Shared};
+
+/// Hits per page when a request leaves `top_k` at 0.
+pub const DEFAULT_TOP_K: usize = 10;
+/// Longest caption a request may ask for.
+pub const MAX_NEW_TOKENS: u32 = 512;
+/// Widest beam search a request may ask for.
+pub const MAX_BEAMS: u32 = 16;
+
+pub(crate) type RetrievalService =
+    OversizedIsInvalid<InterceptedService<RetrievalServer<Handlers>, BearerAuth>>;
+
+pub(crate) fn retrieval_service(
+    shared: Arc<Shared>,
+    token: Option<&str>,
+    max_message_bytes: usize,
+) -> RetrievalService {
+    let auth = BearerAuth::new(token, shared.metrics.clone());
+    let server = RetrievalServer::new(Handlers { shared })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    OversizedIsInvalid {
+        inner: InterceptedService::new(server, auth),
+        limit: max_message_bytes,
+    }
+}
+
+pub(crate) struct Handlers {
+    shared: Arc<Shared>,
+}
+
+impl Handlers {
+    fn engine(&self) -> Result<Arc<Engine>, Status> {
+        self.shared.engine.get().cloned().ok_or_else(|| {
+            Status::unavailable(
+                "the model is still loading; retry when grpc.health.v1.Health reports SERVING",
+            )
+        })
+    }
+
+    /// Queues a job without waiting: a full queue is RESOURCE_EXHAUSTED.
+    async fn submit<T>(
+        &self,
+        rpc: &'static str,
+        lane: Lane,
+        make: impl FnOnce(Reply<T>) -> Job,
+    ) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let jobs =
+                self.shared.jobs.read().map_err(|_| {
+                    Status::internal("the job queue is poisoned; restart the server")
+                })?;
+            let Some(sender) = jobs.as_ref().map(|q| q.lane(lane)) else {
+                return Err(Status::unavailable(
+                    "the server is shutting down; retry elsewhere",
+                ));
+            };
+            match sender.try_send(make(tx)) {
+                Ok(()) => self
+                    .shared
+                    .metrics
+                    .queue_depth
+                    .with_label_values(&[lane.name()])
+                    .set(sender.len() as i64),
+                Err(TrySendError::Full(_)) => {
+                    self.shared.metrics.rejected.with_label_values(&[rpc]).inc();
+                    return Err(status_from(&Error::Overloaded(format!(
+                        "{} {} requests are already waiting for the model (--queue-depth); \
+                         retry with backoff",
+                        self.shared.limits.queue_depth,
+                        lane.name()
+                    ))));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(Status::unavailable(
+                        "the model thread has stopped; the server is shutting down",
+                    ));
+                }
+            }
+        }
+        rx.await.map_err(|_| {
+            Status::internal(
+                "the model failed while serving this request (see the server log); retry",
+            )
+        })?
+    }
+
+    async fn timed<T>(
+        &self,
+        rpc: &'static str,
+        f: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let start = Instant::now();
+        let r = f.await;
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        let secs = start.elapsed().as_secs_f64();
+        self.shared.metrics.observe(rpc, code, secs);
+        match &r {
+            Err(s) if s.code() == tonic::Code::Internal => {
+                tracing::error!(rpc, seconds = secs, "{}", s.message());
+            }
+            Err(s) => tracing::debug!(rpc, seconds = secs, code = ?s.code(), "{}", s.message()),
+            Ok(_) => tracing::debug!(rpc, seconds = secs, "ok"),
+        }
+        r.map(Response::new)
+    }
+}
+
+fn check_query(q: &str) -> Result<(), Status> {
+    blipdex_search::Engine::check_query(q).map_err(|e| status_from(&e))
+}
+
+fn check_image(image: &[u8]) -> Result<(), Status> {
+    if image.is_empty() {
+        return Err(Status::invalid_argument(
+            "image is empty; send the encoded bytes of a JPEG, PNG, GIF, WebP, BMP or TIFF file",
+        ));
+    }
+    Ok(())
+}
+
+fn search_params(top_k: u32, options: Option<SearchOptions>) -> Result<SearchParams, Status> {
+    let o = options.unwrap_or_default();
+    let mut p = SearchParams {
+        top_k: if top_k == 0 {
+            DEFAULT_TOP_K
+        } else {
+            top_k as usize
+        },
+        offset: o.offset as usize,
+        exact: o.exact,
+        path_prefix: (!o.path_prefix.is_empty()).then_some(o.path_prefix),
+        min_score: o.min_score,
+        ..SearchParams::default()
+    };
+    if o.ef != 0 {
+        p.ef = o.ef as usize;
+    }
+    p.validate().map_err(|e| status_from(&e))?;
+    Ok(p)
+}
+
+fn found(f: Found) -> pb::SearchResponse {
+    pb::SearchResponse {
+        hits: f.hits.into_iter().map(hit).collect(),
+        generation: f.generation,
+    }
+}
+
+fn hit(h: blipdex_search::Hit) -> pb::Hit {
+    pb::Hit {
+        image_id: h.image_id,
+        path: h.path,
+        itc_score: h.itc_score,
+        itm_score: h.itm_score,
+        caption: h.caption.unwrap_or_default(),
+        other_paths: h.other_paths,
+        content_hash: h.content_hash,
+        width: h.width,
+        height: h.height,
+        error: h.error.unwrap_or_default(),
+    }
+}
+
+/// Searches that caption their hits wait behind caption generation, the others never do.
+fn lane(with_captions: bool) -> Lane {
+    if with_captions {
+        Lane::Caption
+    } else {
+        Lane::Search
+    }
+}
+
+fn no_captioner() -> Status {
+    status_from(&Error::Unsupported(
+        "no caption model is loaded; start the server with --caption-model \
+         (e.g. Salesforce/blip2-opt-2.7b)"
+            .into(),
+    ))
+}
+
+#[tonic::async_trait]
+impl Retrieval for Handlers {
+    async fn search_text(
+        &self,
+        request: Request<pb::SearchTextRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        self.timed("SearchText", async {
+            let engine = self.engine()?;
+            let r = request.into_inner();
+            check_query(&r.query)?;
+            let params = search_params(r.top_k, r.options)?;
+            let rerank_top_n = r.rerank_top_n as usize;
+            if rerank_top_n > MAX_RERANK {
+                return Err(Status::invalid_argument(format!(
+                    "rerank_top_n is {rerank_top_n}; at most {MAX_RERANK}"
+                )));
+            }
+            if params.offset + params.top_k.max(rerank_top_n) > MAX_RESULTS {
+                return Err(Status::invalid_argument(format!(
+                    "offset + max(top_k, rerank_top_n) must be at most {MAX_RESULTS}"
+                )));
+            }
+            if r.with_captions && !engine.has_captioner() {
+                return Err(no_captioner());
+            }
+            let f = self
+                .submit("SearchText", lane(r.with_captions), |reply| {
+                    Job::SearchText {
+                        query: r.query,
+                        params,
+                        rerank_top_n,
+                        with_captions: r.with_captions,
+                        reply,
+                    }
+                })
+                .await?;
+            Ok(found(f))
+        })
+        .await
+    }
+
+    async fn search_image(
+        &self,
+        request: Request<pb::SearchImageRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        self.timed("SearchImage", async {
+            let engine = self.engine()?;
+            let r = request.into_inner();
+            check_image(&r.image)?;
+            let params = search_params(r.top_k, r.options)?;
+            if r.with_captions && !engine.has_captioner() {
+                return Err(no_captioner());
+            }
+            let f = self
+                .submit("SearchImage", lane(r.with_captions), |reply| {
+                    Job::SearchImage {
+                        image: r.image,
+                        params,
+                        with_captions: r.with_captions,
+                        reply,
+                    }
+                })
+                .await?;
+            Ok(found(f))
+        })
+        .await
+    }
+
+    async fn rerank(
+        &self,
+        request: Request<pb::RerankRequest>,
+    ) -> Result<Response<pb::SearchResponse>, Status> {
+        self.timed("Rerank", async {
+            let engine = self.engine()?;
+            let r = request.into_inner();
+            check_query(&r.query)?;
+            if r.image_ids.is_empty() {
+                return Err(Status::invalid_argument(
+                    "image_ids is empty; send the ids (Hit.image_id) of the images to score",
+                ));
+            }
+            let ids = dedup_ids(&r.image_ids);
+            if ids.len() > MAX_RERANK {
+                return Err(Status::invalid_argument(format!(
+                    "{} image ids; at most {MAX_RERANK} per request, split the request",
+                    ids.len()
+                )));
+            }
+            if r.with_captions && !engine.has_captioner() {
+                return Err(no_captioner());
+            }
+            let f = self
+                .submit("Rerank", lane(r.with_captions), |reply| Job::Rerank {
+                    query: r.query,
+                    ids,
+                    with_captions: r.with_captions,
+                    reply,
+                })
+                .await?;
+            Ok(found(f))
+        })
+        .await
+    }
+
+    async fn caption(
+        &self,
+        request: Request<pb::CaptionRequest>,
+    ) -> Result<Response<pb::CaptionResponse>, Status> {
+        self.timed("Caption", async {
+            let engine = self.engine()?;
+            if !engine.has_captioner() {
+                return Err(no_captioner());
+            }
+            let r = request.into_inner();
+            let source = match r.source {
+                Some(pb::caption_request::Source::ImageId(id)) => CaptionSource::ImageId(id),
+                Some(pb::caption_request::Source::Image(bytes)) => {
+                    check_image(&bytes)?;
+                    CaptionSource::Bytes(bytes)
+                }
+                None => {
+                    return Err(Status::invalid_argument(
+                        "no image: set image_id (an indexed image) or image (encoded bytes)",
+                    ))
+                }
+            };
+            if r.prompt.len() > MAX_QUERY_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "prompt is {} bytes; at most {MAX_QUERY_BYTES}",
+                    r.prompt.len()
+                )));
+            }
+            if let Some(n) = r.max_new_tokens {
+                if n == 0 || n > MAX_NEW_TOKENS {
+                    return Err(Status::invalid_argument(format!(
+                        "max_new_tokens is {n}; use 1 to {MAX_NEW_TOKENS}"
+                    )));
+                }
+            }
+            if let Some(n) = r.num_beams {
+                if n == 0 || n > MAX_BEAMS {
+                    return Err(Status::invalid_argument(format!(
+                        "num_beams is {n}; use 1 to {MAX_BEAMS}"
+                    )));
+                }
+            }
+            if let (Some(min), Some(max)) = (r.min_new_tokens, r.max_new_tokens) {
+                if min > max {
+                    return Err(Status::invalid_argument(format!(
+                        "min_new_tokens ({min}) is over max_new_tokens ({max})"
+                    )));
+                }
+            }
+            if r.min_new_tokens.is_some_and(|n| n > MAX_NEW_TOKENS) {
+                return Err(Status::invalid_argument(format!(
+                    "min_new_tokens must be at most {MAX_NEW_TOKENS}"
+                )));
+            }
+            let request = EngineCaptionRequest {
+                prompt: r.prompt,
+                max_new_tokens: r.max_new_tokens.map(|n| n as usize),
+                min_new_tokens: r.min_new_tokens.map(|n| n as usize),
+                num_beams: r.num_beams.map(|n| n as usize),
+            };
+            let c: CaptionOutcome = self
+                .submit("Caption", Lane::Caption, |reply| Job::Caption {
+                    source,
+                    request,
+                    reply,
+                })
+                .await?;
+            Ok(pb::CaptionResponse {
+                text: c.generated.text,
+                token_ids: c.generated.token_ids,
+                cached: c.cached,
+            })
+        })
+        .await
+    }
+
+    async fn get_stats(
+        &self,
+        _request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        self.timed("GetStats", async {
+            let engine = self.engine()?;
+            let s = tokio::task::spawn_blocking(move || engine.stats())
+                .await
+                .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
+            let queue_depth = self
+                .shared
+                .jobs
+                .read()
+                .ok()
+                .and_then(|j| j.as_ref().map(|q| q.search.len() + q.caption.len()))
+                .unwrap_or(0);
+            Ok(pb::GetStatsResponse {
+                images: s.images as u64,
+                deleted: s.dead_rows as u64,
+                generation: s.generation,
+                model: s.model,
+                model_fingerprint: s.model_fingerprint,
+                caption_model: s.caption_model.unwrap_or_default(),
+                captions_stored: s.captions_stored as u64,
+                captions_pending: s.captions_pending as u64,
+                index_bytes: s.index_bytes,
+                hnsw_points: s.hnsw_points as u64,
+                vision_cache_entries: s.vision_cache_entries as u64,
+                queue_depth: queue_depth as u64,
+                queue_capacity: self.shared.limits.queue_depth as u64,
+                server_version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+        })
+        .await
+    }
+}
+
+/// tonic refuses a request over `max_decoding_message_size` with OUT_OF_RANGE before any
+/// handler runs; clients are promised INVALID_ARGUMENT with a message that says what to do,
+/// so this wrapper rewrites that status (no handler of this service returns OUT_OF_RANGE).
+#[derive(Clone)]
+pub(crate) struct OversizedIsInvalid<S> {
+    inner: S,
+    limit: usize,
+}
+
+impl<S: NamedService> NamedService for OversizedIsInvalid<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> Service<http::Request<B>> for OversizedIsInvalid<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let fut = self.inner.call(req);
+        let limit = self.limit;
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            let out_of_range = resp
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == b"11");
+            if out_of_range {
+                let headers = resp.headers_mut();
+                headers.insert("grpc-status", HeaderValue::from_static("3"));
+                let msg = format!(
+                    "the request message is over the server's limit of {limit} bytes \
+                     (--max-message-bytes); send a smaller image (downscale or re-encode it)"
+                );
+                if let Ok(v) = HeaderValue::from_str(&msg) {
+                    headers.insert("grpc-message", v);
+                }
+            }
+            Ok(resp)
+        })
+    }
+}
