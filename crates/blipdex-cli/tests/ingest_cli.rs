@@ -406,3 +406,63 @@ fn walk_files(dir: &Path) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// The quickstart's first command: `serve --ingest PHOTOS` indexes the folder, serves it
+/// (metrics show the images), and SIGTERM stops it cleanly.
+#[test]
+fn serve_ingests_then_serves_and_stops_on_sigterm() -> Result<()> {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir()?;
+    let index = tmp.path().join("index");
+    let free = |_: ()| -> Result<String> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Ok(l.local_addr()?.to_string())
+    };
+    let (grpc, metrics) = (free(())?, free(())?);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args([
+            "serve",
+            "--ingest",
+            s(&fixtures().join("photos"))?,
+            "--index",
+            s(&index)?,
+            "--model",
+            s(&fixtures().join("models/itm-a"))?,
+            "--listen",
+            &grpc,
+            "--metrics-listen",
+            &metrics,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut body = String::new();
+    while std::time::Instant::now() < deadline {
+        body.clear();
+        if let Ok(mut c) = std::net::TcpStream::connect(&metrics) {
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            c.read_to_string(&mut body)?;
+            if body.contains("blipdex_model_loaded 1") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let loaded = body.contains("blipdex_model_loaded 1") && body.contains("blipdex_index_images 5");
+    // SIGTERM: graceful shutdown, exit status 0.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let status = child.wait()?;
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut stderr)?;
+    }
+    ensure!(
+        loaded,
+        "server never reported 5 loaded images: {body}\n{stderr}"
+    );
+    ensure!(status.success(), "exit {status:?} after SIGTERM: {stderr}");
+    ensure!(stderr.contains("5 new"), "{stderr}");
+    Ok(())
+}
