@@ -46,9 +46,10 @@ def retrieval(out: Path):
 
 
 def caption(out: Path):
-    tok, vocab, merges = gen_caption.train_tokenizer(False)
+    # transformers' generate() without input_ids needs image_token_index (as the hub's blip2-opt-2.7b has).
+    tok, vocab, merges = gen_caption.train_tokenizer(True)
     cfg = Blip2Config(vision_config=VISION, qformer_config=dict(QFORMER, vocab_size=30522), text_config=OPT125,
-                      num_query_tokens=32)
+                      num_query_tokens=32, image_token_index=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(1)
     model = generate.randomize(Blip2ForConditionalGeneration(cfg).eval(), 1)
     model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=2, pad_token_id=1)
