@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 BIN=${BLIPDEX_BIN:-target/release/blipdex}
 if ! "$BIN" embed --help >/dev/null 2>&1; then
   echo "building blipdex with CUDA (offline)..." >&2
-  timeout 420 cargo build --release --offline --features cuda -p blipdex-cli
+  timeout 420 cargo build --release --offline -p blipdex-cli --features cuda
 fi
 
 # 1. Parity: vision, Q-Former, ITC/ITM on CUDA vs the f32 golden files (f32 1e-4; f16 / bf16 tolerances as on CPU:
