@@ -77,6 +77,10 @@ pub enum Error {
         requested: String,
     },
 
+    /// An indexed file no longer holds the bytes that were indexed (its embedding is stale).
+    #[error("{path} changed since it was indexed; re-run blipdex ingest")]
+    FileChanged { path: String },
+
     /// A thing the request names (an image id, ...) does not exist.
     #[error("not found: {0}")]
     NotFound(String),

@@ -140,7 +140,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         options = options.with_dtype(Dtype::F16);
     }
     std::fs::create_dir_all(&index).map_err(|e| Error::io(&index, e))?;
-    let mut store = Store::create_or_open(&index, options)?;
+    let mut store = open_writer(&index, options)?;
 
     let (entries, problems) = walk(&roots, &filters);
     let mut summary = IngestSummary {
@@ -264,6 +264,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
                     rec.path = row.path.clone();
                     rec.caption = row.caption.clone();
                     state.batch.add(rec);
+                    state.updates += 1;
                     summary.unchanged += 1;
                 } else {
                     state.batch.add_path(id, p);
@@ -292,11 +293,12 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
             if state.caption_only.len() >= job.batch_size {
                 summary.model_seconds += state.caption_existing(&embedder, &mut summary)?;
             }
-            if state.adds >= job.commit_every {
+            if state.adds + state.updates >= job.commit_every {
                 summary.indexed += state.adds;
                 store.commit(std::mem::take(&mut state.batch))?;
                 summary.commits += 1;
                 state.adds = 0;
+                state.updates = 0;
                 state.batched_hash.clear();
             }
         }
@@ -336,6 +338,22 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         0.0
     };
     Ok(summary)
+}
+
+/// Opens the index for writing. A running `blipdex serve` briefly takes the writer lock to
+/// store captions; wait for it (a minute at most) instead of failing the ingest.
+fn open_writer(index: &Path, options: StoreOptions) -> Result<Store> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match Store::create_or_open(index, options.clone()) {
+            Err(Error::Store { reason, .. })
+                if reason.contains("another process") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The model side of the pipeline.
@@ -397,6 +415,9 @@ struct Round {
     caption_only: Vec<CaptionOnly>,
     batch: Batch,
     adds: usize,
+    /// Metadata refreshes and captions of existing images in `batch` (they count toward a
+    /// commit too, so a crash never loses more than `commit_every` of them).
+    updates: usize,
     /// Some image lost a path this run (its cache entry may be garbage now).
     replaced: bool,
 }
@@ -422,7 +443,10 @@ impl Round {
         if let Some((dir, dtype)) = &m.cache {
             for (i, q) in self.queue.iter().enumerate() {
                 let states = vision.get(i).map_err(tensor_err)?;
-                vision_cache::write(dir, &q.hash, &states, *dtype)?;
+                // A cache entry is an optimization: a full disk must not stop the ingest.
+                if let Err(e) = vision_cache::write(dir, &q.hash, &states, *dtype) {
+                    tracing::warn!("vision cache entry not written (rerank will recompute): {e}");
+                }
             }
         }
         let pixels: Vec<&Pixels> = self.queue.iter().map(|q| &q.pixels).collect();
@@ -458,6 +482,7 @@ impl Round {
         summary.captioned += captions.len();
         for (c, text) in self.caption_only.drain(..).zip(captions) {
             self.batch.set_caption(c.image_id, Some(text));
+            self.updates += 1;
         }
         Ok(t0.elapsed().as_secs_f64())
     }
@@ -476,7 +501,10 @@ fn collect_cache_garbage(dir: &Path, store: &Store) {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(hash) = name.strip_suffix(".safetensors") {
+            if name.starts_with(".tmp-") {
+                // Left by a crash mid-write.
+                let _ = std::fs::remove_file(e.path());
+            } else if let Some(hash) = name.strip_suffix(".safetensors") {
                 if !live.contains(hash) {
                     if let Err(err) = vision_cache::remove(dir, hash) {
                         tracing::warn!("cannot remove stale vision cache entry: {err}");

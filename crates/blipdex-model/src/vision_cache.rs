@@ -89,6 +89,10 @@ pub fn write(dir: &Path, hash: &str, states: &Tensor, dtype: CacheDtype) -> Resu
         path: tmp.clone(),
         source: std::io::Error::other(e.to_string()),
     })?;
+    // Durable before it becomes visible under its final name.
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
 }
 

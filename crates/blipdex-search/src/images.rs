@@ -19,9 +19,7 @@ pub(crate) fn read_verified(paths: &[String], content_hash: &str) -> Result<Vec<
         changed = Some(p.clone());
     }
     Err(match changed {
-        Some(p) => Error::InvalidArgument(format!(
-            "{p} changed since it was indexed; re-run blipdex ingest"
-        )),
+        Some(path) => Error::FileChanged { path },
         None => Error::NotFound(format!(
             "no copy of the indexed image exists any more (was {}); re-run blipdex ingest",
             paths.first().map_or("?", String::as_str)

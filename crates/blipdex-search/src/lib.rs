@@ -29,6 +29,12 @@ pub const MAX_RESULTS: usize = 10_000;
 pub const MAX_QUERY_BYTES: usize = 4096;
 /// Most image ids one rerank or caption request may name.
 pub const MAX_RERANK: usize = 1000;
+/// Images per vision-tower batch when recomputing states for ITM (bounds activation memory).
+const IMAGE_CHUNK: usize = 16;
+/// Images per caption batch.
+const CAPTION_CHUNK: usize = 8;
+/// Most hits one search may ask captions for.
+pub const MAX_CAPTIONED_HITS: usize = 100;
 /// Captions kept in memory (per image and request).
 const CAPTION_CACHE_ENTRIES: usize = 10_000;
 
@@ -421,7 +427,18 @@ impl Engine {
             } else {
                 need
             };
-            let raw = store.search_ann(t, fetch, p.ef.max(fetch))?;
+            // Each image has several graph points: ask for enough points to cover `fetch`
+            // distinct images.
+            let per_image = store.hnsw_params().vectors_per_image.max(1);
+            let raw = store.search_ann(t, fetch, p.ef.max(fetch.saturating_mul(per_image)))?;
+            if raw.len() < fetch.min(store.len()) {
+                // The graph yielded too few live images (e.g. many deleted rows): scan.
+                let exact = SearchParams {
+                    exact: true,
+                    ..p.clone()
+                };
+                return self.search_text(store, t, &exact);
+            }
             let maybe_more = raw.len() == fetch && raw.len() < store.len();
             let last = raw.last().map(|h| h.score);
             let kept: Vec<(u64, f32)> = raw
@@ -463,12 +480,20 @@ impl Engine {
             )));
         }
         let need = p.offset + p.top_k;
-        let candidates: Vec<u64> = if p.exact || p.filtered() {
+        let candidates: Vec<u64> = if p.exact {
             store.iter().map(|r| r.image_id).collect()
         } else {
+            // Filters are applied to the candidates; ask for more of them when filtering.
+            let fetch = if p.filtered() {
+                (need * 4).max(100)
+            } else {
+                need
+            }
+            .min(store.len().max(1));
+            let per_image = store.hnsw_params().vectors_per_image.max(1);
             let mut set = HashSet::new();
             for v in embeds.chunks_exact(e) {
-                for h in store.search_ann(v, need, p.ef.max(need))? {
+                for h in store.search_ann(v, fetch, p.ef.max(fetch.saturating_mul(per_image)))? {
                     set.insert(h.image_id);
                 }
             }
@@ -578,25 +603,26 @@ impl Engine {
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
-        if !decoded.is_empty() {
+        // Chunks bound the vision tower's activations (ViT-g: ~0.5 GB per 16 images).
+        for chunk in decoded.chunks(IMAGE_CHUNK) {
             let run = || -> Result<Tensor> {
-                let px = Tensor::cat(&decoded.iter().map(|d| &d.2).collect::<Vec<_>>(), 0)
+                let px = Tensor::cat(&chunk.iter().map(|d| &d.2).collect::<Vec<_>>(), 0)
                     .map_err(terr)?;
                 self.model.get_image_features(&px)
             };
             match run() {
                 Ok(states) => {
-                    for (row, (i, hash, _)) in decoded.into_iter().enumerate() {
+                    for (row, (i, hash, _)) in chunk.iter().enumerate() {
                         let t = states.get(row).map_err(terr);
                         if let Ok(t) = &t {
-                            lock(&self.vision_lru).cache.put(hash, t.clone());
+                            lock(&self.vision_lru).cache.put(hash.clone(), t.clone());
                         }
-                        out[i] = Some(t);
+                        out[*i] = Some(t);
                     }
                 }
                 Err(e) => {
-                    for (i, _, _) in decoded {
-                        out[i] = Some(Err(Error::Tensor(e.to_string())));
+                    for (i, _, _) in chunk {
+                        out[*i] = Some(Err(clone_error(&e)));
                     }
                 }
             }
@@ -623,63 +649,73 @@ impl Engine {
             }
         }
         let mut unique: Vec<u64> = Vec::new();
-        let mut slot: HashMap<u64, usize> = HashMap::new();
+        let mut seen: HashSet<u64> = HashSet::new();
         for (_, ids) in requests {
             for id in *ids {
-                slot.entry(*id).or_insert_with(|| {
+                if seen.insert(*id) {
                     unique.push(*id);
-                    unique.len() - 1
-                });
-            }
-        }
-        let states = self.vision_states(store, &unique);
-        // Rows of the stacked vision tensor for the images that have states.
-        let mut row_of: HashMap<u64, u32> = HashMap::new();
-        let mut ok = Vec::new();
-        for (id, s) in unique.iter().zip(&states) {
-            if let Ok(t) = s {
-                row_of.insert(*id, ok.len() as u32);
-                ok.push(t.clone());
-            }
-        }
-        let mut pairs = Vec::new();
-        for (ti, (_, ids)) in requests.iter().enumerate() {
-            for id in *ids {
-                if let Some(r) = row_of.get(id) {
-                    pairs.push((*r, ti as u32));
                 }
             }
         }
-        let probs: Vec<f32> = if pairs.is_empty() {
-            Vec::new()
-        } else {
+        let texts: Vec<&str> = requests.iter().map(|r| r.0).collect();
+        let (ids_t, mask) = self.tokenize(&texts)?;
+        // Per (request, image): the probability or that image's error. Images go through in
+        // chunks, so memory is bounded by the chunk, not by the number of ids.
+        let mut prob: HashMap<(usize, u64), Result<f32>> = HashMap::new();
+        for chunk in unique.chunks(IMAGE_CHUNK) {
+            let states = self.vision_states(store, chunk);
+            let mut row_of: HashMap<u64, u32> = HashMap::new();
+            let mut ok = Vec::new();
+            for (id, s) in chunk.iter().zip(states) {
+                match s {
+                    Ok(t) => {
+                        row_of.insert(*id, ok.len() as u32);
+                        ok.push(t);
+                    }
+                    Err(e) => {
+                        for (ti, (_, ids)) in requests.iter().enumerate() {
+                            if ids.contains(id) {
+                                prob.insert((ti, *id), Err(clone_error(&e)));
+                            }
+                        }
+                    }
+                }
+            }
+            let mut pairs = Vec::new();
+            let mut keys = Vec::new();
+            for (ti, (_, ids)) in requests.iter().enumerate() {
+                for id in *ids {
+                    if let Some(r) = row_of.get(id) {
+                        if !keys.contains(&(ti, *id)) {
+                            pairs.push((*r, ti as u32));
+                            keys.push((ti, *id));
+                        }
+                    }
+                }
+            }
+            if pairs.is_empty() {
+                continue;
+            }
             let vision = Tensor::stack(&ok, 0).map_err(terr)?;
-            let texts: Vec<&str> = requests.iter().map(|r| r.0).collect();
-            let (ids_t, mask) = self.tokenize(&texts)?;
             let logits = self
                 .model
                 .itm_logits_pairs(&vision, &ids_t, &mask, &pairs)?;
-            Blip2::itm_probability(&logits)?.to_vec1().map_err(terr)?
-        };
-        let mut next = probs.into_iter();
-        let mut out = Vec::with_capacity(requests.len());
-        for (_, ids) in requests {
-            let mut row = Vec::with_capacity(ids.len());
-            for id in *ids {
-                if row_of.contains_key(id) {
-                    row.push(
-                        next.next()
-                            .ok_or_else(|| Error::Tensor("ITM pair lost".into())),
-                    );
-                } else {
-                    let e = match &states[slot[id]] {
-                        Err(e) => clone_error(e),
-                        Ok(_) => Error::Tensor("vision state lost".into()),
-                    };
-                    row.push(Err(e));
-                }
+            let p: Vec<f32> = Blip2::itm_probability(&logits)?.to_vec1().map_err(terr)?;
+            for (k, v) in keys.into_iter().zip(p) {
+                prob.insert(k, Ok(v));
             }
-            out.push(row);
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        for (ti, (_, ids)) in requests.iter().enumerate() {
+            out.push(
+                ids.iter()
+                    .map(|id| match prob.get(&(ti, *id)) {
+                        Some(Ok(v)) => Ok(*v),
+                        Some(Err(e)) => Err(clone_error(e)),
+                        None => Err(Error::Tensor("ITM pair lost".into())),
+                    })
+                    .collect(),
+            );
         }
         Ok(out)
     }
@@ -800,7 +836,17 @@ impl Engine {
             };
             groups.entry(req).or_default().push((i, hash, bytes));
         }
-        for (req, members) in groups {
+        let chunks = groups.into_iter().flat_map(|(req, members)| {
+            let mut members = members.into_iter().peekable();
+            std::iter::from_fn(move || {
+                members.peek()?;
+                Some((
+                    req,
+                    members.by_ref().take(CAPTION_CHUNK).collect::<Vec<_>>(),
+                ))
+            })
+        });
+        for (req, members) in chunks {
             let mut imgs = Vec::new();
             let mut idx = Vec::new();
             for (i, hash, bytes) in members {
@@ -851,6 +897,12 @@ impl Engine {
     /// Fills `caption` of hits that have none (plain captions, generated in one batch).
     pub fn fill_captions(&self, store: &Store, hits: &mut [Hit]) -> Result<()> {
         self.captioner()?;
+        if hits.len() > MAX_CAPTIONED_HITS {
+            return Err(Error::InvalidArgument(format!(
+                "captions for at most {MAX_CAPTIONED_HITS} hits per search, got {}; lower top_k",
+                hits.len()
+            )));
+        }
         let need: Vec<usize> = (0..hits.len())
             .filter(|i| hits[*i].caption.is_none())
             .collect();
@@ -1002,6 +1054,7 @@ fn clone_error(e: &Error) -> Error {
             stored: stored.clone(),
             requested: requested.clone(),
         },
+        Error::FileChanged { path } => Error::FileChanged { path: path.clone() },
         Error::NotFound(m) => Error::NotFound(m.clone()),
         Error::Overloaded(m) => Error::Overloaded(m.clone()),
         Error::Store { dir, reason } => Error::Store {

@@ -303,6 +303,16 @@ fn search_filters_pages_images_and_refresh() -> Result<()> {
     for ((a, b), c) in exact.iter().zip(&ann).zip(&brute) {
         ensure!(a.image_id == b.image_id && a.image_id == c.image_id && a.itc_score == c.score);
     }
+    // The graph holds several points per image: a small ef still yields top_k images.
+    let narrow = eng.search_text(
+        &snap,
+        &t,
+        &SearchParams {
+            ef: 1,
+            ..all.clone()
+        },
+    )?;
+    ensure!(narrow.len() == 5, "{narrow:?}");
     // Pages are slices of the full list.
     let page = eng.search_text(
         &snap,

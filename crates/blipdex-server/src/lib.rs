@@ -143,7 +143,7 @@ pub fn status_from(e: &Error) -> Status {
             Status::invalid_argument(msg)
         }
         Error::NotFound(_) => Status::not_found(msg),
-        Error::Unsupported(_) => Status::failed_precondition(msg),
+        Error::Unsupported(_) | Error::FileChanged { .. } => Status::failed_precondition(msg),
         Error::ModelMismatch { .. } => Status::failed_precondition(format!(
             "{msg}; restart the server with the model that built the index"
         )),

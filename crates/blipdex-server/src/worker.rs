@@ -255,8 +255,13 @@ fn process(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
                 ..
             } => w.text.and_then(|k| text_embeds.get(k)).map(|e| match e {
                 Ok(t) => {
+                    // Rerank the first N of the whole ranking, then cut the page, so pages
+                    // neither overlap nor skip items.
                     let mut p = params.clone();
-                    p.top_k = p.top_k.max(*rerank_top_n);
+                    if *rerank_top_n > 0 {
+                        p.top_k = (p.offset + p.top_k).max(*rerank_top_n);
+                        p.offset = 0;
+                    }
                     w.itm_n = *rerank_top_n;
                     engine
                         .search_text(&store, t, &p)
@@ -337,6 +342,26 @@ fn process(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
         }
     }
 
+    // The page of reranked text searches (searched from the top above).
+    for w in &mut work {
+        if let Job::SearchText {
+            params,
+            rerank_top_n,
+            ..
+        } = &w.job
+        {
+            if *rerank_top_n > 0 {
+                let page: Vec<Hit> = w
+                    .hits
+                    .drain(..)
+                    .skip(params.offset)
+                    .take(params.top_k)
+                    .collect();
+                w.hits = page;
+            }
+        }
+    }
+
     // 5. Captions, one call: Caption requests and hits of `with_captions` searches.
     let mut items: Vec<(CaptionSource, CaptionRequest)> = Vec::new();
     // (work index, Some(hit index) for a hit, None for a Caption request)
@@ -370,6 +395,14 @@ fn process(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
                 if let Job::SearchText { params, .. } = &w.job {
                     // Only the hits that will be returned.
                     w.hits.truncate(params.top_k);
+                }
+                if w.hits.len() > blipdex_search::MAX_CAPTIONED_HITS {
+                    w.error = Some(status_from(&Error::InvalidArgument(format!(
+                        "with_captions allows at most {} hits per search, got {}; lower top_k",
+                        blipdex_search::MAX_CAPTIONED_HITS,
+                        w.hits.len()
+                    ))));
+                    continue;
                 }
                 for (h, hit) in w.hits.iter().enumerate() {
                     if hit.caption.is_none() {

@@ -377,6 +377,26 @@ async fn every_rpc_matches_the_engine() -> Result<()> {
     }
     ensure!(reranked.hits[..3].iter().all(|h| h.itm_score.is_some()));
     ensure!(reranked.hits[3..].iter().all(|h| h.itm_score.is_none()));
+    // Pages of a reranked search are slices of the one reranked ranking.
+    let page = client
+        .search_text(SearchTextRequest {
+            rerank_top_n: 3,
+            options: Some(SearchOptions {
+                offset: 2,
+                exact: true,
+                ..Default::default()
+            }),
+            ..text("a cat", 2)
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        page.hits
+            .iter()
+            .map(|h| h.image_id)
+            .eq(want[2..4].iter().map(|h| h.image_id)),
+        "{page:?} vs {want:?}"
+    );
 
     // SearchImage: every indexed photo finds itself first, with similarity 1.
     for name in PHOTOS {
