@@ -6,7 +6,6 @@ pub mod captioner;
 pub mod config;
 pub mod image;
 pub mod loading;
-pub mod ops;
 pub mod opt;
 pub mod qformer;
 pub mod tokenizer;

@@ -142,7 +142,7 @@ impl Blip2QFormerFeedForward {
 
 impl Module for Blip2QFormerFeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = crate::ops::linear_act(&self.intermediate, self.act, xs)?;
+        let h = self.act.forward(&self.intermediate.forward(xs)?)?;
         self.output.forward(&h, xs)
     }
 }

@@ -194,8 +194,7 @@ impl Blip2Mlp {
 
 impl Module for Blip2Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&crate::ops::linear_act(&self.fc1, self.act, xs)?)
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
     }
 }
 

@@ -945,16 +945,24 @@ impl Engine {
         )
         .with_dtype(snapshot.dtype())
         .with_hnsw(snapshot.hnsw_params());
-        let mut writer = match Store::create_or_open(&self.index, options) {
-            Ok(w) => w,
-            Err(Error::Store { reason, .. }) if reason.contains("another process") => {
-                tracing::info!(
-                    "index is being written; {} captions stay queued",
-                    pending.len()
-                );
-                return Ok(0);
+        // An ingest may hold the writer lock: wait a little (it commits in seconds), else keep
+        // the captions queued for the next flush.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut writer = loop {
+            match Store::create_or_open(&self.index, options.clone()) {
+                Ok(w) => break w,
+                Err(Error::Store { reason, .. }) if reason.contains("another process") => {
+                    if std::time::Instant::now() >= deadline {
+                        tracing::info!(
+                            "index is being written; {} captions stay queued",
+                            pending.len()
+                        );
+                        return Ok(0);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         let mut batch = Batch::new();
         let mut written = Vec::new();
