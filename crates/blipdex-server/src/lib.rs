@@ -161,6 +161,12 @@ pub fn status_from(e: &Error) -> Status {
     }
 }
 
+/// The overall ("") and the Retrieval service's health move together.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -255,12 +261,7 @@ impl Server {
         let queue_depth = limits.queue_depth.max(1);
         metrics.queue_capacity.set(queue_depth as i64);
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
+        set_health(&health, ServingStatus::NotServing).await;
 
         let (search_tx, search_rx) = crossbeam_channel::bounded::<worker::Job>(queue_depth);
         let (caption_tx, caption_rx) = crossbeam_channel::bounded::<worker::Job>(queue_depth);
@@ -356,10 +357,7 @@ impl Server {
                             .set(stats.generation() as i64);
                         let _ = shared.engine.set(engine);
                         shared.metrics.model_loaded.set(1);
-                        health.set_service_status("", ServingStatus::Serving).await;
-                        health
-                            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
-                            .await;
+                        set_health(&health, ServingStatus::Serving).await;
                         tracing::info!("serving");
                     }
                     Ok(Err(e)) => {
@@ -415,12 +413,7 @@ impl Server {
                     // A dropped sender (the engine loaded) is no reason to stop.
                     Ok(()) = stop_rx => {}
                 }
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                    .await;
+                set_health(&health, ServingStatus::NotServing).await;
                 tracing::info!("shutting down: draining in-flight requests");
             }
         };
