@@ -285,16 +285,8 @@ impl Engine {
         &self.model
     }
 
-    pub fn model_files(&self) -> &ModelFiles {
-        &self.files
-    }
-
     pub fn has_captioner(&self) -> bool {
         self.captioner.is_some()
-    }
-
-    pub fn index_dir(&self) -> &Path {
-        &self.index
     }
 
     /// The current snapshot of the index.
@@ -892,38 +884,6 @@ impl Engine {
         out.into_iter()
             .map(|o| o.unwrap_or_else(|| Err(Error::Tensor("caption not computed".into()))))
             .collect()
-    }
-
-    /// Fills `caption` of hits that have none (plain captions, generated in one batch).
-    pub fn fill_captions(&self, store: &Store, hits: &mut [Hit]) -> Result<()> {
-        self.captioner()?;
-        if hits.len() > MAX_CAPTIONED_HITS {
-            return Err(Error::InvalidArgument(format!(
-                "captions for at most {MAX_CAPTIONED_HITS} hits per search, got {}; lower top_k",
-                hits.len()
-            )));
-        }
-        let need: Vec<usize> = (0..hits.len())
-            .filter(|i| hits[*i].caption.is_none())
-            .collect();
-        let items: Vec<(CaptionSource, CaptionRequest)> = need
-            .iter()
-            .map(|i| {
-                (
-                    CaptionSource::ImageId(hits[*i].image_id),
-                    CaptionRequest::default(),
-                )
-            })
-            .collect();
-        for (i, r) in need.into_iter().zip(self.caption_many(store, &items)) {
-            match r {
-                Ok(c) => hits[i].caption = Some(c.generated.text),
-                Err(e) => {
-                    hits[i].error.get_or_insert_with(|| e.to_string());
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Writes queued plain captions into the index so they survive a restart. Needs the index's
