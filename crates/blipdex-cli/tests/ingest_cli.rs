@@ -435,20 +435,25 @@ fn serve_ingests_then_serves_and_stops_on_sigterm() -> Result<()> {
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Whole sample lines: the HELP text of a metric may contain "<name> 1" too.
+    let ready = |body: &str| {
+        let has = |line: &str| body.lines().any(|l| l.trim() == line);
+        has("blipdex_model_loaded 1") && has("blipdex_index_images 5")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let mut body = String::new();
     while std::time::Instant::now() < deadline {
         body.clear();
         if let Ok(mut c) = std::net::TcpStream::connect(&metrics) {
             c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
             c.read_to_string(&mut body)?;
-            if body.contains("blipdex_model_loaded 1") {
+            if ready(&body) {
                 break;
             }
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let loaded = body.contains("blipdex_model_loaded 1") && body.contains("blipdex_index_images 5");
+    let loaded = ready(&body);
     // SIGTERM: graceful shutdown, exit status 0.
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

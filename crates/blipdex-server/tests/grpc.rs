@@ -516,10 +516,15 @@ async fn every_rpc_matches_the_engine() -> Result<()> {
         r#"blipdex_batch_items_count{kind="text"}"#,
         r#"blipdex_batch_items_count{kind="itm_pairs"}"#,
         "blipdex_queue_depth",
-        "blipdex_model_loaded 1",
-        "blipdex_index_images 5",
     ] {
         ensure!(body.contains(needle), "metrics lack {needle}:\n{body}");
+    }
+    // Whole sample lines: a metric's HELP text may contain "<name> 1" as well.
+    for line in ["blipdex_model_loaded 1", "blipdex_index_images 5"] {
+        ensure!(
+            body.lines().any(|l| l.trim() == line),
+            "metrics lack the sample line {line}:\n{body}"
+        );
     }
     ensure!(http_get(maddr, "/nope").await?.starts_with("HTTP/1.1 404"));
     let _ = mstop.send(());
