@@ -5,6 +5,7 @@ pub mod caption;
 pub mod captioner;
 pub mod config;
 pub mod image;
+pub mod kernels;
 pub mod loading;
 pub mod opt;
 pub mod qformer;

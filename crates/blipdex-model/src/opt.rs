@@ -339,7 +339,7 @@ impl OptAttention {
             .matmul(&k.t()?)?
             .to_dtype(DType::F32)?
             .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = crate::kernels::scaled_softmax_last_dim(scores, 1.0)?.to_dtype(dtype)?;
         let out =
             probs
                 .matmul(&v)?

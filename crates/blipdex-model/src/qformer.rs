@@ -57,12 +57,15 @@ impl Blip2QFormerMultiHeadAttention {
         let q = self.split_heads(self.query.forward(hidden)?)?;
         let k = self.split_heads(self.key.forward(states)?)?;
         let v = self.split_heads(self.value.forward(states)?)?;
-        let scores = (q.matmul(&k.t()?)? * (self.head_size as f64).powf(-0.5))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        let scale = (self.head_size as f64).powf(-0.5);
+        let scores = q.matmul(&k.t()?)?;
+        // transformers scales before adding the mask; without one the scale fuses into the softmax.
+        let probs = match mask {
+            Some(m) => {
+                crate::kernels::scaled_softmax_last_dim((scores * scale)?.broadcast_add(m)?, 1.0)?
+            }
+            None => crate::kernels::scaled_softmax_last_dim(scores, scale)?,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))
     }
 }
@@ -142,7 +145,7 @@ impl Blip2QFormerFeedForward {
 
 impl Module for Blip2QFormerFeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.act.forward(&self.intermediate.forward(xs)?)?;
+        let h = crate::kernels::linear_act(&self.intermediate, self.act, xs)?;
         self.output.forward(&h, xs)
     }
 }

@@ -169,8 +169,7 @@ impl Module for Blip2Attention {
         let q = qkv.i(0)?.contiguous()?;
         let k = qkv.i(1)?.contiguous()?;
         let v = qkv.i(2)?.contiguous()?;
-        let attn = (q.matmul(&k.t()?)? * self.scale)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = crate::kernels::scaled_softmax_last_dim(q.matmul(&k.t()?)?, self.scale)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.projection.forward(&out)
     }
@@ -194,7 +193,8 @@ impl Blip2Mlp {
 
 impl Module for Blip2Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.act.forward(&self.fc1.forward(xs)?)?)
+        self.fc2
+            .forward(&crate::kernels::linear_act(&self.fc1, self.act, xs)?)
     }
 }
 
