@@ -57,6 +57,152 @@ pub fn scaled_softmax_last_dim(x: Tensor, scale: f64) -> Result<Tensor> {
     candle_nn::ops::softmax_last_dim(&x.contiguous()?)
 }
 
+/// Most input rows for which [`matmul_t`] streams the weight itself (decoding: one row per beam).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `linear(x)` = x·Wᵀ + b, through [`matmul_t`].
+pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = matmul_t(x, lin.weight())?;
+    match lin.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// x·Wᵀ for x `[.., K]` and W `[N, K]`. With a few rows (token-by-token decoding) on the CPU in
+/// f32, the weight is streamed once through dot products split over rayon: the matmul is memory
+/// bound there, and gemm's packing for a 1-row product costs more than the product itself.
+/// Larger inputs, other devices and dtypes use candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let small = rows <= GEMV_MAX_ROWS && x.dims().last() == Some(&k);
+    if small && fast_path(x) && w.dtype() == DType::F32 && w.is_contiguous() {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        return x.apply_op2_no_bwd(w, &Gemv)?.reshape(dims);
+    }
+    x.broadcast_matmul(&w.t()?)
+}
+
+struct Gemv;
+
+impl candle_core::CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "blipdex-gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (x, w) = match (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), Some((a, b)), Some((c, d))) => {
+                (&x[a..b], &w[c..d])
+            }
+            _ => candle_core::bail!("{}: needs contiguous f32 inputs", self.name()),
+        };
+        let (n, k) = l2.shape().dims2()?;
+        let m = x.len() / k.max(1);
+        // Output transposed, [N, M]: each task then writes one contiguous block.
+        let mut yt = vec![0f32; n * m];
+        const ROWS_PER_TASK: usize = 32;
+        yt.par_chunks_mut(ROWS_PER_TASK * m)
+            .zip(w.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(yt, w)| pulp::Arch::new().dispatch(Dots { x, w, yt, k }));
+        let y = if m == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; n * m];
+            for (j, row) in yt.chunks_exact(m).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    y[i * n + j] = *v;
+                }
+            }
+            y
+        };
+        Ok((CpuStorage::F32(y), candle_core::Shape::from((m, n))))
+    }
+}
+
+/// yt[j·m + i] = x_i · w_j for a block of weight rows.
+struct Dots<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    yt: &'a mut [f32],
+    k: usize,
+}
+
+impl pulp::WithSimd for Dots<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let (k, m) = (self.k, self.x.len() / self.k);
+        let mut wr = self.w.chunks_exact(4 * k);
+        let mut yr = self.yt.chunks_exact_mut(4 * m);
+        for (w4, y4) in (&mut wr).zip(&mut yr) {
+            let (w0, rest) = w4.split_at(k);
+            let (w1, rest) = rest.split_at(k);
+            let (w2, w3) = rest.split_at(k);
+            for (i, xi) in self.x.chunks_exact(k).enumerate() {
+                let d = dot4(xi, [w0, w1, w2, w3]);
+                for (r, v) in d.into_iter().enumerate() {
+                    y4[r * m + i] = v;
+                }
+            }
+        }
+        for (wj, yj) in wr
+            .remainder()
+            .chunks_exact(k)
+            .zip(yr.into_remainder().chunks_exact_mut(m))
+        {
+            for (xi, y) in self.x.chunks_exact(k).zip(yj.iter_mut()) {
+                *y = dot4(xi, [wj, wj, wj, wj])[0];
+            }
+        }
+    }
+}
+
+/// Four dot products sharing the loads of `x`: four independent FMA chains hide their latency,
+/// and the horizontal sums are paid once per four weight rows.
+#[inline(always)]
+fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+    let (mut a0, mut a1, mut a2, mut a3) =
+        ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+    let xc = x.chunks_exact(LANES);
+    let tail = xc.remainder();
+    let [w0, w1, w2, w3] = w;
+    let it = xc
+        .zip(w0.chunks_exact(LANES))
+        .zip(w1.chunks_exact(LANES))
+        .zip(w2.chunks_exact(LANES))
+        .zip(w3.chunks_exact(LANES));
+    for ((((x, c0), c1), c2), c3) in it {
+        for l in 0..LANES {
+            a0[l] = x[l].mul_add(c0[l], a0[l]);
+            a1[l] = x[l].mul_add(c1[l], a1[l]);
+            a2[l] = x[l].mul_add(c2[l], a2[l]);
+            a3[l] = x[l].mul_add(c3[l], a3[l]);
+        }
+    }
+    let n = x.len() - tail.len();
+    let mut out = [0f32; 4];
+    for ((o, a), wr) in out.iter_mut().zip([a0, a1, a2, a3]).zip(w) {
+        let mut t = 0f32;
+        for (xv, wv) in tail.iter().zip(&wr[n..]) {
+            t = xv.mul_add(*wv, t);
+        }
+        *o = a.iter().sum::<f32>() + t;
+    }
+    out
+}
+
 fn fast_path(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.is_contiguous()
 }
@@ -360,6 +506,41 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(d < 1e-6, "strided softmax: {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn gemv_equals_candles_matmul() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // K with and without a remainder after the 64-wide blocks; N across several tasks.
+        for (m, k, n) in [
+            (1usize, 768usize, 1000usize),
+            (3, 100, 77),
+            (8, 64, 33),
+            (1, 5, 2),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, 1, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, n, &dev)?;
+            let lin = Linear::new(w.clone(), Some(b));
+            let want = lin.forward(&x)?;
+            let got = linear(&lin, &x)?;
+            assert_eq!(got.dims(), want.dims());
+            let d = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-4, "gemv m={m} k={k} n={n}: {d}");
+        }
+        // More rows than GEMV_MAX_ROWS go through candle's matmul unchanged.
+        let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 16), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (4, 16), &dev)?;
+        let d = (matmul_t(&x, &w)? - x.matmul(&w.t()?)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        assert_eq!(d.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 

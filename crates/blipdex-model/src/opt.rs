@@ -221,7 +221,7 @@ impl OptLinear {
 impl Module for OptLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Float(l) => l.forward(xs),
+            Self::Float(l) => crate::kernels::linear(l, xs),
             Self::Quantized { weight, bias } => {
                 // Quantized matmuls take f32 activations on every backend; the result goes back
                 // to the model dtype.
@@ -628,8 +628,8 @@ impl OptForCausalLM {
     /// Logits [.., vocab] of decoder hidden states.
     pub fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         match &self.lm_head {
-            LmHead::Tied(w) => hidden.broadcast_matmul(&w.t()?),
-            LmHead::Linear(l) => l.forward(hidden),
+            LmHead::Tied(w) => crate::kernels::matmul_t(hidden, w),
+            LmHead::Linear(l) => crate::kernels::linear(l, hidden),
         }
     }
 
