@@ -77,6 +77,8 @@ fn set_threads(threads: Option<usize>) -> usize {
     if let Some(t) = threads.filter(|t| *t > 0) {
         // Before any model code runs: no other thread reads the environment yet.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+        // MKL's OpenMP pool (the `mkl` feature) reads its own variable.
+        std::env::set_var("OMP_NUM_THREADS", t.to_string());
     }
     candle_core::utils::get_num_threads()
 }
