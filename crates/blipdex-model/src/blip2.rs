@@ -69,6 +69,13 @@ pub struct Blip2 {
 
 impl Blip2 {
     pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<Self> {
+        if cfg!(feature = "mkl") && opts.device.is_cpu() && opts.dtype == DType::BF16 {
+            return Err(Error::Unsupported(
+                "bf16 on the CPU is not available in a `--features mkl` build (candle's MKL matmul \
+                 has no bf16): use --dtype f32 or f16, or a build without mkl"
+                    .into(),
+            ));
+        }
         let config = Blip2Config::from_json_str(&files.read_config()?).map_err(|e| {
             Error::bad_model(
                 &files.name,
@@ -174,7 +181,7 @@ impl Blip2 {
             let emb = heads.embeddings.forward(input_ids)?;
             let h = self.qformer.forward(&emb, 0, Some(attention_mask), None)?;
             let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-            l2_normalize(&heads.text_projection.forward(&cls)?)
+            l2_normalize(&crate::kernels::linear(&heads.text_projection, &cls)?)
         };
         run().map_err(terr)
     }

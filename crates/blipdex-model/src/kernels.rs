@@ -74,6 +74,9 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
 /// bound there, and gemm's packing for a 1-row product costs more than the product itself.
 /// Larger inputs, other devices and dtypes use candle's matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    // A narrowed view (the last position of each sequence) is fine for gemm but not for candle's
+    // MKL matmul; a copy of a few rows is free next to the product.
+    let x = &x.contiguous()?;
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
     let small = rows <= GEMV_MAX_ROWS && x.dims().last() == Some(&k);
