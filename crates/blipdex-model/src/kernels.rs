@@ -473,6 +473,10 @@ mod tests {
         }
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
     #[test]
     fn fused_ops_equal_candles_ops() -> anyhow::Result<()> {
         let dev = Device::Cpu;
@@ -483,31 +487,19 @@ mod tests {
 
             let want = x.broadcast_add(&bias)?.gelu_erf()?;
             let got = bias_gelu_erf(x.copy()?, Some(&bias))?;
-            let d = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-5, "bias+gelu n={n}: {d}");
 
             let want = candle_nn::ops::softmax_last_dim(&(&x * 0.125)?)?;
             let got = scaled_softmax_last_dim(x.copy()?, 0.125)?;
-            let d = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-6, "softmax n={n}: {d}");
         }
         // Strided input takes candle's path and still agrees.
         let x = Tensor::randn(0f32, 1.0, (40, 30), &dev)?.t()?;
         let want = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
         let got = scaled_softmax_last_dim(x, 1.0)?;
-        let d = (got - want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
+        let d = max_abs_diff(&got, &want)?;
         assert!(d < 1e-6, "strided softmax: {d}");
         Ok(())
     }
@@ -529,21 +521,14 @@ mod tests {
             let want = lin.forward(&x)?;
             let got = linear(&lin, &x)?;
             assert_eq!(got.dims(), want.dims());
-            let d = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-4, "gemv m={m} k={k} n={n}: {d}");
         }
         // More rows than GEMV_MAX_ROWS go through candle's matmul unchanged.
         let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 16), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (4, 16), &dev)?;
-        let d = (matmul_t(&x, &w)? - x.matmul(&w.t()?)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?;
-        assert_eq!(d.to_scalar::<f32>()?, 0.0);
+        let d = max_abs_diff(&matmul_t(&x, &w)?, &x.matmul(&w.t()?)?)?;
+        assert_eq!(d, 0.0);
         Ok(())
     }
 
