@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{
-    embedding, layer_norm, linear, Activation, Embedding, LayerNorm, LayerNormConfig, Linear,
-    VarBuilder,
+    embedding, layer_norm, Activation, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder,
 };
 
 use crate::config::Blip2QFormerConfig;
+use crate::kernels::linear_kn;
 
 /// Turns a `[B, L]` 0/1 padding mask into the additive `[B, 1, 1, L]` mask of transformers
 /// (0 where attended, the dtype's lowest value where masked).
@@ -35,9 +35,9 @@ impl Blip2QFormerMultiHeadAttention {
             h
         };
         Ok(Self {
-            query: linear(h, h, vb.pp("query"))?,
-            key: linear(kv_in, h, vb.pp("key"))?,
-            value: linear(kv_in, h, vb.pp("value"))?,
+            query: linear_kn(h, h, vb.pp("query"))?,
+            key: linear_kn(kv_in, h, vb.pp("key"))?,
+            value: linear_kn(kv_in, h, vb.pp("value"))?,
             num_heads: cfg.num_attention_heads,
             head_size: h / cfg.num_attention_heads,
         })
@@ -79,7 +79,7 @@ pub struct Blip2QFormerOutput {
 impl Blip2QFormerOutput {
     fn new(cfg: &Blip2QFormerConfig, in_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            dense: linear(in_dim, cfg.hidden_size, vb.pp("dense"))?,
+            dense: linear_kn(in_dim, cfg.hidden_size, vb.pp("dense"))?,
             layer_norm: layer_norm(
                 cfg.hidden_size,
                 LayerNormConfig::from(cfg.layer_norm_eps),
@@ -126,7 +126,7 @@ pub struct Blip2QFormerFeedForward {
 
 impl Blip2QFormerFeedForward {
     fn new(cfg: &Blip2QFormerConfig, vb: VarBuilder, suffix: &str) -> Result<Self> {
-        let intermediate = linear(
+        let intermediate = linear_kn(
             cfg.hidden_size,
             cfg.intermediate_size,
             vb.pp(format!("intermediate{suffix}")).pp("dense"),

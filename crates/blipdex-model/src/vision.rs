@@ -1,7 +1,9 @@
 //! `Blip2VisionModel`: EVA-style ViT with a fused, key-bias-free qkv projection.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, Activation, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+
+use crate::kernels::linear_kn;
 
 use crate::config::Blip2VisionConfig;
 
@@ -149,8 +151,8 @@ impl Blip2Attention {
         };
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: Linear::new(qkv_w, bias),
-            projection: linear(d, d, vb.pp("projection"))?,
+            qkv: crate::kernels::relayout_for_cpu(Linear::new(qkv_w, bias))?,
+            projection: linear_kn(d, d, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -184,8 +186,8 @@ pub struct Blip2Mlp {
 impl Blip2Mlp {
     pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear_kn(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: linear_kn(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
             act: cfg.hidden_act,
         })
     }
