@@ -1,13 +1,15 @@
-//! Fused CPU kernels for the elementwise work around the matmuls.
+//! CPU kernels around candle's matmuls.
 //!
-//! candle evaluates GELU (erf form) and the softmax exponential one scalar libm call at a time;
-//! on the base-size ViT they cost about a fifth of the forward pass. These run in place on the
-//! fresh matmul outputs (no allocation, one pass), vectorized by pulp's runtime dispatch
-//! (AVX-512 / AVX2 where the CPU has them) and split over rows with rayon. Other devices and
-//! dtypes take candle's own ops, so CUDA and f16/bf16 are unchanged.
+//! - Elementwise: candle evaluates GELU (erf form) and the softmax exponential one scalar libm
+//!   call at a time; on the base-size ViT they cost about a fifth of the forward pass. These run
+//!   in place on the fresh matmul outputs (no allocation, one pass), vectorized by pulp's runtime
+//!   dispatch (AVX-512 / AVX2 where the CPU has them) and split over rows with rayon.
+//! - Few-row products (decoding): a streaming GEMV instead of gemm's packing.
+//! - Weight layout: Wᵀ stored row-major for the vision and Q-Former linears.
 //!
-//! Accuracy (checked in the tests below against f64): erf ≤ 5e-7 absolute, exp ≤ 2 ulp; both far
-//! inside the 1e-4 parity tolerance against transformers.
+//! Other devices and dtypes take candle's own ops, so CUDA and f16/bf16 are unchanged.
+//! Accuracy (checked in the tests below against f64): erf ≤ 5e-7 absolute, exp ≤ 2.5 ulp; both
+//! far inside the 1e-4 parity tolerance against transformers.
 
 use candle_core::{
     CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Tensor,
@@ -39,31 +41,38 @@ pub fn relayout_for_cpu(lin: Linear) -> Result<Linear> {
 /// `w.t().contiguous()` for a contiguous f32 matrix, in 64-column tiles over rayon (candle's
 /// strided copy of a transpose is single-threaded and cache-hostile: +2 s at load for ViT-base).
 fn transpose_f32(w: &Tensor) -> Result<Tensor> {
-    if w.dtype() != DType::F32 || !w.is_contiguous() {
-        return w.t()?.contiguous();
-    }
     let (n, k) = w.dims2()?;
-    let (storage, layout) = w.storage_and_layout();
-    let src = match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => &v[lo..hi],
-        _ => return w.t()?.contiguous(),
+    let tiled = {
+        let (storage, layout) = w.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) if n * k > 0 => {
+                Some(transpose_tiles(&v[lo..hi], n, k))
+            }
+            _ => None,
+        }
     };
-    let mut dst = vec![0f32; n * k];
+    match tiled {
+        Some(dst) => Tensor::from_vec(dst, (k, n), w.device()),
+        None => w.t()?.contiguous(),
+    }
+}
+
+/// [n, k] row-major → [k, n]; each task owns TILE output rows (= TILE input columns).
+fn transpose_tiles(src: &[f32], n: usize, k: usize) -> Vec<f32> {
     const TILE: usize = 64;
-    // dst is [k, n]: each task owns TILE output rows (= TILE input columns).
+    let mut dst = vec![0f32; n * k];
     dst.par_chunks_mut(TILE * n)
         .enumerate()
         .for_each(|(t, block)| {
             let j0 = t * TILE;
-            let rows = block.len() / n.max(1);
+            let rows = block.len() / n;
             for (i, src_row) in src.chunks_exact(k).enumerate() {
                 for (dj, v) in src_row[j0..j0 + rows].iter().enumerate() {
                     block[dj * n + i] = *v;
                 }
             }
         });
-    drop(storage);
-    Tensor::from_vec(dst, (k, n), w.device())
+    dst
 }
 
 /// `act(linear(x))`, with the bias add and an erf GELU fused into one in-place pass.
@@ -254,8 +263,12 @@ fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
+/// CPU, f32, contiguous and non-empty (the kernels split their input into non-empty chunks).
 fn fast_path(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.is_contiguous()
+    matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && x.is_contiguous()
+        && x.elem_count() > 0
 }
 
 fn contiguous_f32<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
@@ -324,9 +337,6 @@ impl InplaceOp1 for ScaledSoftmax {
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
         let n = l.dims().last().copied().unwrap_or(1);
-        if n == 0 {
-            return Ok(());
-        }
         let scale = self.0;
         let xs = contiguous_f32(s, l, self.name())?;
         let rows_per_task = (CHUNK / n).max(1);
