@@ -14,6 +14,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,10 +43,63 @@ def peak_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class GpuPeak:
+    """Peak device memory of one side (nvidia-smi's per-process figure, CUDA context included, every 20 ms):
+    this process (PyTorch) with mine=True, else every other process (the blipdex child)."""
+
+    def __init__(self, device, mine=False):
+        self.on, self.mine, self.peak, self.stop = device == "cuda", mine, 0.0, threading.Event()
+
+    def _poll(self):
+        me = os.getpid()
+        while not self.stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            used = 0.0
+            for line in out.splitlines():
+                try:
+                    pid, mib = (int(float(x)) for x in line.split(","))
+                except ValueError:
+                    continue
+                used += mib if (pid == me) == self.mine else 0
+            self.peak = max(self.peak, used)
+            self.stop.wait(0.02)
+
+    def __enter__(self):
+        if self.on:
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.stop.set()
+            self.thread.join()
+
+    def put(self, result):
+        if self.on:
+            result["gpu_peak_used_mib"] = self.peak
+        return result
+
+
+def attn(args):
+    return {} if args.torch_attn == "default" else {"attn_implementation": args.torch_attn}
+
+
+def fresh(device):
+    if device == "cuda":
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def torch_embed(path, args, dtype, sync):
-    model = Blip2ForImageTextRetrieval.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    fresh(args.device)
+    model = Blip2ForImageTextRetrieval.from_pretrained(path, dtype=dtype, **attn(args)).to(args.device).eval()
     g = torch.Generator().manual_seed(0)
-    px = (torch.rand((8, 3, 224, 224), generator=g) * 4 - 2).to(args.device, dtype)
+    n, size = args.batch_size, model.config.vision_config.image_size
+    px = (torch.rand((n, 3, size, size), generator=g) * 4 - 2).to(args.device, dtype)
 
     @torch.inference_mode()
     def run():
@@ -56,11 +110,16 @@ def torch_embed(path, args, dtype, sync):
         return F.normalize(model.vision_projection(out.to(model.vision_projection.weight.dtype)), dim=-1)
 
     best = best_of(args.iters, run, sync)
-    return {"images_per_s": 8 / best, "best_batch_s": best, "peak_mib": peak_mib(args.device)}
+    out = {"images_per_s": n / best, "best_batch_s": best, "peak_mib": peak_mib(args.device)}
+    if args.breakdown:
+        with torch.inference_mode():
+            out["vision_s"] = best_of(args.iters, lambda: model.vision_model(pixel_values=px), sync)
+    return out
 
 
 def torch_caption(path, args, dtype, sync):
-    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(args.device).eval()
+    fresh(args.device)
+    model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype, **attn(args)).to(args.device).eval()
     g = torch.Generator().manual_seed(0)
     px = (torch.rand((1, 3, 224, 224), generator=g) * 4 - 2).to(args.device, dtype)
     n = args.new_tokens
@@ -79,7 +138,9 @@ def blipdex(args, kind, model):
            args.device if args.device == "cpu" else "cuda:0", "--dtype", args.dtype, "--json"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    cmd += ["--batch-size", "8"] if kind == "embed" else ["--max-new-tokens", str(args.new_tokens)]
+    if args.breakdown and kind == "embed":
+        cmd += ["--breakdown"]
+    cmd += ["--batch-size", str(args.batch_size)] if kind == "embed" else ["--max-new-tokens", str(args.new_tokens)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -109,7 +170,8 @@ def ingest_overhead(args, models: Path):
     alone = blipdex(args, "embed", model)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [args.blipdex, "ingest", "--model", str(model), "--index", str(Path(tmp) / "index"),
-               "--batch-size", "8", "--dtype", args.dtype, "--json", str(photos)]
+               "--batch-size", str(args.batch_size), "--device", args.device if args.device == "cpu" else "cuda:0",
+               "--dtype", args.dtype, "--json", str(photos)]
         env = dict(os.environ)
         if args.threads:
             env["RAYON_NUM_THREADS"] = str(args.threads)
@@ -136,27 +198,38 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--only", choices=["embed", "caption", "ingest"])
+    ap.add_argument("--batch-size", type=int, default=8, help="embed batch")
+    ap.add_argument("--breakdown", action="store_true", help="embed: also time the vision tower alone")
+    ap.add_argument("--embed-model", default="base-itm", help="checkpoint under --models for embed (vitg-itm: --vitg)")
+    ap.add_argument("--torch-attn", default="default", choices=["default", "eager", "sdpa"],
+                    help="transformers' attn_implementation (default: its own choice)")
     ap.add_argument("--photos", type=int, default=96, help="JPEGs for the ingest benchmark")
     args = ap.parse_args()
     models = Path(args.models)
-    if not (models / "base-caption" / "config.json").is_file():
-        subprocess.run([sys.executable, str(HERE / "make_checkpoints.py"), str(models)], check=True)
+    vitg = ["--vitg"] if args.embed_model == "vitg-itm" else []
+    if not (models / "base-caption" / "config.json").is_file() or not (models / args.embed_model).is_dir():
+        subprocess.run([sys.executable, str(HERE / "make_checkpoints.py"), str(models)] + vitg, check=True)
     if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__}
+              "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__,
+              "torch_attn": args.torch_attn}
     import transformers
     result["transformers"] = transformers.__version__
     if args.only in (None, "embed"):
-        b = blipdex(args, "embed", models / "base-itm")
-        t = torch_embed(models / "base-itm", args, dtype, sync)
+        with GpuPeak(args.device) as m:
+            b = m.put(blipdex(args, "embed", models / args.embed_model))
+        with GpuPeak(args.device, mine=True) as m:
+            t = m.put(torch_embed(models / args.embed_model, args, dtype, sync))
         result["embed"] = {"blipdex": b, "torch": t, "ratio": b["images_per_s"] / t["images_per_s"]}
         print(json.dumps(result["embed"]), file=sys.stderr)
     if args.only in (None, "caption"):
-        b = blipdex(args, "caption", models / "base-caption")
-        t = torch_caption(models / "base-caption", args, dtype, sync)
+        with GpuPeak(args.device) as m:
+            b = m.put(blipdex(args, "caption", models / "base-caption"))
+        with GpuPeak(args.device, mine=True) as m:
+            t = m.put(torch_caption(models / "base-caption", args, dtype, sync))
         result["caption"] = {"blipdex": b, "torch": t, "ratio": b["tokens_per_s"] / t["tokens_per_s"]}
         print(json.dumps(result["caption"]), file=sys.stderr)
     if args.only in (None, "ingest"):

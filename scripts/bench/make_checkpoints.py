@@ -7,6 +7,8 @@
                 the full-size Q-Former (768 x 12 layers, 32 queries, cross-attention every 2nd layer), ITC 256.
 - base-caption: Blip2ForConditionalGeneration with the same vision tower and Q-Former and an OPT-125m-shaped
                 decoder (768 x 12 layers x 12 heads, FFN 3072, vocab 50272).
+- vitg-itm (only with --vitg; ~1B parameters, 4 GB): base-itm with the real EVA ViT-g/14 vision shape
+                (1408 x 39 layers x 16 heads, MLP 6144, 224 px), for GPU images/s against the card's peak.
 Weights are random (seeded); speed does not depend on their values. Tokenizers come from the fixture
 generator (tiny vocabularies are enough: the benchmarks run on random pixels and generate token ids).
 """
@@ -32,10 +34,15 @@ OPT125 = dict(model_type="opt", hidden_size=768, num_hidden_layers=12, num_atten
               bos_token_id=2, eos_token_id=2, pad_token_id=1)
 
 
-def retrieval(out: Path):
+VITG = dict(VISION, hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16)
+
+
+def retrieval(out: Path, vision=None):
     vocab = generate.bert_vocab()
     tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
-    cfg = Blip2Config(vision_config=VISION, qformer_config=dict(QFORMER, vocab_size=30522, use_qformer_text_input=True),
+    vision = vision or VISION
+    qformer = dict(QFORMER, vocab_size=30522, use_qformer_text_input=True, encoder_hidden_size=vision["hidden_size"])
+    cfg = Blip2Config(vision_config=vision, qformer_config=qformer,
                       num_query_tokens=32, image_text_hidden_size=256)
     torch.manual_seed(0)
     model = generate.randomize(Blip2ForImageTextRetrieval(cfg).eval(), 0)
@@ -61,8 +68,12 @@ def caption(out: Path):
 
 
 def main():
-    base = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "target" / "bench-models"
-    for name, make in [("base-itm", retrieval), ("base-caption", caption)]:
+    args = [a for a in sys.argv[1:] if a != "--vitg"]
+    base = Path(args[0]) if args else ROOT / "target" / "bench-models"
+    todo = [("base-itm", retrieval), ("base-caption", caption)]
+    if "--vitg" in sys.argv[1:]:
+        todo.append(("vitg-itm", lambda out: retrieval(out, VITG)))
+    for name, make in todo:
         out = base / name
         if (out / "config.json").is_file():
             print(f"{out}: exists")

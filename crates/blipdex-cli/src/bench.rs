@@ -48,6 +48,9 @@ pub struct EmbedBench {
     pub model: ModelArgs,
     #[arg(long, env = "BLIPDEX_BATCH_SIZE", default_value_t = 8)]
     pub batch_size: usize,
+    /// Also time the vision tower alone ("vision_s"): the rest is Q-Former + projection.
+    #[arg(long, env = "BLIPDEX_BENCH_BREAKDOWN")]
+    pub breakdown: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -142,17 +145,27 @@ fn embed(a: &EmbedBench) -> anyhow::Result<()> {
         .as_ref()
         .context("bench embed needs a retrieval checkpoint (ITC heads)")?;
     let (h, w) = model.image_size();
-    let px = random_pixels(a.batch_size, h, w)?;
+    // On the model's device up front, as the PyTorch side has it: the timed loop is the model alone.
+    let px = random_pixels(a.batch_size, h, w)?.to_device(model.device())?;
     let best = best_of(a.common.iters, || {
         let vision = model.get_image_features(&px)?;
         let e = model.image_embeds(&model.get_qformer_features(&vision)?)?;
         e.flatten_all()?.to_vec1::<f32>()?;
         Ok(())
     })?;
+    let vision_s = if a.breakdown {
+        Some(best_of(a.common.iters, || {
+            model.get_image_features(&px)?;
+            Ok(model.device().synchronize()?)
+        })?)
+    } else {
+        None
+    };
     report(
         a.common.json,
         json!({
             "bench": "embed",
+            "vision_s": vision_s,
             "model": files.name,
             "device": a.model.device,
             "dtype": a.model.dtype,
@@ -180,7 +193,7 @@ fn caption(a: &CaptionBench) -> anyhow::Result<()> {
     let c = Captioner::load(&files, &a.model.load_options()?, storage)?;
     let load_s = t.elapsed().as_secs_f64();
     let (h, w) = (c.processor.config.height, c.processor.config.width);
-    let px = random_pixels(1, h, w)?;
+    let px = random_pixels(1, h, w)?.to_device(c.model.device())?;
     // Exactly T new tokens: EOS is forbidden until T, and T is the limit.
     let gen = GenerationConfig {
         max_new_tokens: Some(a.max_new_tokens),

@@ -82,7 +82,7 @@ impl Blip2 {
                 format!("config.json is not a BLIP-2 config: {e}"),
             )
         })?;
-        let vb = mmap_weights(files, opts)?;
+        let vb = open_weights(files, opts)?;
         Self::new(config, vb).map_err(|e| {
             Error::bad_model(&files.name, format!("weights do not fit config.json: {e}"))
         })
@@ -166,10 +166,7 @@ impl Blip2 {
     /// ITC image side: `normalize(vision_projection(qformer_features))` [N, Q, E].
     pub fn image_embeds(&self, qformer_features: &Tensor) -> Result<Tensor> {
         let heads = self.heads()?;
-        let p = heads
-            .vision_projection
-            .forward(qformer_features)
-            .map_err(terr)?;
+        let p = crate::kernels::linear(&heads.vision_projection, qformer_features).map_err(terr)?;
         l2_normalize(&p).map_err(terr)
     }
 
@@ -250,7 +247,8 @@ impl Blip2 {
                 let qmask = Tensor::ones((len, nq), tm.dtype(), &self.device)?;
                 let mask = Tensor::cat(&[&qmask, &tm], 1)?;
                 let h = self.qformer.forward(&embeds, nq, Some(&mask), Some(&v))?;
-                let logits = heads.itm_head.forward(&h.narrow(1, 0, nq)?)?.mean(1)?;
+                let logits =
+                    crate::kernels::linear(&heads.itm_head, &h.narrow(1, 0, nq)?)?.mean(1)?;
                 out.push(logits);
             }
             Tensor::cat(&out, 0)
@@ -277,15 +275,18 @@ fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_div(&norm)
 }
 
-/// Memory-maps every weight file (single or sharded) into one VarBuilder.
-pub fn mmap_weights<'a>(files: &ModelFiles, opts: &LoadOptions) -> Result<VarBuilder<'a>> {
+/// Every weight file (single or sharded) behind one VarBuilder, read tensor by tensor as the
+/// model asks for them ([`crate::weights`]: one resident copy, no memory map).
+pub fn open_weights<'a>(files: &ModelFiles, opts: &LoadOptions) -> Result<VarBuilder<'a>> {
     for w in &files.weights {
         std::fs::metadata(w).map_err(|e| Error::io(w, e))?;
     }
-    // candle's mmap is `unsafe` because the file could change underneath; checkpoint files are
-    // treated as immutable while blipdex runs.
-    #[allow(unsafe_code)]
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &opts.device) };
-    vb.map_err(|e| Error::bad_model(&files.name, format!("cannot read safetensors weights: {e}")))
+    let backend = crate::weights::SafetensorsFiles::open(&files.weights).map_err(|e| {
+        Error::bad_model(&files.name, format!("cannot read safetensors weights: {e}"))
+    })?;
+    Ok(VarBuilder::from_backend(
+        Box::new(backend),
+        opts.dtype,
+        opts.device.clone(),
+    ))
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use blipdex_core::{Error, Result};
 
-use crate::blip2::{mmap_weights, terr, LoadOptions};
+use crate::blip2::{open_weights, terr, LoadOptions};
 use crate::config::Blip2Config;
 use crate::loading::ModelFiles;
 use crate::opt::{LinearStorage, OptConfig, OptForCausalLM, TokenIds};
@@ -254,7 +254,7 @@ impl LanguageHead {
             )
         })?;
         text_config(&cfg).map_err(Error::Unsupported)?;
-        let vb = mmap_weights(files, opts)?;
+        let vb = open_weights(files, opts)?;
         if !vb.contains_tensor("language_projection.weight") {
             return Err(Error::Unsupported(format!(
                 "{} has no language model weights (no language_projection); captions need a \

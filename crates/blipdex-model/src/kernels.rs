@@ -79,10 +79,10 @@ fn transpose_tiles(src: &[f32], n: usize, k: usize) -> Vec<f32> {
 pub fn linear_act(lin: &Linear, act: Activation, x: &Tensor) -> Result<Tensor> {
     match act {
         Activation::Gelu => {
-            let y = Linear::new(lin.weight().clone(), None).forward(x)?;
+            let y = matmul_t(x, lin.weight())?;
             bias_gelu_erf(y, lin.bias())
         }
-        act => act.forward(&lin.forward(x)?),
+        act => act.forward(&linear(lin, x)?),
     }
 }
 
@@ -117,10 +117,14 @@ pub fn scaled_softmax_last_dim(x: Tensor, scale: f64) -> Result<Tensor> {
 /// Most input rows for which [`matmul_t`] streams the weight itself (decoding: one row per beam).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// `linear(x)` = x·Wᵀ + b, through [`matmul_t`].
+/// `linear(x)` = x·Wᵀ + b, through [`matmul_t`]; the bias is added in place on the CPU.
 pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let y = matmul_t(x, lin.weight())?;
     match lin.bias() {
+        Some(b) if fast_path(&y) && b.dtype() == DType::F32 && b.rank() == 1 => {
+            y.inplace_op2(b, &BiasAdd)?;
+            Ok(y)
+        }
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
@@ -129,22 +133,24 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
 /// x·Wᵀ for x `[.., K]` and W `[N, K]`. With a few rows (token-by-token decoding) on the CPU in
 /// f32, the weight is streamed once through dot products split over rayon: the matmul is memory
 /// bound there, and gemm's packing for a 1-row product costs more than the product itself.
-/// Larger inputs, other devices and dtypes use candle's matmul.
+/// Otherwise x's leading dimensions are flattened into rows: one GEMM of B·T rows, as PyTorch's
+/// `F.linear` does, rather than candle_nn's B batched GEMMs of T rows against a broadcast weight
+/// (which pads each 257-row image to whole tiles on a GPU and repacks W per image on the CPU).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // A narrowed view (the last position of each sequence) is fine for gemm but not for candle's
     // MKL matmul; a copy of a few rows is free next to the product.
     let x = &x.contiguous()?;
     let (n, k) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
-    let small = rows <= GEMV_MAX_ROWS && x.dims().last() == Some(&k);
-    if small && fast_path(x) && w.dtype() == DType::F32 && w.is_contiguous() {
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
+    let mut dims = x.dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => return x.broadcast_matmul(&w.t()?),
+    }
+    if rows <= GEMV_MAX_ROWS && fast_path(x) && w.dtype() == DType::F32 && w.is_contiguous() {
         return x.apply_op2_no_bwd(w, &Gemv)?.reshape(dims);
     }
-    x.broadcast_matmul(&w.t()?)
+    x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(dims)
 }
 
 struct Gemv;
@@ -328,6 +334,32 @@ impl InplaceOp2 for BiasGeluErf {
     }
 }
 
+struct BiasAdd;
+
+impl InplaceOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "blipdex-bias-add"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
+        let n = l.dims().last().copied().unwrap_or(1);
+        let bias = match (b, bl.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((lo, hi))) if hi - lo == n => &v[lo..hi],
+            _ => candle_core::bail!("{}: bias must be contiguous f32 [{n}]", self.name()),
+        };
+        let xs = contiguous_f32(s, l, self.name())?;
+        let rows_per_task = (CHUNK / n.max(1)).max(1);
+        xs.par_chunks_mut(rows_per_task * n).for_each(|c| {
+            pulp::Arch::new().dispatch(Rows {
+                xs: c,
+                n,
+                op: RowOp::Bias(bias),
+            })
+        });
+        Ok(())
+    }
+}
+
 struct ScaledSoftmax(f32);
 
 impl InplaceOp1 for ScaledSoftmax {
@@ -362,6 +394,8 @@ struct Rows<'a> {
 enum RowOp<'a> {
     /// gelu_erf(x + bias[j]); an empty bias means none.
     BiasGelu(&'a [f32]),
+    /// x + bias[j].
+    Bias(&'a [f32]),
     Softmax(f32),
 }
 
@@ -380,6 +414,13 @@ impl pulp::WithSimd for Rows<'_> {
                 for row in self.xs.chunks_exact_mut(self.n) {
                     for (x, b) in row.iter_mut().zip(bias) {
                         *x = gelu_erf(*x + *b);
+                    }
+                }
+            }
+            RowOp::Bias(bias) => {
+                for row in self.xs.chunks_exact_mut(self.n) {
+                    for (x, b) in row.iter_mut().zip(bias) {
+                        *x += *b;
                     }
                 }
             }

@@ -12,6 +12,7 @@ pub mod qformer;
 pub mod tokenizer;
 pub mod vision;
 pub mod vision_cache;
+pub mod weights;
 
 pub use blip2::{Blip2, LoadOptions};
 pub use captioner::{CaptionRequest, Captioner, Generated};

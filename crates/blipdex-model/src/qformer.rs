@@ -54,9 +54,9 @@ impl Blip2QFormerMultiHeadAttention {
     /// vision encoder's output (cross-attention). `mask` is additive, broadcastable to the scores.
     fn forward(&self, hidden: &Tensor, states: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        let q = self.split_heads(self.query.forward(hidden)?)?;
-        let k = self.split_heads(self.key.forward(states)?)?;
-        let v = self.split_heads(self.value.forward(states)?)?;
+        let q = self.split_heads(crate::kernels::linear(&self.query, hidden)?)?;
+        let k = self.split_heads(crate::kernels::linear(&self.key, states)?)?;
+        let v = self.split_heads(crate::kernels::linear(&self.value, states)?)?;
         let scale = (self.head_size as f64).powf(-0.5);
         let scores = q.matmul(&k.t()?)?;
         // transformers scales before adding the mask; without one the scale fuses into the softmax.
@@ -90,7 +90,7 @@ impl Blip2QFormerOutput {
 
     fn forward(&self, hidden: &Tensor, input: &Tensor) -> Result<Tensor> {
         self.layer_norm
-            .forward(&(self.dense.forward(hidden)? + input)?)
+            .forward(&(crate::kernels::linear(&self.dense, hidden)? + input)?)
     }
 }
 

@@ -163,9 +163,7 @@ impl Module for Blip2Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let hd = d / self.num_heads;
-        let qkv = self
-            .qkv
-            .forward(xs)?
+        let qkv = crate::kernels::linear(&self.qkv, xs)?
             .reshape((b, t, 3, self.num_heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
         let q = qkv.i(0)?.contiguous()?;
@@ -173,7 +171,7 @@ impl Module for Blip2Attention {
         let v = qkv.i(2)?.contiguous()?;
         let attn = crate::kernels::scaled_softmax_last_dim(q.matmul(&k.t()?)?, self.scale)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.projection.forward(&out)
+        crate::kernels::linear(&self.projection, &out)
     }
 }
 
@@ -195,8 +193,10 @@ impl Blip2Mlp {
 
 impl Module for Blip2Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&crate::kernels::linear_act(&self.fc1, self.act, xs)?)
+        crate::kernels::linear(
+            &self.fc2,
+            &crate::kernels::linear_act(&self.fc1, self.act, xs)?,
+        )
     }
 }
 
