@@ -1,0 +1,71 @@
+//! `blipdex bench embed|caption --json`: the last line is the result that scripts/bench/compare.py reads.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+fn model(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn bench(args: &[&str]) -> Result<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .arg("bench")
+        .args(args)
+        .args(["--iters", "1", "--threads", "1", "--json"])
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "bench {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().context("no output")?;
+    serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))
+}
+
+fn positive(v: &Value, key: &str) -> Result<f64> {
+    let x = v[key].as_f64().with_context(|| format!("{key} missing in {v}"))?;
+    ensure!(x > 0.0 && x.is_finite(), "{key} = {x}");
+    Ok(x)
+}
+
+#[test]
+fn embed_reports_throughput_memory_and_the_vision_share() -> Result<()> {
+    let v = bench(&["embed", "--model", &model("itm-a"), "--batch-size", "3", "--breakdown"])?;
+    let best = positive(&v, "best_batch_s")?;
+    let ips = positive(&v, "images_per_s")?;
+    ensure!((ips * best - 3.0).abs() < 1e-6, "{v}");
+    positive(&v, "vision_s")?;
+    positive(&v, "peak_rss_mib")?;
+    ensure!(v["batch_size"] == 3 && v["image_size"] == serde_json::json!([64, 64]), "{v}");
+
+    let v = bench(&["embed", "--model", &model("itm-a")])?;
+    ensure!(v["vision_s"].is_null(), "vision_s only with --breakdown: {v}");
+    Ok(())
+}
+
+#[test]
+fn caption_generates_exactly_the_asked_tokens() -> Result<()> {
+    let v = bench(&["caption", "--model", &model("caption-a"), "--max-new-tokens", "7"])?;
+    let best = positive(&v, "best_caption_s")?;
+    let tps = positive(&v, "tokens_per_s")?;
+    ensure!((tps * best - 7.0).abs() < 1e-6, "{v}");
+    ensure!(v["new_tokens"] == 7, "{v}");
+    positive(&v, "peak_rss_mib")?;
+    Ok(())
+}
+
+#[test]
+fn a_caption_checkpoint_is_not_an_embed_benchmark() -> Result<()> {
+    let e = bench(&["embed", "--model", &model("caption-a")]).expect_err("no ITC heads");
+    ensure!(format!("{e:#}").contains("retrieval"), "{e:#}");
+    Ok(())
+}
