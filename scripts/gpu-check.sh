@@ -14,7 +14,9 @@
 #   3. speed next to transformers on the same GPU (scripts/bench/compare.py, base-size checkpoints made there):
 #      embed batch 8 (+ a 20-token caption, + `blipdex ingest` of 96 photos) and 64 in f16, 64 in bf16; then the
 #      real ViT-g shape (--vitg) in f16 and bf16. Embed rows carry the vision tower's time alone (--breakdown).
-# Results: $OUT/gpu-check.log (everything), parity.json, captions.json, bench.jsonl (one compare.py result a line).
+#      Between the base-size and ViT-g benches: a per-kernel time profile of blipdex's embed (ncu, where installed).
+# Results: $OUT/gpu-check.log (everything), parity.json, captions.json, bench.jsonl (one compare.py result a line),
+# ncu-embed.txt.
 # GPU_CHECK_DEVICE=cpu runs steps 1-2 on the CPU (a dry run of this script where no GPU is at hand).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -126,6 +128,15 @@ if [ "$DEV" = cuda ]; then
   bench "f16 embed b8 + caption + ingest" --dtype f16 --iters 10 --breakdown
   bench "f16 embed b64" --dtype f16 --iters 10 --only embed --batch-size 64 --breakdown
   bench "bf16 embed b64" --dtype bf16 --iters 10 --only embed --batch-size 64 --breakdown
+  # Where blipdex's GPU time goes: per-kernel durations (ncu, one metric: each kernel replayed once) for a
+  #    base-size batch of 64, warm-up + one timed pass.
+  if command -v ncu >/dev/null; then
+    step "3. per-kernel profile (ncu)"
+    timeout 180 ncu --metrics gpu__time_duration.sum --print-summary per-kernel "$BIN" bench embed \
+      --model "$WORK/bench-models/base-itm" --batch-size 64 --iters 1 --device cuda --dtype f16 --json \
+      >"$OUT/ncu-embed.txt" 2>&1 || echo "ncu failed (see ncu-embed.txt)"
+    grep -E "^  [A-Za-z_]|gpu__time_duration" "$OUT/ncu-embed.txt" | head -80
+  fi
   BENCH_TIMEOUT=240 bench "ViT-g f16 embed b32" --dtype f16 --iters 5 --only embed --batch-size 32 --embed-model vitg-itm --breakdown
   bench "ViT-g bf16 embed b32" --dtype bf16 --iters 5 --only embed --batch-size 32 --embed-model vitg-itm --breakdown
 fi

@@ -32,29 +32,50 @@ fn bench(args: &[&str]) -> Result<Value> {
 }
 
 fn positive(v: &Value, key: &str) -> Result<f64> {
-    let x = v[key].as_f64().with_context(|| format!("{key} missing in {v}"))?;
+    let x = v[key]
+        .as_f64()
+        .with_context(|| format!("{key} missing in {v}"))?;
     ensure!(x > 0.0 && x.is_finite(), "{key} = {x}");
     Ok(x)
 }
 
 #[test]
 fn embed_reports_throughput_memory_and_the_vision_share() -> Result<()> {
-    let v = bench(&["embed", "--model", &model("itm-a"), "--batch-size", "3", "--breakdown"])?;
+    let v = bench(&[
+        "embed",
+        "--model",
+        &model("itm-a"),
+        "--batch-size",
+        "3",
+        "--breakdown",
+    ])?;
     let best = positive(&v, "best_batch_s")?;
     let ips = positive(&v, "images_per_s")?;
     ensure!((ips * best - 3.0).abs() < 1e-6, "{v}");
     positive(&v, "vision_s")?;
     positive(&v, "peak_rss_mib")?;
-    ensure!(v["batch_size"] == 3 && v["image_size"] == serde_json::json!([64, 64]), "{v}");
+    ensure!(
+        v["batch_size"] == 3 && v["image_size"] == serde_json::json!([64, 64]),
+        "{v}"
+    );
 
     let v = bench(&["embed", "--model", &model("itm-a")])?;
-    ensure!(v["vision_s"].is_null(), "vision_s only with --breakdown: {v}");
+    ensure!(
+        v["vision_s"].is_null(),
+        "vision_s only with --breakdown: {v}"
+    );
     Ok(())
 }
 
 #[test]
 fn caption_generates_exactly_the_asked_tokens() -> Result<()> {
-    let v = bench(&["caption", "--model", &model("caption-a"), "--max-new-tokens", "7"])?;
+    let v = bench(&[
+        "caption",
+        "--model",
+        &model("caption-a"),
+        "--max-new-tokens",
+        "7",
+    ])?;
     let best = positive(&v, "best_caption_s")?;
     let tps = positive(&v, "tokens_per_s")?;
     ensure!((tps * best - 7.0).abs() < 1e-6, "{v}");
