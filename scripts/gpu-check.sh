@@ -18,6 +18,8 @@
 # Results: $OUT/gpu-check.log (everything), parity.json, captions.json, bench.jsonl (one compare.py result a line),
 # ncu-embed.txt.
 # GPU_CHECK_DEVICE=cpu runs steps 1-2 on the CPU (a dry run of this script where no GPU is at hand).
+# GPU_CHECK_STEPS picks steps (default "parity captions bench ncu vitg"); "profile" (not in the default) times each
+# op of one base-size f16 batch of 64 on both sides (blipdex --profile, torch.profiler with eager attention).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/gpu-check}
@@ -27,6 +29,8 @@ PY=${PYTHON:-python3}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 exec > >(tee -a "$OUT/gpu-check.log") 2>&1
 step() { echo "== $* ($(date +%T))"; }
+STEPS=" ${GPU_CHECK_STEPS:-parity captions bench ncu vitg} "
+want() { [[ $STEPS == *" $1 "* ]]; }
 status=0
 
 step machine
@@ -44,6 +48,7 @@ export LD_LIBRARY_PATH=${NVLIB}:${LD_LIBRARY_PATH:-}
 ldd "$BIN" | grep -E "not found|cuda|cublas|nvrtc|curand" || true
 "$BIN" --version || { echo "blipdex does not run"; exit 1; }
 
+if want parity; then
 step "1. embed parity on $DEV"
 for dtype in f32 f16 bf16; do
   for m in itm-a itm-b; do
@@ -83,7 +88,9 @@ if ! ls "$WORK"/*-f32.safetensors >/dev/null 2>&1; then
   echo "blipdex produced no f32 embeddings on $DEV: stopping here (see the errors above)"
   exit 1
 fi
+fi
 
+if want captions; then
 step "2. caption tokens on $DEV (f32)"
 cap() { # name case extra-args...
   local name=$1 case=$2; shift 2
@@ -114,6 +121,7 @@ for name, case in [("caption-a", "greedy"), ("caption-b", "greedy_prompt"), ("ca
 json.dump(rows, open(f"{out}/captions.json", "w"), indent=1)
 sys.exit(0 if ok else 1)
 PY
+fi
 
 if [ "$DEV" = cuda ]; then
   bench() { # label compare.py-args...
@@ -125,20 +133,35 @@ if [ "$DEV" = cuda ]; then
     $PY -c "import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); r['label']=sys.argv[2]; print(json.dumps(r))" \
       "$WORK/bench.json" "$label" | tee -a "$OUT/bench.jsonl"
   }
+  if want profile; then
+    step "profile tools"
+    command -v ncu nsys || ls -d /usr/local/cuda*/bin 2>/dev/null || echo "no ncu/nsys"
+    bench "f16 embed b64 profile (eager)" --dtype f16 --iters 5 --only embed --batch-size 64 --breakdown \
+      --profile --torch-attn eager
+    # The same with candle's own layout/bias/softmax kernels instead of blipdex's (cuda_kernels.rs).
+    BLIPDEX_CUDA_KERNELS=0 timeout 120 "$BIN" bench embed --model "$WORK/bench-models/base-itm" --batch-size 64 \
+      --iters 5 --device cuda --dtype f16 --breakdown --profile --json | tail -1 \
+      | $PY -c "import json,sys; r=json.loads(sys.stdin.read()); r['label']='f16 b64 candle kernels'; print(json.dumps(r))" \
+      | tee -a "$OUT/bench.jsonl"
+  fi
+  if want bench; then
   bench "f16 embed b8 + caption + ingest" --dtype f16 --iters 10 --breakdown
   bench "f16 embed b64" --dtype f16 --iters 10 --only embed --batch-size 64 --breakdown
   bench "bf16 embed b64" --dtype bf16 --iters 10 --only embed --batch-size 64 --breakdown
+  fi
   # Where blipdex's GPU time goes: per-kernel durations (ncu, one metric: each kernel replayed once) for a
   #    base-size batch of 64, warm-up + one timed pass.
-  if command -v ncu >/dev/null; then
+  if want ncu && command -v ncu >/dev/null; then
     step "3. per-kernel profile (ncu)"
     timeout 180 ncu --metrics gpu__time_duration.sum --print-summary per-kernel "$BIN" bench embed \
       --model "$WORK/bench-models/base-itm" --batch-size 64 --iters 1 --device cuda --dtype f16 --json \
       >"$OUT/ncu-embed.txt" 2>&1 || echo "ncu failed (see ncu-embed.txt)"
     grep -E "^  [A-Za-z_]|gpu__time_duration" "$OUT/ncu-embed.txt" | head -80
   fi
+  if want vitg; then
   BENCH_TIMEOUT=240 bench "ViT-g f16 embed b32" --dtype f16 --iters 5 --only embed --batch-size 32 --embed-model vitg-itm --breakdown
   bench "ViT-g bf16 embed b32" --dtype bf16 --iters 5 --only embed --batch-size 32 --embed-model vitg-itm --breakdown
+  fi
 fi
 step "done (status $status)"
 rm -rf "$WORK"

@@ -114,7 +114,26 @@ def torch_embed(path, args, dtype, sync):
     if args.breakdown:
         with torch.inference_mode():
             out["vision_s"] = best_of(args.iters, lambda: model.vision_model(pixel_values=px), sync)
+    if args.profile:
+        out["profile_ms"] = torch_profile(run, sync)
     return out
+
+
+def torch_profile(run, sync):
+    """Device time per aten op over one pass (torch.profiler), the counterpart of blipdex's --profile;
+    the per-kernel table goes to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        run()
+        sync()
+    events = prof.key_averages()
+    dev_ms = lambda e: (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) / 1e3
+    print(events.table(sort_by="self_cuda_time_total" if acts[1:] else "self_cpu_time_total", row_limit=30),
+          file=sys.stderr)
+    rows = sorted(((e.key, dev_ms(e), e.count) for e in events if e.key.startswith("aten::") and dev_ms(e) > 0),
+                  key=lambda r: -r[1])
+    return rows[:20]
 
 
 def torch_caption(path, args, dtype, sync):
@@ -140,6 +159,8 @@ def blipdex(args, kind, model):
         cmd += ["--threads", str(args.threads)]
     if args.breakdown and kind == "embed":
         cmd += ["--breakdown"]
+    if args.profile and kind == "embed":
+        cmd += ["--profile"]
     cmd += ["--batch-size", str(args.batch_size)] if kind == "embed" else ["--max-new-tokens", str(args.new_tokens)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -200,6 +221,8 @@ def main():
     ap.add_argument("--only", choices=["embed", "caption", "ingest"])
     ap.add_argument("--batch-size", type=int, default=8, help="embed batch")
     ap.add_argument("--breakdown", action="store_true", help="embed: also time the vision tower alone")
+    ap.add_argument("--profile", action="store_true",
+                    help="embed: per-op device time of one pass on both sides (blipdex --profile, torch.profiler)")
     ap.add_argument("--embed-model", default="base-itm", help="checkpoint under --models for embed (vitg-itm: --vitg)")
     ap.add_argument("--torch-attn", default="default", choices=["default", "eager", "sdpa"],
                     help="transformers' attn_implementation (default: its own choice)")

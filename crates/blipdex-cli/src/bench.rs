@@ -51,6 +51,10 @@ pub struct EmbedBench {
     /// Also time the vision tower alone ("vision_s"): the rest is Q-Former + projection.
     #[arg(long, env = "BLIPDEX_BENCH_BREAKDOWN")]
     pub breakdown: bool,
+    /// After the timed runs, one more pass with the device synchronized around each op
+    /// ("profile_ms": [op, total ms, calls] in order of first use; slower than the timed runs).
+    #[arg(long, env = "BLIPDEX_BENCH_PROFILE")]
+    pub profile: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -147,12 +151,29 @@ fn embed(a: &EmbedBench) -> anyhow::Result<()> {
     let (h, w) = model.image_size();
     // On the model's device up front, as the PyTorch side has it: the timed loop is the model alone.
     let px = random_pixels(a.batch_size, h, w)?.to_device(model.device())?;
-    let best = best_of(a.common.iters, || {
+    let run = || -> anyhow::Result<()> {
         let vision = model.get_image_features(&px)?;
         let e = model.image_embeds(&model.get_qformer_features(&vision)?)?;
         e.flatten_all()?.to_vec1::<f32>()?;
         Ok(())
-    })?;
+    };
+    let best = best_of(a.common.iters, run)?;
+    let profile_ms = if a.profile {
+        blipdex_model::profile::enable(true);
+        let t = Instant::now();
+        let r = run();
+        let total = t.elapsed().as_secs_f64();
+        blipdex_model::profile::enable(false);
+        r?;
+        let mut ops: Vec<_> = blipdex_model::profile::take()
+            .into_iter()
+            .map(|(name, s, calls)| json!([name, s * 1e3, calls]))
+            .collect();
+        ops.push(json!(["total", total * 1e3, 1]));
+        Some(ops)
+    } else {
+        None
+    };
     let vision_s = if a.breakdown {
         Some(best_of(a.common.iters, || {
             model.get_image_features(&px)?;
@@ -166,6 +187,7 @@ fn embed(a: &EmbedBench) -> anyhow::Result<()> {
         json!({
             "bench": "embed",
             "vision_s": vision_s,
+            "profile_ms": profile_ms,
             "model": files.name,
             "device": a.model.device,
             "dtype": a.model.dtype,

@@ -68,6 +68,61 @@ fn embed_reports_throughput_memory_and_the_vision_share() -> Result<()> {
 }
 
 #[test]
+fn embed_profile_covers_every_layer_and_sums_below_the_pass() -> Result<()> {
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(
+        PathBuf::from(model("itm-a")).join("config.json"),
+    )?)?;
+    let layers = cfg["vision_config"]["num_hidden_layers"]
+        .as_u64()
+        .context("vision layers")?;
+    let v = bench(&["embed", "--model", &model("itm-a"), "--profile"])?;
+    let ops = v["profile_ms"].as_array().context("profile_ms")?;
+    let get = |name: &str| -> Result<(f64, u64)> {
+        let row = ops
+            .iter()
+            .find(|r| r[0] == name)
+            .with_context(|| format!("{name} missing in {v}"))?;
+        Ok((
+            row[1].as_f64().context("ms")?,
+            row[2].as_u64().context("calls")?,
+        ))
+    };
+    for (name, calls) in [
+        ("vision.embeddings", 1),
+        ("vision.qkv", layers),
+        ("vision.softmax", layers),
+        ("vision.fc2", layers),
+        ("vision.layer_norm", 2 * layers + 1),
+        ("vision.residual", 2 * layers),
+        ("qformer", 1),
+        ("itc_projection", 1),
+    ] {
+        ensure!(
+            get(name)?.1 == calls,
+            "{name}: {:?} calls, want {calls}",
+            get(name)?
+        );
+    }
+    let (total, _) = get("total")?;
+    let spans: f64 = ops
+        .iter()
+        .filter(|r| r[0] != "total")
+        .filter_map(|r| r[1].as_f64())
+        .sum();
+    ensure!(
+        spans > 0.0 && spans <= total,
+        "spans {spans} ms, pass {total} ms"
+    );
+
+    let v = bench(&["embed", "--model", &model("itm-a")])?;
+    ensure!(
+        v["profile_ms"].is_null(),
+        "profile only with --profile: {v}"
+    );
+    Ok(())
+}
+
+#[test]
 fn caption_generates_exactly_the_asked_tokens() -> Result<()> {
     let v = bench(&[
         "caption",

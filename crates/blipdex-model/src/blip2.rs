@@ -157,8 +157,10 @@ impl Blip2 {
                 self.query_tokens.dim(1)?,
                 self.query_tokens.dim(2)?,
             ))?;
-            self.qformer
-                .forward(&q, q.dim(1)?, None, Some(vision_states))
+            crate::profile::span("qformer", vision_states.device(), || {
+                self.qformer
+                    .forward(&q, q.dim(1)?, None, Some(vision_states))
+            })
         };
         run().map_err(terr)
     }
@@ -166,8 +168,13 @@ impl Blip2 {
     /// ITC image side: `normalize(vision_projection(qformer_features))` [N, Q, E].
     pub fn image_embeds(&self, qformer_features: &Tensor) -> Result<Tensor> {
         let heads = self.heads()?;
-        let p = crate::kernels::linear(&heads.vision_projection, qformer_features).map_err(terr)?;
-        l2_normalize(&p).map_err(terr)
+        crate::profile::span("itc_projection", qformer_features.device(), || {
+            l2_normalize(&crate::kernels::linear(
+                &heads.vision_projection,
+                qformer_features,
+            )?)
+        })
+        .map_err(terr)
     }
 
     /// ITC text side: text-only Q-Former pass, [CLS] output, projected and normalized: [M, E].

@@ -4,10 +4,13 @@ pub mod blip2;
 pub mod caption;
 pub mod captioner;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod image;
 pub mod kernels;
 pub mod loading;
 pub mod opt;
+pub mod profile;
 pub mod qformer;
 pub mod tokenizer;
 pub mod vision;

@@ -45,9 +45,10 @@ impl Blip2QFormerMultiHeadAttention {
 
     fn split_heads(&self, x: Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        x.reshape((b, t, self.num_heads, self.head_size))?
-            .transpose(1, 2)?
-            .contiguous()
+        crate::kernels::contiguous(
+            &x.reshape((b, t, self.num_heads, self.head_size))?
+                .transpose(1, 2)?,
+        )
     }
 
     /// `states` is the key/value source: the hidden states themselves (self-attention) or the
@@ -66,7 +67,7 @@ impl Blip2QFormerMultiHeadAttention {
             }
             None => crate::kernels::scaled_softmax_last_dim(scores, scale)?,
         };
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))
+        crate::kernels::contiguous(&probs.matmul(&v)?.transpose(1, 2)?)?.reshape((b, t, h))
     }
 }
 
@@ -89,8 +90,10 @@ impl Blip2QFormerOutput {
     }
 
     fn forward(&self, hidden: &Tensor, input: &Tensor) -> Result<Tensor> {
-        self.layer_norm
-            .forward(&(crate::kernels::linear(&self.dense, hidden)? + input)?)
+        self.layer_norm.forward(&crate::kernels::add_fresh(
+            crate::kernels::linear(&self.dense, hidden)?,
+            input,
+        )?)
     }
 }
 

@@ -3,7 +3,8 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 
-use crate::kernels::linear_kn;
+use crate::kernels::{contiguous, linear_kn};
+use crate::profile::span;
 
 use crate::config::Blip2VisionConfig;
 
@@ -59,12 +60,13 @@ impl Blip2VisionEmbeddings {
             .narrow(2, 0, gh * ph)?
             .narrow(3, 0, gw * pw)?
             .reshape((b, c, gh, ph, gw, pw))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b * gh * gw, c * ph * pw))?;
-        let patches = x
-            .matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?
-            .reshape((b, gh * gw, ()))?;
+            .permute((0, 2, 4, 1, 3, 5))?;
+        let x = contiguous(&x)?.reshape((b * gh * gw, c * ph * pw))?;
+        let patches = crate::kernels::linear(
+            &Linear::new(self.patch_weight.clone(), Some(self.patch_bias.clone())),
+            &x,
+        )?
+        .reshape((b, gh * gw, ()))?;
         let d = patches.dim(2)?;
         let class = self.class_embedding.expand((b, 1, d))?;
         let embeddings = Tensor::cat(&[&class, &patches], 1)?;
@@ -163,15 +165,29 @@ impl Module for Blip2Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let hd = d / self.num_heads;
-        let qkv = crate::kernels::linear(&self.qkv, xs)?
-            .reshape((b, t, 3, self.num_heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.i(0)?.contiguous()?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
-        let attn = crate::kernels::scaled_softmax_last_dim(q.matmul(&k.t()?)?, self.scale)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        crate::kernels::linear(&self.projection, &out)
+        let dev = xs.device();
+        let qkv = span("vision.qkv", dev, || crate::kernels::linear(&self.qkv, xs))?;
+        let (q, k, v) = span("vision.split_heads", dev, || {
+            let qkv = qkv
+                .reshape((b, t, 3, self.num_heads, hd))?
+                .permute((2, 0, 3, 1, 4))?;
+            Ok((
+                contiguous(&qkv.i(0)?)?,
+                contiguous(&qkv.i(1)?)?,
+                contiguous(&qkv.i(2)?)?,
+            ))
+        })?;
+        let scores = span("vision.qk", dev, || q.matmul(&k.t()?))?;
+        let attn = span("vision.softmax", dev, || {
+            crate::kernels::scaled_softmax_last_dim(scores, self.scale)
+        })?;
+        let out = span("vision.av", dev, || attn.matmul(&v))?;
+        let out = span("vision.merge_heads", dev, || {
+            contiguous(&out.transpose(1, 2)?)?.reshape((b, t, d))
+        })?;
+        span("vision.proj", dev, || {
+            crate::kernels::linear(&self.projection, &out)
+        })
     }
 }
 
@@ -193,10 +209,11 @@ impl Blip2Mlp {
 
 impl Module for Blip2Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::kernels::linear(
-            &self.fc2,
-            &crate::kernels::linear_act(&self.fc1, self.act, xs)?,
-        )
+        let dev = xs.device();
+        let h = span("vision.fc1_act", dev, || {
+            crate::kernels::linear_act(&self.fc1, self.act, xs)
+        })?;
+        span("vision.fc2", dev, || crate::kernels::linear(&self.fc2, &h))
     }
 }
 
@@ -221,8 +238,13 @@ impl Blip2EncoderLayer {
 
 impl Module for Blip2EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = (self.self_attn.forward(&self.layer_norm1.forward(xs)?)? + xs)?;
-        self.mlp.forward(&self.layer_norm2.forward(&h)?)? + h
+        let dev = xs.device();
+        let x = span("vision.layer_norm", dev, || self.layer_norm1.forward(xs))?;
+        let a = self.self_attn.forward(&x)?;
+        let h = span("vision.residual", dev, || crate::kernels::add_fresh(a, xs))?;
+        let x = span("vision.layer_norm", dev, || self.layer_norm2.forward(&h))?;
+        let m = self.mlp.forward(&x)?;
+        span("vision.residual", dev, || crate::kernels::add_fresh(m, &h))
     }
 }
 
@@ -259,11 +281,14 @@ impl Blip2VisionModel {
 impl Module for Blip2VisionModel {
     /// `pixel_values` [B, 3, H, W] → `last_hidden_state` [B, 1 + P, D] (after post_layernorm).
     fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let mut h = self.embeddings.forward(pixel_values)?;
+        let dev = pixel_values.device();
+        let mut h = span("vision.embeddings", dev, || {
+            self.embeddings.forward(pixel_values)
+        })?;
         for layer in &self.layers {
             h = layer.forward(&h)?;
         }
-        self.post_layernorm.forward(&h)
+        span("vision.layer_norm", dev, || self.post_layernorm.forward(&h))
     }
 }
 
