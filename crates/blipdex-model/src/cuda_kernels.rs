@@ -349,23 +349,7 @@ unsafe impl DeviceRepr for View {}
 /// The view of `l` the copy kernel takes: rank 1..=6 after merging dimensions that are already
 /// contiguous with each other, every offset within u32. `None` when it does not fit.
 fn view_of(l: &Layout) -> Option<View> {
-    let mut dims: Vec<(usize, usize)> = Vec::new();
-    for (&d, &s) in l.dims().iter().zip(l.stride()) {
-        if d == 1 {
-            continue;
-        }
-        match dims.last_mut() {
-            // The previous dim steps exactly over this one: one dimension.
-            Some((pd, ps)) if *ps == s * d => {
-                *pd *= d;
-                *ps = s;
-            }
-            _ => dims.push((d, s)),
-        }
-    }
-    if dims.is_empty() {
-        dims.push((1, 1));
-    }
+    let dims = crate::kernels::merged_dims(l.dims(), l.stride());
     let span: usize = dims.iter().map(|(d, s)| (d - 1) * s).sum::<usize>() + l.start_offset();
     if dims.len() > 6 || span >= u32::MAX as usize || l.shape().elem_count() >= u32::MAX as usize {
         return None;

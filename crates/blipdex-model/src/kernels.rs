@@ -140,6 +140,29 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     x.contiguous()
 }
 
+/// A strided view as (size, stride) pairs, outermost first: size-1 dimensions dropped and a
+/// dimension merged into the one before it when that one steps exactly over it. The CUDA copy
+/// kernel walks these (fewer dimensions, fewer divisions per row); `[(1, 1)]` for one element.
+pub fn merged_dims(dims: &[usize], strides: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (&d, &s) in dims.iter().zip(strides) {
+        if d == 1 {
+            continue;
+        }
+        match out.last_mut() {
+            Some((pd, ps)) if *ps == s * d => {
+                *pd *= d;
+                *ps = s;
+            }
+            _ => out.push((d, s)),
+        }
+    }
+    if out.is_empty() {
+        out.push((1, 1));
+    }
+    out
+}
+
 /// Whether the in-place bias kernels take `x` and `bias`: CPU f32, or CUDA in f32/f16/bf16.
 fn bias_in_place(x: &Tensor, bias: &Tensor) -> bool {
     if fast_path(x) {
@@ -631,6 +654,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::IndexOp;
 
     fn erf64(x: f64) -> f64 {
         // Abramowitz–Stegun 7.1.26 is too coarse for a reference; integrate instead:
@@ -767,6 +791,51 @@ mod tests {
         let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
         let w = Tensor::zeros((37, 48), DType::F32, &dev)?;
         assert!(matmul_t(&x, &w).is_err());
+        Ok(())
+    }
+
+    /// The CUDA copy kernel's index walk (`copy_rows` in cuda_kernels.rs), on the host.
+    fn copy_rows_like_the_kernel(src: &[f32], start: usize, v: &[(usize, usize)]) -> Vec<f32> {
+        let (cols, cs) = v[v.len() - 1];
+        let rows: usize = v[..v.len() - 1].iter().map(|(d, _)| d).product();
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            let (mut rem, mut off) = (r, 0);
+            for &(d, s) in v[..v.len() - 1].iter().rev() {
+                off += (rem % d) * s;
+                rem /= d;
+            }
+            out.extend((0..cols).map(|c| src[start + off + c * cs]));
+        }
+        out
+    }
+
+    #[test]
+    fn merged_views_copy_what_candle_copies() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let base = Tensor::arange(0f32, 2. * 5. * 3. * 4. * 6., &dev)?.reshape((2, 5, 3, 4, 6))?;
+        let views = [
+            base.clone(),                                  // contiguous: one dimension
+            base.permute((2, 0, 3, 1, 4))?.i(1)?,          // a q/k/v head split
+            base.reshape((2, 5, 12, 6))?.transpose(1, 2)?, // the Q-Former split / merge
+            base.permute((0, 2, 4, 1, 3))?,                // last dimension strided
+            base.narrow(1, 1, 3)?.narrow(4, 2, 1)?,        // offset, size-1 dimension
+            base.i((1, 2, 0, 3))?.narrow(0, 4, 1)?,        // one element
+        ];
+        for (i, v) in views.iter().enumerate() {
+            let merged = merged_dims(v.dims(), v.stride());
+            let (storage, layout) = v.storage_and_layout();
+            let src = match &*storage {
+                candle_core::Storage::Cpu(CpuStorage::F32(s)) => s.clone(),
+                _ => anyhow::bail!("f32 CPU storage expected"),
+            };
+            let got = copy_rows_like_the_kernel(&src, layout.start_offset(), &merged);
+            let want = v.flatten_all()?.to_vec1::<f32>()?;
+            anyhow::ensure!(got == want, "view {i} {:?}: {merged:?}", v.dims());
+        }
+        assert_eq!(merged_dims(&[2, 3, 4], &[12, 4, 1]), [(24, 1)]);
+        assert_eq!(merged_dims(&[3, 1, 4], &[1, 7, 3]), [(3, 1), (4, 3)]);
+        assert_eq!(merged_dims(&[1, 1], &[5, 1]), [(1, 1)]);
         Ok(())
     }
 
