@@ -1,7 +1,7 @@
 //! `Blip2QFormerModel` and the retrieval checkpoint's `Blip2TextEmbeddings`. Always run in f32,
 //! as transformers keeps the Q-Former and query tokens in f32 whatever the model dtype.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{
     embedding, layer_norm, Activation, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder,
 };
@@ -19,45 +19,81 @@ pub fn additive_mask(mask: &Tensor) -> Result<Tensor> {
 }
 
 pub struct Blip2QFormerMultiHeadAttention {
+    /// Self-attention: query, key and value in one `[3H, H]` product of the hidden states.
+    /// Cross-attention: the query alone.
     query: Linear,
-    key: Linear,
-    value: Linear,
+    /// Cross-attention: key and value of the vision states in one `[2H, E]` product.
+    key_value: Option<Linear>,
     num_heads: usize,
     head_size: usize,
+}
+
+/// `query`/`key`/`value` of one attention block fused along the output dimension: one GEMM
+/// where transformers runs two or three (more rows per product on the CPU, more tiles per
+/// launch on a GPU; each output is the same dot product).
+fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) -> Result<Linear> {
+    let mut ws = Vec::with_capacity(names.len());
+    let mut bs = Vec::with_capacity(names.len());
+    for name in names {
+        let vb = vb.pp(name);
+        ws.push(vb.get((out_dim, in_dim), "weight")?);
+        bs.push(vb.get(out_dim, "bias")?);
+    }
+    let lin = Linear::new(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?));
+    crate::kernels::relayout_for_cpu(lin)
 }
 
 impl Blip2QFormerMultiHeadAttention {
     fn new(cfg: &Blip2QFormerConfig, is_cross_attention: bool, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        let kv_in = if is_cross_attention {
-            cfg.encoder_hidden_size
+        let (query, key_value) = if is_cross_attention {
+            (
+                linear_kn(h, h, vb.pp("query"))?,
+                Some(fused_linear(
+                    &vb,
+                    &["key", "value"],
+                    cfg.encoder_hidden_size,
+                    h,
+                )?),
+            )
         } else {
-            h
+            (fused_linear(&vb, &["query", "key", "value"], h, h)?, None)
         };
         Ok(Self {
-            query: linear_kn(h, h, vb.pp("query"))?,
-            key: linear_kn(kv_in, h, vb.pp("key"))?,
-            value: linear_kn(kv_in, h, vb.pp("value"))?,
+            query,
+            key_value,
             num_heads: cfg.num_attention_heads,
             head_size: h / cfg.num_attention_heads,
         })
     }
 
-    fn split_heads(&self, x: Tensor) -> Result<Tensor> {
+    /// `[B, T, n·H]` (n projections side by side) → n tensors `[B, heads, T, head_size]`.
+    fn split_heads(&self, x: Tensor, n: usize) -> Result<Vec<Tensor>> {
         let (b, t, _) = x.dims3()?;
-        crate::kernels::contiguous(
-            &x.reshape((b, t, self.num_heads, self.head_size))?
-                .transpose(1, 2)?,
-        )
+        let x = x
+            .reshape((b, t, n, self.num_heads, self.head_size))?
+            .permute((2, 0, 3, 1, 4))?;
+        (0..n)
+            .map(|i| crate::kernels::contiguous(&x.i(i)?))
+            .collect()
     }
 
-    /// `states` is the key/value source: the hidden states themselves (self-attention) or the
-    /// vision encoder's output (cross-attention). `mask` is additive, broadcastable to the scores.
+    /// `states` is the key/value source of cross-attention (the vision encoder's output);
+    /// self-attention takes keys and values from `hidden` itself and ignores it. `mask` is
+    /// additive, broadcastable to the scores.
     fn forward(&self, hidden: &Tensor, states: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        let q = self.split_heads(crate::kernels::linear(&self.query, hidden)?)?;
-        let k = self.split_heads(crate::kernels::linear(&self.key, states)?)?;
-        let v = self.split_heads(crate::kernels::linear(&self.value, states)?)?;
+        let (q, k, v) = match &self.key_value {
+            None => {
+                let qkv = self.split_heads(crate::kernels::linear(&self.query, hidden)?, 3)?;
+                (qkv[0].clone(), qkv[1].clone(), qkv[2].clone())
+            }
+            Some(kv) => {
+                let q = self.split_heads(crate::kernels::linear(&self.query, hidden)?, 1)?;
+                let kv = self.split_heads(crate::kernels::linear(kv, states)?, 2)?;
+                (q[0].clone(), kv[0].clone(), kv[1].clone())
+            }
+        };
         let scale = (self.head_size as f64).powf(-0.5);
         let scores = q.matmul(&k.t()?)?;
         // transformers scales before adding the mask; without one the scale fuses into the softmax.
