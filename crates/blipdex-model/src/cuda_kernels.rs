@@ -437,6 +437,25 @@ pub fn enabled(x: &Tensor) -> bool {
         && *ON.get_or_init(|| std::env::var("BLIPDEX_CUDA_KERNELS").map_or(true, |v| v != "0"))
 }
 
+/// [`enabled`], and the NVRTC kernels compiled: where NVRTC is missing or fails, candle's own
+/// kernels run instead (slower, same results) and a warning says why, once.
+pub fn kernels_enabled(x: &Tensor) -> bool {
+    if !enabled(x) {
+        return false;
+    }
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        return false;
+    };
+    match ptx(dev) {
+        Ok(_) => true,
+        Err(e) => {
+            static WARNED: OnceLock<()> = OnceLock::new();
+            WARNED.get_or_init(|| tracing::warn!("{e}; using candle's CUDA kernels instead"));
+            false
+        }
+    }
+}
+
 /// Fewest rows for cuBLASLt: its per-call heuristic query costs more than it saves on the
 /// few-row products of token-by-token decoding.
 const LT_MIN_ROWS: usize = 16;

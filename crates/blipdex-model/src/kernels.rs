@@ -96,7 +96,7 @@ pub fn bias_gelu_erf(x: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     };
     if in_place {
         match bias {
-            Some(b) => x.inplace_op2(b, &BiasGeluErf)?,
+            Some(b) => x.inplace_op2(b, &BIAS_GELU_ERF)?,
             None => x.inplace_op1(&GeluErf)?,
         }
         return Ok(x);
@@ -116,7 +116,7 @@ pub fn scaled_softmax_last_dim(x: Tensor, scale: f64) -> Result<Tensor> {
         return Ok(x);
     }
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::enabled(&x)
+    if crate::cuda_kernels::kernels_enabled(&x)
         && x.is_contiguous()
         && crate::cuda_kernels::softmax_supported(x.dtype(), x.dims())
     {
@@ -131,7 +131,7 @@ pub fn scaled_softmax_last_dim(x: Tensor, scale: f64) -> Result<Tensor> {
 /// time on 64-bit index division: see `cuda_kernels`).
 pub fn contiguous(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::enabled(x)
+    if crate::cuda_kernels::kernels_enabled(x)
         && !x.is_contiguous()
         && crate::cuda_kernels::contiguous_supported(x.dtype(), x.layout())
     {
@@ -169,7 +169,7 @@ fn bias_in_place(x: &Tensor, bias: &Tensor) -> bool {
         return bias.dtype() == DType::F32 && bias.rank() == 1;
     }
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::enabled(x) && x.is_contiguous() && bias.is_contiguous() {
+    if crate::cuda_kernels::kernels_enabled(x) && x.is_contiguous() && bias.is_contiguous() {
         return crate::cuda_kernels::bias_supported(x.dtype(), x.dims(), bias.dtype(), bias.dims());
     }
     false
@@ -179,7 +179,7 @@ fn bias_in_place(x: &Tensor, bias: &Tensor) -> bool {
 /// place on CUDA (candle's add is a third the bandwidth there), candle's add elsewhere.
 pub fn add_fresh(x: Tensor, y: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::enabled(&x) && crate::cuda_kernels::add_supported(&x, y) {
+    if crate::cuda_kernels::kernels_enabled(&x) && crate::cuda_kernels::add_supported(&x, y) {
         x.inplace_op2(y, &AddInPlace)?;
         return Ok(x);
     }
@@ -222,7 +222,7 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let y = matmul_t(x, lin.weight())?;
     match lin.bias() {
         Some(b) if bias_in_place(&y, b) => {
-            y.inplace_op2(b, &BiasAdd)?;
+            y.inplace_op2(b, &BIAS_ADD)?;
             Ok(y)
         }
         Some(b) => y.broadcast_add(b),
@@ -412,15 +412,30 @@ impl InplaceOp1 for GeluErf {
     }
 }
 
-struct BiasGeluErf;
+/// `x = x + bias` (`gelu: false`) or `gelu_erf(x + bias)`, in place.
+struct BiasAct {
+    gelu: bool,
+}
 
-impl InplaceOp2 for BiasGeluErf {
+const BIAS_ADD: BiasAct = BiasAct { gelu: false };
+const BIAS_GELU_ERF: BiasAct = BiasAct { gelu: true };
+
+impl InplaceOp2 for BiasAct {
     fn name(&self) -> &'static str {
-        "blipdex-bias-gelu-erf"
+        if self.gelu {
+            "blipdex-bias-gelu-erf"
+        } else {
+            "blipdex-bias-add"
+        }
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
-        with_bias(s, l, b, bl, self.name(), RowOp::BiasGelu)
+        let op = if self.gelu {
+            RowOp::BiasGelu
+        } else {
+            RowOp::Bias
+        };
+        with_bias(s, l, b, bl, self.name(), op)
     }
 
     #[cfg(feature = "cuda")]
@@ -431,7 +446,7 @@ impl InplaceOp2 for BiasGeluErf {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<()> {
-        crate::cuda_kernels::bias_act(s, l, b, bl, true)
+        crate::cuda_kernels::bias_act(s, l, b, bl, self.gelu)
     }
 }
 
@@ -459,29 +474,6 @@ fn with_bias<'b>(
         })
     });
     Ok(())
-}
-
-struct BiasAdd;
-
-impl InplaceOp2 for BiasAdd {
-    fn name(&self) -> &'static str {
-        "blipdex-bias-add"
-    }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout, b: &CpuStorage, bl: &Layout) -> Result<()> {
-        with_bias(s, l, b, bl, self.name(), RowOp::Bias)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &mut candle_core::CudaStorage,
-        l: &Layout,
-        b: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<()> {
-        crate::cuda_kernels::bias_act(s, l, b, bl, false)
-    }
 }
 
 struct ScaledSoftmax(f32);
