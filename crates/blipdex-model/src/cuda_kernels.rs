@@ -479,9 +479,11 @@ unsafe impl Sync for Lt {}
 /// cuBLASLt's recommended workspace on Hopper (4 MiB before it suffices, but one size is simpler).
 const LT_WORKSPACE: usize = 32 << 20;
 
+type LtHandle = (DeviceId, Arc<Lt>);
+
 /// One cuBLASLt handle per device, made on first use and kept for the process.
 fn blas_lt(dev: &CudaDevice) -> Result<Arc<Lt>> {
-    static HANDLES: OnceLock<Mutex<Vec<(DeviceId, Arc<Lt>)>>> = OnceLock::new();
+    static HANDLES: OnceLock<Mutex<Vec<LtHandle>>> = OnceLock::new();
     let mut hs = HANDLES
         .get_or_init(Default::default)
         .lock()
