@@ -213,7 +213,8 @@ impl InplaceOp2 for AddInPlace {
 /// Most input rows for which [`matmul_t`] streams the weight itself (decoding: one row per beam).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// `linear(x)` = x·Wᵀ + b, through [`matmul_t`]; the bias is added in place on the CPU.
+/// `linear(x)` = x·Wᵀ + b: on CUDA one cuBLASLt call with the bias in its epilogue where it
+/// applies; otherwise [`matmul_t`] with the bias added in place (CPU f32, CUDA kernels).
 pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(y) = crate::cuda_kernels::lt_linear(x, lin.weight(), lin.bias())? {
