@@ -12,8 +12,7 @@ pub struct Blip2VisionEmbeddings {
     class_embedding: Tensor,
     /// Conv2d weight `[D, 3, ph, pw]` flattened to `[D, 3*ph*pw]`: with kernel == stride the
     /// convolution is a matmul over non-overlapping patches.
-    patch_weight: Tensor,
-    patch_bias: Tensor,
+    patch_embedding: Linear,
     position_embedding: Tensor,
     patch: (usize, usize),
     /// Side of the square position grid the checkpoint was trained on.
@@ -30,13 +29,12 @@ impl Blip2VisionEmbeddings {
         let patch_weight = vb
             .get((d, 3, ph, pw), "patch_embedding.weight")?
             .reshape((d, 3 * ph * pw))?;
-        let patch_bias = vb.get(d, "patch_embedding.bias")?;
+        let patch_embedding = Linear::new(patch_weight, Some(vb.get(d, "patch_embedding.bias")?));
         let position_embedding = vb.get((1, num_positions, d), "position_embedding")?;
         let grid = ((num_positions - 1) as f64).sqrt().round() as usize;
         Ok(Self {
             class_embedding,
-            patch_weight,
-            patch_bias,
+            patch_embedding,
             position_embedding,
             patch: (ph, pw),
             grid,
@@ -53,7 +51,7 @@ impl Blip2VisionEmbeddings {
                 pixel_values.dims()
             );
         }
-        let dtype = self.patch_weight.dtype();
+        let dtype = self.patch_embedding.weight().dtype();
         // Conv2d drops a remainder that does not fill a patch; so do we.
         let x = pixel_values
             .to_dtype(dtype)?
@@ -62,11 +60,8 @@ impl Blip2VisionEmbeddings {
             .reshape((b, c, gh, ph, gw, pw))?
             .permute((0, 2, 4, 1, 3, 5))?;
         let x = contiguous(&x)?.reshape((b * gh * gw, c * ph * pw))?;
-        let patches = crate::kernels::linear(
-            &Linear::new(self.patch_weight.clone(), Some(self.patch_bias.clone())),
-            &x,
-        )?
-        .reshape((b, gh * gw, ()))?;
+        let patches =
+            crate::kernels::linear(&self.patch_embedding, &x)?.reshape((b, gh * gw, ()))?;
         let d = patches.dim(2)?;
         let class = self.class_embedding.expand((b, 1, d))?;
         let embeddings = Tensor::cat(&[&class, &patches], 1)?;
@@ -274,7 +269,7 @@ impl Blip2VisionModel {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embeddings.patch_weight.dtype()
+        self.embeddings.patch_embedding.weight().dtype()
     }
 }
 
