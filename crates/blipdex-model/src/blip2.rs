@@ -4,11 +4,12 @@
 //! ITM head.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use blipdex_core::{Error, Result};
 
 use crate::config::Blip2Config;
+use crate::kernels::{linear_kn as linear, Linear};
 use crate::loading::ModelFiles;
 use crate::qformer::{Blip2QFormerModel, Blip2TextEmbeddings};
 use crate::vision::Blip2VisionModel;

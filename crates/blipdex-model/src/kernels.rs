@@ -12,31 +12,123 @@
 //! Accuracy (checked in the tests below against f64): erf ≤ 5e-7 absolute, exp ≤ 2.5 ulp; both
 //! far inside the 1e-4 parity tolerance against transformers.
 
+use std::sync::Arc;
+
 use candle_core::{
     CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Tensor,
 };
-use candle_nn::{Activation, Linear};
+use candle_nn::Activation;
 use rayon::prelude::*;
+
+use crate::sgemm;
 
 /// Elements per rayon task: enough to amortize the split, small enough to balance two cores.
 const CHUNK: usize = 16 * 1024;
 
-/// candle_nn's `linear`, with the weight re-laid out by [`relayout_for_cpu`].
-pub fn linear_kn(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
-    relayout_for_cpu(candle_nn::linear(in_dim, out_dim, vb)?)
+/// A linear layer `y = x·Wᵀ + b` whose weight is laid out once, at load, for the product that
+/// runs it (see [`Linear::prepared`]).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
 }
 
-/// On the CPU, keeps the weight as the transposed view of a contiguous `[in, out]` buffer: the
-/// same tensor to every reader, but candle's matmul then gets Wᵀ row-major, which gemm packs
-/// much faster for image-sized inputs (one image, 257 rows: fc2 106 → 190 GFLOP/s, qkv 166 →
-/// 205). Done once at load, replacing the checkpoint-layout buffer. Other devices keep it.
-pub fn relayout_for_cpu(lin: Linear) -> Result<Linear> {
-    let w = lin.weight();
-    if !matches!(w.device(), Device::Cpu) || w.rank() != 2 {
-        return Ok(lin);
+#[derive(Clone, Debug)]
+enum Weight {
+    /// `[out, in]`, possibly the transposed view of an `[in, out]` buffer.
+    Tensor(Tensor),
+    /// Packed for [`sgemm`] (x86-64 with AVX-512F, f32, on the CPU); the tensor is dropped.
+    Packed(Arc<sgemm::PackedB>),
+}
+
+impl Linear {
+    /// The weight as stored (`[out, in]`), nothing re-laid out.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Tensor(weight),
+            bias,
+        }
     }
-    let w = transpose_f32(w)?.t()?;
-    Ok(Linear::new(w, lin.bias().cloned()))
+
+    /// Laid out for the device's product: f32 on a CPU with AVX-512F, packed for [`sgemm`]
+    /// (blipdex's GEMM); on other CPUs Wᵀ row-major for gemm (packed much faster for
+    /// image-sized inputs: one image, 257 rows: fc2 106 → 190 GFLOP/s, qkv 166 → 205); on
+    /// other devices as stored. Replaces the checkpoint-layout buffer: one copy of the weight.
+    pub fn prepared(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 {
+            return Ok(Self::new(weight, bias));
+        }
+        if weight.dtype() == DType::F32 && sgemm::available() {
+            let (n, k) = weight.dims2()?;
+            let w = weight.contiguous()?;
+            let packed = {
+                let (storage, layout) = w.storage_and_layout();
+                match (&*storage, layout.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => {
+                        // Wᵀ: element (k, n) at n·K + k.
+                        sgemm::PackedB::pack(sgemm::MatRef {
+                            data: &v[lo..hi],
+                            rows: k,
+                            cols: n,
+                            rs: 1,
+                            cs: k,
+                        })
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(packed) = packed {
+                return Ok(Self {
+                    weight: Weight::Packed(Arc::new(packed)),
+                    bias,
+                });
+            }
+        }
+        Self::relaid_out(weight, bias)
+    }
+
+    /// The weight as the transposed view of a contiguous `[in, out]` buffer (gemm's layout).
+    fn relaid_out(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self::new(transpose_f32(&weight)?.t()?, bias))
+    }
+
+    /// The weight's dtype.
+    pub fn dtype(&self) -> DType {
+        match &self.weight {
+            Weight::Tensor(w) => w.dtype(),
+            Weight::Packed(_) => DType::F32,
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Bytes the weight holds, packed or not.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Tensor(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Packed(p) => p.size_in_bytes(),
+        }
+    }
+
+    /// Whether the weight is packed for blipdex's GEMM.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, Weight::Packed(_))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(self, x)
+    }
+}
+
+/// candle_nn's `linear` (checkpoint names `weight`, `bias`), [`Linear::prepared`].
+pub fn linear_kn(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::prepared(weight, Some(bias))
 }
 
 /// `w.t().contiguous()` for a contiguous f32 matrix, in 64-column tiles over rayon (candle's
@@ -78,12 +170,13 @@ fn transpose_tiles(src: &[f32], n: usize, k: usize) -> Vec<f32> {
 
 /// `act(linear(x))`, with the bias add and an erf GELU fused into one in-place pass.
 pub fn linear_act(lin: &Linear, act: Activation, x: &Tensor) -> Result<Tensor> {
-    match act {
-        Activation::Gelu => {
-            let y = matmul_t(x, lin.weight())?;
+    match (act, &lin.weight) {
+        (Activation::Gelu, Weight::Packed(_)) => bias_gelu_erf(linear(lin, x)?, None),
+        (Activation::Gelu, Weight::Tensor(w)) => {
+            let y = matmul_t(x, w)?;
             bias_gelu_erf(y, lin.bias())
         }
-        act => act.forward(&linear(lin, x)?),
+        (act, _) => act.forward(&linear(lin, x)?),
     }
 }
 
@@ -216,11 +309,15 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// `linear(x)` = x·Wᵀ + b: on CUDA one cuBLASLt call with the bias in its epilogue where it
 /// applies; otherwise [`matmul_t`] with the bias added in place (CPU f32, CUDA kernels).
 pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+    let w = match &lin.weight {
+        Weight::Packed(packed) => return packed_linear(packed, lin.bias(), x),
+        Weight::Tensor(w) => w,
+    };
     #[cfg(feature = "cuda")]
-    if let Some(y) = crate::cuda_kernels::lt_linear(x, lin.weight(), lin.bias())? {
+    if let Some(y) = crate::cuda_kernels::lt_linear(x, w, lin.bias())? {
         return Ok(y);
     }
-    let y = matmul_t(x, lin.weight())?;
+    let y = matmul_t(x, w)?;
     match lin.bias() {
         Some(b) if bias_in_place(&y, b) => {
             y.inplace_op2(b, &BIAS_ADD)?;
@@ -228,6 +325,49 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
         }
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
+    }
+}
+
+/// x·Wᵀ + b through [`sgemm`], the bias added as the first K slice is written.
+fn packed_linear(w: &sgemm::PackedB, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    let (k, n) = (w.k(), w.n());
+    let mut dims = x.dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        _ => candle_core::bail!("linear: input {:?} does not end in {k} features", x.dims()),
+    }
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.contiguous())
+        .transpose()?;
+    let (xs, xl) = x.storage_and_layout();
+    let bias_guard = bias.as_ref().map(|b| b.storage_and_layout());
+    let xv = cpu_f32(&xs, xl.contiguous_offsets())?;
+    let bv = match &bias_guard {
+        Some((s, l)) => Some(cpu_f32(s, l.contiguous_offsets())?),
+        None => None,
+    };
+    let a = sgemm::MatRef {
+        data: xv,
+        rows: xv.len() / k.max(1),
+        cols: k,
+        rs: k,
+        cs: 1,
+    };
+    let y = sgemm::matmul_packed(a, w, bv).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "linear: blipdex's GEMM refused {}x{k} · {k}x{n} (bias {:?})",
+            a.rows,
+            bv.map(<[f32]>::len)
+        ))
+    })?;
+    Tensor::from_vec(y, dims, &Device::Cpu)
+}
+
+fn cpu_f32(s: &candle_core::Storage, range: Option<(usize, usize)>) -> Result<&[f32]> {
+    match (s, range) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => Ok(&v[lo..hi]),
+        _ => candle_core::bail!("linear: packed weights need a contiguous f32 CPU input"),
     }
 }
 
@@ -739,9 +879,8 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, 1, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let b = Tensor::randn(0f32, 1.0, n, &dev)?;
-            let lin = Linear::new(w.clone(), Some(b));
-            let want = lin.forward(&x)?;
-            let got = linear(&lin, &x)?;
+            let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+            let got = linear(&Linear::new(w.clone(), Some(b)), &x)?;
             assert_eq!(got.dims(), want.dims());
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-4, "gemv m={m} k={k} n={n}: {d}");
@@ -767,18 +906,27 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (37, 48), &dev)?;
             let b = Tensor::randn(0f32, 1.0, 37, &dev)?;
-            for lin in [
-                Linear::new(w.clone(), Some(b.clone())),
-                Linear::new(w.clone(), None),
-            ] {
-                let want = lin.forward(&x)?;
-                for l in [lin.clone(), relayout_for_cpu(lin.clone())?] {
+            for bias in [Some(b.clone()), None] {
+                let want = candle_nn::Linear::new(w.clone(), bias.clone()).forward(&x)?;
+                // As stored, gemm's layout, and packed for sgemm (on CPUs with AVX-512F).
+                for l in [
+                    Linear::new(w.clone(), bias.clone()),
+                    Linear::relaid_out(w.clone(), bias.clone())?,
+                    Linear::prepared(w.clone(), bias.clone())?,
+                ] {
                     let got = linear(&l, &x)?;
                     assert_eq!(got.dims(), want.dims());
                     let d = max_abs_diff(&got, &want)?;
-                    assert!(d < 1e-4, "{dims:?} bias={}: {d}", lin.bias().is_some());
+                    assert!(d < 1e-4, "{dims:?} bias={}: {d}", bias.is_some());
+                    let act = linear_act(&l, Activation::Gelu, &x)?;
+                    let d = max_abs_diff(&act, &want.gelu_erf()?)?;
+                    assert!(d < 1e-4, "{dims:?} gelu bias={}: {d}", bias.is_some());
                 }
             }
+            assert_eq!(
+                Linear::prepared(w.clone(), None)?.is_packed(),
+                sgemm::available()
+            );
         }
         // A width that does not match the weight is an error, not a silent reshape.
         let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
@@ -841,9 +989,12 @@ mod tests {
             assert_eq!(t.dims(), &[k, n]);
             assert_eq!(max_abs_diff(&t, &w.t()?.contiguous()?)?, 0.0);
             let lin = Linear::new(w.clone(), None);
-            let re = relayout_for_cpu(lin.clone())?;
-            assert_eq!(re.weight().dims(), w.dims());
-            assert_eq!(max_abs_diff(re.weight(), &w)?, 0.0);
+            let re = Linear::relaid_out(w.clone(), None)?;
+            let Weight::Tensor(rw) = &re.weight else {
+                anyhow::bail!("relaid out weight should stay a tensor")
+            };
+            assert_eq!(rw.dims(), w.dims());
+            assert_eq!(max_abs_diff(rw, &w)?, 0.0);
             let x = Tensor::randn(0f32, 1.0, (2, 5, k), &dev)?;
             assert!(max_abs_diff(&re.forward(&x)?, &lin.forward(&x)?)? < 1e-4);
         }

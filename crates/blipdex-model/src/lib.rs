@@ -12,6 +12,7 @@ pub mod loading;
 pub mod opt;
 pub mod profile;
 pub mod qformer;
+pub mod sgemm;
 pub mod tokenizer;
 pub mod vision;
 pub mod vision_cache;

@@ -4,8 +4,10 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
+
+use crate::kernels::Linear;
 
 /// transformers' `nn.LayerNorm` default; OPTConfig has no eps field.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -209,7 +211,7 @@ impl OptLinear {
     fn weight_bytes(&self) -> usize {
         let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         match self {
-            Self::Float(l) => dense(l.weight()),
+            Self::Float(l) => l.weight_bytes(),
             Self::Quantized { weight, .. } => match weight {
                 QMatMul::QTensor(q) => q.storage_size_in_bytes(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dense(t),

@@ -3,11 +3,11 @@
 
 use candle_core::{DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{
-    embedding, layer_norm, Activation, Embedding, LayerNorm, LayerNormConfig, Linear, VarBuilder,
+    embedding, layer_norm, Activation, Embedding, LayerNorm, LayerNormConfig, VarBuilder,
 };
 
 use crate::config::Blip2QFormerConfig;
-use crate::kernels::linear_kn;
+use crate::kernels::{linear_kn, Linear};
 
 /// Turns a `[B, L]` 0/1 padding mask into the additive `[B, 1, 1, L]` mask of transformers
 /// (0 where attended, the dtype's lowest value where masked).
@@ -39,8 +39,7 @@ fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) 
         ws.push(vb.get((out_dim, in_dim), "weight")?);
         bs.push(vb.get(out_dim, "bias")?);
     }
-    let lin = Linear::new(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?));
-    crate::kernels::relayout_for_cpu(lin)
+    Linear::prepared(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?))
 }
 
 impl Blip2QFormerMultiHeadAttention {

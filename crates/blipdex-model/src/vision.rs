@@ -1,9 +1,9 @@
 //! `Blip2VisionModel`: EVA-style ViT with a fused, key-bias-free qkv projection.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, VarBuilder};
 
-use crate::kernels::{contiguous, linear_kn};
+use crate::kernels::{contiguous, linear_kn, Linear};
 use crate::profile::span;
 
 use crate::config::Blip2VisionConfig;
@@ -29,7 +29,8 @@ impl Blip2VisionEmbeddings {
         let patch_weight = vb
             .get((d, 3, ph, pw), "patch_embedding.weight")?
             .reshape((d, 3 * ph * pw))?;
-        let patch_embedding = Linear::new(patch_weight, Some(vb.get(d, "patch_embedding.bias")?));
+        let patch_embedding =
+            Linear::prepared(patch_weight, Some(vb.get(d, "patch_embedding.bias")?))?;
         let position_embedding = vb.get((1, num_positions, d), "position_embedding")?;
         let grid = ((num_positions - 1) as f64).sqrt().round() as usize;
         Ok(Self {
@@ -51,7 +52,7 @@ impl Blip2VisionEmbeddings {
                 pixel_values.dims()
             );
         }
-        let dtype = self.patch_embedding.weight().dtype();
+        let dtype = self.patch_embedding.dtype();
         // Conv2d drops a remainder that does not fill a patch; so do we.
         let x = pixel_values
             .to_dtype(dtype)?
@@ -148,7 +149,7 @@ impl Blip2Attention {
         };
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: crate::kernels::relayout_for_cpu(Linear::new(qkv_w, bias))?,
+            qkv: Linear::prepared(qkv_w, bias)?,
             projection: linear_kn(d, d, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
@@ -269,7 +270,7 @@ impl Blip2VisionModel {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embeddings.patch_embedding.weight().dtype()
+        self.embeddings.patch_embedding.dtype()
     }
 }
 
