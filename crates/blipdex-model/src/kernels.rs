@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use candle_core::{
-    CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Tensor,
+    CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Module, Result, Tensor, D,
 };
 use candle_nn::Activation;
 use rayon::prelude::*;
@@ -326,6 +326,114 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// One of attention's q, k, v: columns `offset..offset + dim` of a `[B, T, width]` tensor (a
+/// fused projection's output holds several side by side).
+#[derive(Clone, Copy)]
+pub struct Part<'a> {
+    pub src: &'a Tensor,
+    pub offset: usize,
+}
+
+/// Multi-head attention without a mask, `softmax(scale · q·kᵀ) · v` per head (`heads` heads of
+/// `dim / heads`), heads merged into `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per
+/// (image, head), the Tq × Tk scores made, normalized and used inside that core's cache, q, k
+/// and v read straight out of the projections (no head split copies, no batched score tensor
+/// through memory). `None` elsewhere: the caller runs the unfused ops.
+pub fn fused_attention(
+    q: Part<'_>,
+    k: Part<'_>,
+    v: Part<'_>,
+    heads: usize,
+    dim: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (b, tq, _) = q.src.dims3()?;
+    let (bk, tk, _) = k.src.dims3()?;
+    let usable = |p: &Part<'_>| {
+        fast_path(p.src) && p.src.rank() == 3 && p.offset + dim <= p.src.dim(2).unwrap_or(0)
+    };
+    if !sgemm::available()
+        || heads == 0
+        || dim % heads != 0
+        || bk != b
+        || v.src.dims3()?.0 != b
+        || v.src.dims3()?.1 != tk
+        || ![q, k, v].iter().all(usable)
+    {
+        return Ok(None);
+    }
+    let hd = dim / heads;
+    let guards = [q, k, v].map(|p| p.src.storage_and_layout());
+    let mut data: [&[f32]; 3] = [&[]; 3];
+    for (d, (storage, layout)) in data.iter_mut().zip(&guards) {
+        match cpu_f32(storage, layout.contiguous_offsets()) {
+            Ok(v) => *d = v,
+            Err(_) => return Ok(None),
+        }
+    }
+    let scale = scale as f32;
+    let head = |task: usize| -> Option<Vec<f32>> {
+        let (img, h) = (task / heads, task % heads);
+        // Rows of image `img`, head `h` of part i: (data, row stride).
+        let at = |i: usize, p: Part<'_>, t: usize| {
+            let width = p.src.dim(2).unwrap_or(0);
+            (&data[i][img * t * width + p.offset + h * hd..], width)
+        };
+        let view = |data, rows, cols, rs, cs| sgemm::MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        };
+        let (qd, qs) = at(0, q, tq);
+        let (kd, ks) = at(1, k, tk);
+        let (vd, vs) = at(2, v, tk);
+        let kt = sgemm::PackedB::pack_serial(view(kd, hd, tk, 1, ks))?;
+        let mut scores = vec![0f32; tq * tk];
+        if !sgemm::matmul_serial(view(qd, tq, hd, qs, 1), &kt, &mut scores, tk) {
+            return None;
+        }
+        pulp::Arch::new().dispatch(Rows {
+            xs: &mut scores,
+            n: tk,
+            op: RowOp::Softmax(scale),
+        });
+        let vp = sgemm::PackedB::pack_serial(view(vd, tk, hd, vs, 1))?;
+        let mut out = vec![0f32; tq * hd];
+        let probs = view(&scores, tq, tk, tk, 1);
+        sgemm::matmul_serial(probs, &vp, &mut out, hd).then_some(out)
+    };
+    let per_head: Option<Vec<Vec<f32>>> = (0..b * heads).into_par_iter().map(head).collect();
+    drop(guards);
+    let Some(per_head) = per_head else {
+        return Ok(None);
+    };
+    let mut merged = vec![0f32; b * tq * dim];
+    merged
+        .par_chunks_mut(tq * dim)
+        .zip(per_head.par_chunks(heads))
+        .for_each(|(dst, heads_out)| {
+            for (h, o) in heads_out.iter().enumerate() {
+                for (row, src) in dst.chunks_exact_mut(dim).zip(o.chunks_exact(hd)) {
+                    row[h * hd..(h + 1) * hd].copy_from_slice(src);
+                }
+            }
+        });
+    Ok(Some(Tensor::from_vec(
+        merged,
+        (b, tq, dim),
+        q.src.device(),
+    )?))
+}
+
+/// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
+pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+    let d = qkv.dim(D::Minus1)? / 3;
+    let part = |offset| Part { src: qkv, offset };
+    fused_attention(part(0), part(d), part(2 * d), heads, d, scale)
 }
 
 /// x·Wᵀ + b through [`sgemm`], the bias added as the first K slice is written.
@@ -932,6 +1040,76 @@ mod tests {
         let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
         let w = Tensor::zeros((37, 48), DType::F32, &dev)?;
         assert!(matmul_t(&x, &w).is_err());
+        Ok(())
+    }
+
+    /// The unfused reference: head split, q·kᵀ, softmax, ·v, heads merged (candle's ops).
+    fn attention_reference(qkv: &Tensor, heads: usize, scale: f64) -> anyhow::Result<Tensor> {
+        let (b, t, d3) = qkv.dims3()?;
+        let hd = d3 / 3 / heads;
+        let x = qkv
+            .reshape((b, t, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            x.i(0)?.contiguous()?,
+            x.i(1)?.contiguous()?,
+            x.i(2)?.contiguous()?,
+        );
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        Ok(p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?)
+    }
+
+    #[test]
+    fn fused_attention_matches_unfused_ops() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // Sequence lengths off the 14-row and 32-column tiles, head sizes 64 / 12 / 1.
+        for (b, t, heads, hd) in [
+            (2usize, 257usize, 3usize, 64usize),
+            (1, 5, 5, 12),
+            (3, 40, 2, 1),
+        ] {
+            let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hd), &dev)?;
+            let scale = (hd as f64).powf(-0.5);
+            let want = attention_reference(&qkv, heads, scale)?;
+            match fused_self_attention(&qkv, heads, scale)? {
+                Some(got) => {
+                    assert_eq!(got.dims(), want.dims());
+                    let d = max_abs_diff(&got, &want)?;
+                    assert!(d < 1e-5, "b={b} t={t} heads={heads} hd={hd}: {d}");
+                }
+                None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+            }
+        }
+        // Cross-attention: 32 queries over 257 keys, k and v side by side in one projection.
+        let (b, tq, tk, heads, hd) = (2usize, 32usize, 257usize, 4usize, 16usize);
+        let dim = heads * hd;
+        let q = Tensor::randn(0f32, 1.0, (b, tq, dim), &dev)?;
+        let kv = Tensor::randn(0f32, 1.0, (b, tk, 2 * dim), &dev)?;
+        let split = |x: &Tensor, t: usize| -> anyhow::Result<Tensor> {
+            Ok(x.reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (qh, kh, vh) = (
+            split(&q, tq)?,
+            split(&kv.narrow(2, 0, dim)?, tk)?,
+            split(&kv.narrow(2, dim, dim)?, tk)?,
+        );
+        let p = candle_nn::ops::softmax_last_dim(&(qh.matmul(&kh.t()?)? * 0.25)?)?;
+        let want = p.matmul(&vh)?.transpose(1, 2)?.reshape((b, tq, dim))?;
+        let part = |src, offset| Part { src, offset };
+        match fused_attention(part(&q, 0), part(&kv, 0), part(&kv, dim), heads, dim, 0.25)? {
+            Some(got) => {
+                let d = max_abs_diff(&got, &want)?;
+                assert!(d < 1e-5, "cross-attention: {d}");
+            }
+            None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+        }
+        // Not f32 or not a whole number of heads: left to the caller.
+        let qkv = Tensor::zeros((1, 4, 3 * 8), DType::F16, &dev)?;
+        assert!(fused_self_attention(&qkv, 2, 1.0)?.is_none());
+        let qkv = Tensor::zeros((1, 4, 3 * 8), DType::F32, &dev)?;
+        assert!(fused_self_attention(&qkv, 3, 1.0)?.is_none());
         Ok(())
     }
 

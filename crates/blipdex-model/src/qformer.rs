@@ -82,18 +82,37 @@ impl Blip2QFormerMultiHeadAttention {
     /// additive, broadcastable to the scores.
     fn forward(&self, hidden: &Tensor, states: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        let (q, k, v) = match &self.key_value {
+        let scale = (self.head_size as f64).powf(-0.5);
+        let q = crate::kernels::linear(&self.query, hidden)?;
+        let kv = match &self.key_value {
+            None => None,
+            Some(kv) => Some(crate::kernels::linear(kv, states)?),
+        };
+        if mask.is_none() {
+            use crate::kernels::{fused_attention, Part};
+            let fused = match &kv {
+                None => crate::kernels::fused_self_attention(&q, self.num_heads, scale)?,
+                Some(kv) => {
+                    let part = |src, offset| Part { src, offset };
+                    let (q, k, v) = (part(&q, 0), part(kv, 0), part(kv, h));
+                    fused_attention(q, k, v, self.num_heads, h, scale)?
+                }
+            };
+            if let Some(out) = fused {
+                return Ok(out);
+            }
+        }
+        let (q, k, v) = match kv {
             None => {
-                let qkv = self.split_heads(crate::kernels::linear(&self.query, hidden)?, 3)?;
+                let qkv = self.split_heads(q, 3)?;
                 (qkv[0].clone(), qkv[1].clone(), qkv[2].clone())
             }
             Some(kv) => {
-                let q = self.split_heads(crate::kernels::linear(&self.query, hidden)?, 1)?;
-                let kv = self.split_heads(crate::kernels::linear(kv, states)?, 2)?;
+                let q = self.split_heads(q, 1)?;
+                let kv = self.split_heads(kv, 2)?;
                 (q[0].clone(), kv[0].clone(), kv[1].clone())
             }
         };
-        let scale = (self.head_size as f64).powf(-0.5);
         let scores = q.matmul(&k.t()?)?;
         // transformers scales before adding the mask; without one the scale fuses into the softmax.
         let probs = match mask {

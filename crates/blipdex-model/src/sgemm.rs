@@ -71,29 +71,40 @@ pub struct PackedB {
 }
 
 impl PackedB {
+    /// Packs over rayon (weights at load).
     pub fn pack(b: MatRef<'_>) -> Option<Self> {
+        Self::pack_with(b, true)
+    }
+
+    /// Packs on the calling thread (inside a task that is already one of several).
+    pub fn pack_serial(b: MatRef<'_>) -> Option<Self> {
+        Self::pack_with(b, false)
+    }
+
+    fn pack_with(b: MatRef<'_>, parallel: bool) -> Option<Self> {
         let (k, n) = (b.rows, b.cols);
         if !b.in_bounds() {
             return None;
         }
         let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
-        if k > 0 {
-            data.par_chunks_mut(k * NR)
-                .enumerate()
-                .for_each(|(q, panel)| {
-                    let c0 = q * NR;
-                    let w = NR.min(n - c0);
-                    for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                        let base = kk * b.rs + c0 * b.cs;
-                        if b.cs == 1 {
-                            row[..w].copy_from_slice(&b.data[base..base + w]);
-                        } else {
-                            for (j, v) in row[..w].iter_mut().enumerate() {
-                                *v = b.data[base + j * b.cs];
-                            }
-                        }
+        let pack_panel = |(q, panel): (usize, &mut [f32])| {
+            let c0 = q * NR;
+            let w = NR.min(n - c0);
+            for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                let base = kk * b.rs + c0 * b.cs;
+                if b.cs == 1 {
+                    row[..w].copy_from_slice(&b.data[base..base + w]);
+                } else {
+                    for (j, v) in row[..w].iter_mut().enumerate() {
+                        *v = b.data[base + j * b.cs];
                     }
-                });
+                }
+            }
+        };
+        if k > 0 && parallel {
+            data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
+        } else if k > 0 {
+            data.chunks_mut(k * NR).enumerate().for_each(pack_panel);
         }
         Some(Self { data, k, n })
     }
@@ -153,6 +164,35 @@ pub fn matmul_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option
     }
 }
 
+/// `c = a · B` on the calling thread, into the `a.rows × B.n` block at the start of `c` with row
+/// stride `ldc` (for callers that already run one task per core). False when the CPU lacks
+/// AVX-512F or the shapes disagree.
+pub fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) -> bool {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    let fits = m == 0 || n == 0 || ((m - 1) * ldc + n <= c.len() && ldc >= n);
+    if !available() || b.k != k || !a.in_bounds() || !fits {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        for row in c.chunks_mut(ldc).take(m) {
+            row[..n].fill(0.0);
+        }
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::matmul_serial(a, b, c, ldc);
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Column blocks of width a multiple of NR, at most NB_MAX wide, their count a multiple of the
 /// thread count so both cores get the same work.
 fn column_blocks(n: usize, threads: usize) -> Vec<(usize, usize)> {
@@ -170,41 +210,44 @@ fn column_blocks(n: usize, threads: usize) -> Vec<(usize, usize)> {
 
 /// Packs A's columns `p0..p0 + kc` into `m_pad / MR` panels of `kc × MR` (column i of a
 /// panel = row i of A), zero rows past the matrix.
-fn pack_a(a: MatRef<'_>, p0: usize, kc: usize, m_pad: usize, dst: &mut Vec<f32>) {
+fn pack_a(a: MatRef<'_>, p0: usize, kc: usize, m_pad: usize, dst: &mut Vec<f32>, parallel: bool) {
     let m = a.rows;
     if dst.len() < m_pad * kc {
         dst.resize(m_pad * kc, 0.0);
     }
-    dst[..m_pad * kc]
-        .par_chunks_mut(MR * kc)
-        .enumerate()
-        .for_each(|(panel, dst)| {
-            let r0 = panel * MR;
-            let rows = MR.min(m.saturating_sub(r0));
-            #[cfg(target_arch = "x86_64")]
-            if rows == MR && a.cs == 1 {
-                let src: [&[f32]; MR] = std::array::from_fn(|i| {
-                    let row = (r0 + i) * a.rs + p0;
-                    &a.data[row..row + kc]
-                });
-                x86::pack_panel(&src, dst);
-                return;
-            }
-            dst.fill(0.0);
-            for i in 0..rows {
-                let row = (r0 + i) * a.rs;
-                if a.cs == 1 {
-                    let src = &a.data[row + p0..row + p0 + kc];
-                    for (d, v) in dst[i..].iter_mut().step_by(MR).zip(src) {
-                        *d = *v;
-                    }
-                } else {
-                    for (kk, d) in dst[i..].iter_mut().step_by(MR).enumerate() {
-                        *d = a.data[row + (p0 + kk) * a.cs];
-                    }
+    let pack = |(panel, dst): (usize, &mut [f32])| {
+        let r0 = panel * MR;
+        let rows = MR.min(m.saturating_sub(r0));
+        #[cfg(target_arch = "x86_64")]
+        if rows == MR && a.cs == 1 {
+            let src: [&[f32]; MR] = std::array::from_fn(|i| {
+                let row = (r0 + i) * a.rs + p0;
+                &a.data[row..row + kc]
+            });
+            x86::pack_panel(&src, dst);
+            return;
+        }
+        dst.fill(0.0);
+        for i in 0..rows {
+            let row = (r0 + i) * a.rs;
+            if a.cs == 1 {
+                let src = &a.data[row + p0..row + p0 + kc];
+                for (d, v) in dst[i..].iter_mut().step_by(MR).zip(src) {
+                    *d = *v;
+                }
+            } else {
+                for (kk, d) in dst[i..].iter_mut().step_by(MR).enumerate() {
+                    *d = a.data[row + (p0 + kk) * a.cs];
                 }
             }
-        });
+        }
+    };
+    let dst = &mut dst[..m_pad * kc];
+    if parallel {
+        dst.par_chunks_mut(MR * kc).enumerate().for_each(pack);
+    } else {
+        dst.chunks_mut(MR * kc).enumerate().for_each(pack);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -237,6 +280,15 @@ mod x86 {
         static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// The thread's A buffer, or a fresh one where it is in use (a rayon task run by a thread
+    /// waiting inside its own product).
+    fn with_a_pack<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+        A_PACK.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut ap) => f(&mut ap),
+            Err(_) => f(&mut Vec::new()),
+        })
+    }
+
     pub(super) fn matmul(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
         let (m, n) = (a.rows, b.n);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
@@ -246,7 +298,7 @@ mod x86 {
         // Row blocks keep each block's output (written by the first K slice, re-read by the
         // next) in L3; a whole large output (2056 × 3072 f32 = 25 MB) would go out to DRAM.
         let mb = (C_BLOCK_FLOATS / n).max(MR) / MR * MR;
-        A_PACK.with_borrow_mut(|ap| {
+        with_a_pack(|ap| {
             for r_first in (0..m).step_by(mb) {
                 let rows = mb.min(m - r_first);
                 let a = MatRef {
@@ -255,7 +307,7 @@ mod x86 {
                     ..a
                 };
                 let c = OutPtr(c.at(r_first * n));
-                block(a, b, bias, c, &blocks, ap);
+                block(a, b, bias, (c, n), &blocks, ap, true);
             }
         });
         // SAFETY: k > 0, so the first K slice wrote every element of every column block of
@@ -264,54 +316,65 @@ mod x86 {
         out
     }
 
-    /// `matmul` for one block of rows.
+    /// The caller checked that the `a.rows × b.n` block with row stride `ldc` fits in `c`.
+    pub(super) fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) {
+        let c = OutPtr(c.as_mut_ptr());
+        with_a_pack(|ap| block(a, b, None, (c, ldc), &[(0, b.n)], ap, false));
+    }
+
+    /// `c = a · B (+ bias)` for one block of rows: K slices in turn, each slice's column blocks
+    /// over rayon when `parallel`. `c` is the output and its row stride.
     fn block(
         a: MatRef<'_>,
         b: &PackedB,
         bias: Option<&[f32]>,
-        c: OutPtr,
+        (c, ldc): (OutPtr, usize),
         blocks: &[(usize, usize)],
         ap: &mut Vec<f32>,
+        parallel: bool,
     ) {
-        let (m, k, n) = (a.rows, a.cols, b.n);
+        let (m, k) = (a.rows, a.cols);
         let m_pad = m.div_ceil(MR) * MR;
-        {
-            for p0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - p0);
-                pack_a(a, p0, kc, m_pad, ap);
-                let ap = &ap[..m_pad * kc];
-                let first = p0 == 0;
-                blocks.par_iter().for_each(|&(j0, nb)| {
-                    for (panel, a_panel) in ap.chunks_exact(MR * kc).enumerate() {
-                        let r0 = panel * MR;
-                        let mr = MR.min(m - r0);
-                        for c0 in (j0..j0 + nb).step_by(NR) {
-                            let nr = NR.min(j0 + nb - c0);
-                            let b_panel = b.panel_slice(c0 / NR, p0, kc);
-                            let bias = match (first, bias) {
-                                (true, Some(bias)) => bias[c0..].as_ptr(),
-                                _ => std::ptr::null(),
-                            };
-                            // SAFETY: AVX-512F was detected (`available`); the panels hold
-                            // kc·MR and kc·NR floats; the tile's rows r0..r0+mr and columns
-                            // c0..c0+nr lie inside the m × n output, in this thread's column
-                            // block; the bias holds n - c0 ≥ nr floats past c0.
-                            unsafe {
-                                kernel(
-                                    kc,
-                                    a_panel.as_ptr(),
-                                    b_panel.as_ptr(),
-                                    c.at(r0 * n + c0),
-                                    n,
-                                    mr,
-                                    nr,
-                                    !first,
-                                    bias,
-                                );
-                            }
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_a(a, p0, kc, m_pad, ap, parallel);
+            let ap = &ap[..m_pad * kc];
+            let first = p0 == 0;
+            let columns = |&(j0, nb): &(usize, usize)| {
+                for (panel, a_panel) in ap.chunks_exact(MR * kc).enumerate() {
+                    let r0 = panel * MR;
+                    let mr = MR.min(m - r0);
+                    for c0 in (j0..j0 + nb).step_by(NR) {
+                        let nr = NR.min(j0 + nb - c0);
+                        let b_panel = b.panel_slice(c0 / NR, p0, kc);
+                        let bias = match (first, bias) {
+                            (true, Some(bias)) => bias[c0..].as_ptr(),
+                            _ => std::ptr::null(),
+                        };
+                        // SAFETY: AVX-512F was detected (`available`); the panels hold kc·MR
+                        // and kc·NR floats; the tile's rows r0..r0+mr and columns c0..c0+nr lie
+                        // inside the output block (checked by the callers), in this task's
+                        // column block; the bias holds n - c0 ≥ nr floats past c0.
+                        unsafe {
+                            kernel(
+                                kc,
+                                a_panel.as_ptr(),
+                                b_panel.as_ptr(),
+                                c.at(r0 * ldc + c0),
+                                ldc,
+                                mr,
+                                nr,
+                                !first,
+                                bias,
+                            );
                         }
                     }
-                });
+                }
+            };
+            if parallel {
+                blocks.par_iter().for_each(columns);
+            } else {
+                blocks.iter().for_each(columns);
             }
         }
     }
@@ -638,7 +701,7 @@ mod tests {
                 cbest = cbest.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
                 for p0 in (0..k).step_by(KC) {
-                    pack_a(a, p0, KC.min(k - p0), m.div_ceil(MR) * MR, &mut ap);
+                    pack_a(a, p0, KC.min(k - p0), m.div_ceil(MR) * MR, &mut ap, true);
                 }
                 pbest = pbest.min(t.elapsed().as_secs_f64());
             }

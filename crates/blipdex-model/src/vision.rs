@@ -163,6 +163,13 @@ impl Module for Blip2Attention {
         let hd = d / self.num_heads;
         let dev = xs.device();
         let qkv = span("vision.qkv", dev, || crate::kernels::linear(&self.qkv, xs))?;
+        if let Some(out) = span("vision.attention", dev, || {
+            crate::kernels::fused_self_attention(&qkv, self.num_heads, self.scale)
+        })? {
+            return span("vision.proj", dev, || {
+                crate::kernels::linear(&self.projection, &out)
+            });
+        }
         let (q, k, v) = span("vision.split_heads", dev, || {
             let qkv = qkv
                 .reshape((b, t, 3, self.num_heads, hd))?
