@@ -356,7 +356,7 @@ pub fn fused_attention(
     };
     if !sgemm::available()
         || heads == 0
-        || dim % heads != 0
+        || !dim.is_multiple_of(heads)
         || bk != b
         || v.src.dims3()?.0 != b
         || v.src.dims3()?.1 != tk
