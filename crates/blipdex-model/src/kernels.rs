@@ -328,6 +328,11 @@ pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
+thread_local! {
+    /// [`fused_attention`]'s per-task score matrix.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// One of attention's q, k, v: columns `offset..offset + dim` of a `[B, T, width]` tensor (a
 /// fused projection's output holds several side by side).
 #[derive(Clone, Copy)]
@@ -392,19 +397,30 @@ pub fn fused_attention(
         let (kd, ks) = at(1, k, tk);
         let (vd, vs) = at(2, v, tk);
         let kt = sgemm::PackedB::pack_serial(view(kd, hd, tk, 1, ks))?;
-        let mut scores = vec![0f32; tq * tk];
-        if !sgemm::matmul_serial(view(qd, tq, hd, qs, 1), &kt, &mut scores, tk) {
-            return None;
-        }
-        pulp::Arch::new().dispatch(Rows {
-            xs: &mut scores,
-            n: tk,
-            op: RowOp::Softmax(scale),
-        });
         let vp = sgemm::PackedB::pack_serial(view(vd, tk, hd, vs, 1))?;
         let mut out = vec![0f32; tq * hd];
-        let probs = view(&scores, tq, tk, tk, 1);
-        sgemm::matmul_serial(probs, &vp, &mut out, hd).then_some(out)
+        // The scores are fully written by the product: a reused buffer, not a zeroed one.
+        let done = SCORES.with_borrow_mut(|scores| {
+            scores.resize(scores.len().max(tq * tk), 0.0);
+            let scores = &mut scores[..tq * tk];
+            if !sgemm::matmul_serial(view(qd, tq, hd, qs, 1), &kt, scores, tk) {
+                return false;
+            }
+            pulp::Arch::new().dispatch(Rows {
+                xs: scores,
+                n: tk,
+                op: RowOp::Softmax(scale),
+            });
+            let probs = sgemm::MatRef {
+                data: scores,
+                rows: tq,
+                cols: tk,
+                rs: tk,
+                cs: 1,
+            };
+            sgemm::matmul_serial(probs, &vp, &mut out, hd)
+        });
+        done.then_some(out)
     };
     let per_head: Option<Vec<Vec<f32>>> = (0..b * heads).into_par_iter().map(head).collect();
     drop(guards);
@@ -812,7 +828,9 @@ fn softmax_row(row: &mut [f32], scale: f32) {
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            m[i] = m[i].max(c[i]);
+            // Not f32::max: its NaN rule keeps LLVM from vectorizing the loop (scalar vmaxss,
+            // ~40% of the softmax); a NaN score gives a NaN row either way.
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
         }
     }
     let mut max = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -888,7 +906,11 @@ fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.5);
     let y = p.mul_add(r * r, r) + 1.0;
     // n ∈ [-126, 128]: 2^n is a normal float (n = 128 only at the clamp, where y < 1).
-    let pow2 = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);
+    // n as an integer without `as i32`: Rust's saturating float→int cast does not vectorize
+    // (a scalar convert and two compares per lane, most of the softmax's time). 1.5·2²³ + n is
+    // exact for |n| < 2²², and its low mantissa bits are n.
+    let n = ((n + 12_582_912.0).to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let pow2 = f32::from_bits(((n + 127).clamp(1, 254) as u32) << 23);
     y * pow2
 }
 
@@ -1192,5 +1214,70 @@ mod tests {
             assert!((a - b).abs() < 1e-7, "{got:?} vs {want:?}");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod attention_timing {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing, by hand"]
+    fn attention_parts() {
+        let (t, hd) = (257usize, 64usize);
+        let d3 = 3 * 768;
+        let qkv: Vec<f32> = (0..t * d3)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        fn view(data: &[f32], rows: usize, cols: usize, rs: usize, cs: usize) -> sgemm::MatRef<'_> {
+            sgemm::MatRef {
+                data,
+                rows,
+                cols,
+                rs,
+                cs,
+            }
+        }
+        let reps = 200;
+        let mut scores = vec![0f32; t * t];
+        let mut out = vec![0f32; t * hd];
+        let (mut p_k, mut p_v, mut qk, mut sm, mut av) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        for _ in 0..reps {
+            let c = std::time::Instant::now();
+            let kt = sgemm::PackedB::pack_serial(view(&qkv[768..], hd, t, 1, d3)).unwrap();
+            p_k += c.elapsed().as_secs_f64();
+            let c = std::time::Instant::now();
+            let vp = sgemm::PackedB::pack_serial(view(&qkv[1536..], t, hd, d3, 1)).unwrap();
+            p_v += c.elapsed().as_secs_f64();
+            let c = std::time::Instant::now();
+            assert!(sgemm::matmul_serial(
+                view(&qkv, t, hd, d3, 1),
+                &kt,
+                &mut scores,
+                t
+            ));
+            qk += c.elapsed().as_secs_f64();
+            let c = std::time::Instant::now();
+            pulp::Arch::new().dispatch(Rows {
+                xs: &mut scores,
+                n: t,
+                op: RowOp::Softmax(0.125),
+            });
+            sm += c.elapsed().as_secs_f64();
+            let c = std::time::Instant::now();
+            assert!(sgemm::matmul_serial(
+                view(&scores, t, t, t, 1),
+                &vp,
+                &mut out,
+                hd
+            ));
+            av += c.elapsed().as_secs_f64();
+        }
+        let us = |x: f64| x / reps as f64 * 1e6;
+        let gf = |x: f64| 2.0 * (t * t * hd) as f64 / (x / reps as f64) / 1e9;
+        eprintln!(
+            "per head (one thread): pack k {:.1} us, pack v {:.1} us, qk {:.1} us ({:.0} GFLOP/s), softmax {:.1} us, av {:.1} us ({:.0} GFLOP/s)",
+            us(p_k), us(p_v), us(qk), gf(qk), us(sm), us(av), gf(av)
+        );
     }
 }

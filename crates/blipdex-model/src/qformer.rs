@@ -8,6 +8,7 @@ use candle_nn::{
 
 use crate::config::Blip2QFormerConfig;
 use crate::kernels::{linear_kn, Linear};
+use crate::profile::span;
 
 /// Turns a `[B, L]` 0/1 padding mask into the additive `[B, 1, 1, L]` mask of transformers
 /// (0 where attended, the dtype's lowest value where masked).
@@ -255,7 +256,10 @@ impl Blip2QFormerLayer {
         encoder_hidden_states: Option<&Tensor>,
         query_length: usize,
     ) -> Result<Tensor> {
-        let attn = self.attention.forward(hidden, hidden, mask)?;
+        let dev = hidden.device();
+        let attn = span("qformer.self_attention", dev, || {
+            self.attention.forward(hidden, hidden, mask)
+        })?;
         if query_length == 0 {
             return self.text_ffn()?.forward(&attn);
         }
@@ -265,9 +269,11 @@ impl Blip2QFormerLayer {
                 candle_core::Error::Msg("cross-attention layer needs the vision states".into())
             })?;
             // The vision states are never padded: no mask, as in transformers.
-            query = cross.forward(&query, enc, None)?;
+            query = span("qformer.cross_attention", dev, || {
+                cross.forward(&query, enc, None)
+            })?;
         }
-        let query_out = self.ffn_query.forward(&query)?;
+        let query_out = span("qformer.ffn", dev, || self.ffn_query.forward(&query))?;
         let total = attn.dim(1)?;
         if total > query_length {
             let text = attn.narrow(1, query_length, total - query_length)?;
