@@ -279,6 +279,160 @@ pub fn add_fresh(x: Tensor, y: &Tensor) -> Result<Tensor> {
     x + y
 }
 
+/// `ln(x + residual)`, returning the sum (the next residual) and its normalization. On the CPU
+/// in f32 one vectorized pass per row, split over rayon, the row kept in L1 between the sum, the
+/// mean, the variance (two-pass, as PyTorch) and the output: candle's layer norm reads each row
+/// with a scalar loop into a zero-filled output, then the residual add is another pass.
+/// Elsewhere: [`add_fresh`] then candle's layer norm. `x` must be fresh (a matmul output).
+pub fn add_layer_norm(
+    x: Tensor,
+    residual: &Tensor,
+    ln: &candle_nn::LayerNorm,
+) -> Result<(Tensor, Tensor)> {
+    if let Some(out) = cpu_layer_norm(&x, Some(residual), ln)? {
+        return Ok(out);
+    }
+    let h = add_fresh(x, residual)?;
+    let n = ln.forward(&h)?;
+    Ok((h, n))
+}
+
+/// `ln(x)`: on the CPU in f32 the same pass as [`add_layer_norm`], else candle's.
+pub fn layer_norm(x: &Tensor, ln: &candle_nn::LayerNorm) -> Result<Tensor> {
+    match cpu_layer_norm(x, None, ln)? {
+        Some((_, n)) => Ok(n),
+        None => ln.forward(x),
+    }
+}
+
+fn cpu_layer_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    ln: &candle_nn::LayerNorm,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let d = x.dim(D::Minus1)?;
+    let params = [Some(ln.weight()), ln.bias()];
+    let usable = fast_path(x)
+        && residual.is_none_or(|r| fast_path(r) && r.dims() == x.dims())
+        && ln.remove_mean()
+        && params
+            .iter()
+            .all(|p| p.is_some_and(|p| fast_path(p) && p.dims() == [d]));
+    if !usable || d == 0 {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let rs = residual.map(|r| r.storage_and_layout());
+    let (ws, wl) = ln.weight().storage_and_layout();
+    let bias = ln.bias().map(|b| b.storage_and_layout());
+    let xv = cpu_f32(&xs, xl.contiguous_offsets())?;
+    let rv = match &rs {
+        Some((s, l)) => Some(cpu_f32(s, l.contiguous_offsets())?),
+        None => None,
+    };
+    let wv = cpu_f32(&ws, wl.contiguous_offsets())?;
+    let bv = match &bias {
+        Some((s, l)) => cpu_f32(s, l.contiguous_offsets())?,
+        None => return Ok(None),
+    };
+    let n = xv.len();
+    let mut sum = if rv.is_some() {
+        vec![0f32; n]
+    } else {
+        Vec::new()
+    };
+    let mut out = vec![0f32; n];
+    let rows_per_task = (CHUNK / d).max(1);
+    let eps = ln.eps() as f32;
+    let task = |(i, (out, sum)): (usize, (&mut [f32], &mut [f32]))| {
+        let lo = i * rows_per_task * d;
+        let x = &xv[lo..lo + out.len()];
+        let r = rv.map(|r| &r[lo..lo + out.len()]);
+        pulp::Arch::new().dispatch(NormRows {
+            x,
+            residual: r,
+            sum,
+            out,
+            weight: wv,
+            bias: bv,
+            d,
+            eps,
+        })
+    };
+    if rv.is_some() {
+        out.par_chunks_mut(rows_per_task * d)
+            .zip(sum.par_chunks_mut(rows_per_task * d))
+            .enumerate()
+            .for_each(task);
+    } else {
+        out.par_chunks_mut(rows_per_task * d)
+            .map(|o| (o, &mut [][..]))
+            .enumerate()
+            .for_each(task);
+    }
+    drop((xs, rs, ws, bias));
+    let dims = x.dims();
+    let out = Tensor::from_vec(out, dims, x.device())?;
+    let sum = match residual {
+        Some(_) => Tensor::from_vec(sum, dims, x.device())?,
+        None => x.clone(),
+    };
+    Ok(Some((sum, out)))
+}
+
+/// Rows of [`cpu_layer_norm`]: `sum = x + residual` (when there is one), `out = ln(sum)`.
+struct NormRows<'a> {
+    x: &'a [f32],
+    residual: Option<&'a [f32]>,
+    sum: &'a mut [f32],
+    out: &'a mut [f32],
+    weight: &'a [f32],
+    bias: &'a [f32],
+    d: usize,
+    eps: f32,
+}
+
+impl pulp::WithSimd for NormRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let d = self.d;
+        for (i, out) in self.out.chunks_exact_mut(d).enumerate() {
+            let x = &self.x[i * d..(i + 1) * d];
+            let row: &[f32] = match self.residual {
+                Some(r) => {
+                    let sum = &mut self.sum[i * d..(i + 1) * d];
+                    for ((s, a), b) in sum.iter_mut().zip(x).zip(&r[i * d..(i + 1) * d]) {
+                        *s = a + b;
+                    }
+                    sum
+                }
+                None => x,
+            };
+            let mean = lane_sum(row, |v| v) / d as f32;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / d as f32;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for (((o, v), w), b) in out.iter_mut().zip(row).zip(self.weight).zip(self.bias) {
+                *o = (v - mean) * inv * w + b;
+            }
+        }
+    }
+}
+
+/// Σ f(v) with lane-wise partial sums, so the loop vectorizes.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().map(|v| f(*v)).sum::<f32>()
+}
+
 #[cfg(feature = "cuda")]
 struct AddInPlace;
 
@@ -1132,6 +1286,65 @@ mod tests {
         assert!(fused_self_attention(&qkv, 2, 1.0)?.is_none());
         let qkv = Tensor::zeros((1, 4, 3 * 8), DType::F32, &dev)?;
         assert!(fused_self_attention(&qkv, 3, 1.0)?.is_none());
+        Ok(())
+    }
+
+    fn layer_norm_f64(x: &Tensor, ln: &candle_nn::LayerNorm) -> anyhow::Result<Vec<f64>> {
+        let d = x.dim(D::Minus1)?;
+        let w = ln.weight().to_vec1::<f32>()?;
+        let b = ln
+            .bias()
+            .map(|b| b.to_vec1::<f32>())
+            .transpose()?
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for row in x.flatten_all()?.to_vec1::<f32>()?.chunks(d) {
+            let mean = row.iter().map(|v| *v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + ln.eps()).sqrt();
+            for (j, v) in row.iter().enumerate() {
+                out.push((*v as f64 - mean) * inv * w[j] as f64 + b[j] as f64);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn add_layer_norm_matches_f64() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        // Widths with and without a remainder after 16 lanes; rows across several tasks.
+        for (rows, d) in [(3usize, 768usize), (50, 37), (1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 1, d), &dev)?;
+            let r = (Tensor::randn(0f32, 1.0, (rows, 1, d), &dev)? + 3.0)?;
+            let w = Tensor::randn(0f32, 1.0, d, &dev)?;
+            let b = Tensor::randn(0f32, 1.0, d, &dev)?;
+            let ln = candle_nn::LayerNorm::new(w, b, 1e-6);
+            let want_h = (&x + &r)?;
+            let (h, n) = add_layer_norm(x.copy()?, &r, &ln)?;
+            assert_eq!(max_abs_diff(&h, &want_h)?, 0.0);
+            // Against f64 (candle's own E[x²] − mean² loses digits on rows with a large mean).
+            for (got, input) in [(n, &want_h), (layer_norm(&r, &ln)?, &r)] {
+                let want = layer_norm_f64(input, &ln)?;
+                let got = got.flatten_all()?.to_vec1::<f32>()?;
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - w).abs() < 2e-5,
+                        "rows={rows} d={d}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        // A non-contiguous residual takes candle's path, same values.
+        let x = Tensor::randn(0f32, 1.0, (4, 6), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (6, 4), &dev)?.t()?;
+        let ln = candle_nn::LayerNorm::new(
+            Tensor::ones(6, DType::F32, &dev)?,
+            Tensor::zeros(6, DType::F32, &dev)?,
+            1e-5,
+        );
+        let (h, n) = add_layer_norm(x.copy()?, &r, &ln)?;
+        assert_eq!(max_abs_diff(&h, &(&x + &r)?)?, 0.0);
+        assert!(max_abs_diff(&n, &ln.forward(&(&x + &r)?)?)? < 1e-5);
         Ok(())
     }
 

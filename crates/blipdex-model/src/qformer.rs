@@ -145,10 +145,8 @@ impl Blip2QFormerOutput {
     }
 
     fn forward(&self, hidden: &Tensor, input: &Tensor) -> Result<Tensor> {
-        self.layer_norm.forward(&crate::kernels::add_fresh(
-            crate::kernels::linear(&self.dense, hidden)?,
-            input,
-        )?)
+        let dense = crate::kernels::linear(&self.dense, hidden)?;
+        Ok(crate::kernels::add_layer_norm(dense, input, &self.layer_norm)?.1)
     }
 }
 

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, VarBuilder};
 
-use crate::kernels::{contiguous, linear_kn, Linear};
+use crate::kernels::{add_layer_norm, contiguous, linear_kn, Linear};
 use crate::profile::span;
 
 use crate::config::Blip2VisionConfig;
@@ -242,10 +242,13 @@ impl Blip2EncoderLayer {
 impl Module for Blip2EncoderLayer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dev = xs.device();
-        let x = span("vision.layer_norm", dev, || self.layer_norm1.forward(xs))?;
+        let x = span("vision.layer_norm", dev, || {
+            crate::kernels::layer_norm(xs, &self.layer_norm1)
+        })?;
         let a = self.self_attn.forward(&x)?;
-        let h = span("vision.residual", dev, || crate::kernels::add_fresh(a, xs))?;
-        let x = span("vision.layer_norm", dev, || self.layer_norm2.forward(&h))?;
+        let (h, x) = span("vision.add_norm", dev, || {
+            add_layer_norm(a, xs, &self.layer_norm2)
+        })?;
         let m = self.mlp.forward(&x)?;
         span("vision.residual", dev, || crate::kernels::add_fresh(m, &h))
     }
@@ -288,10 +291,28 @@ impl Module for Blip2VisionModel {
         let mut h = span("vision.embeddings", dev, || {
             self.embeddings.forward(pixel_values)
         })?;
-        for layer in &self.layers {
-            h = layer.forward(&h)?;
+        // Each residual add is fused with the layer norm that reads it: layer_norm2 of the same
+        // layer, then layer_norm1 of the next (post_layernorm after the last).
+        let first = self
+            .layers
+            .first()
+            .map_or(&self.post_layernorm, |l| &l.layer_norm1);
+        let mut x = span("vision.layer_norm", dev, || {
+            crate::kernels::layer_norm(&h, first)
+        })?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.self_attn.forward(&x)?;
+            let (h1, x1) = span("vision.add_norm", dev, || {
+                add_layer_norm(a, &h, &layer.layer_norm2)
+            })?;
+            let m = layer.mlp.forward(&x1)?;
+            let next = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.post_layernorm, |l| &l.layer_norm1);
+            (h, x) = span("vision.add_norm", dev, || add_layer_norm(m, &h1, next))?;
         }
-        span("vision.layer_norm", dev, || self.post_layernorm.forward(&h))
+        Ok(x)
     }
 }
 
