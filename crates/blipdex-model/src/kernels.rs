@@ -337,11 +337,11 @@ fn cpu_layer_norm(
     };
     let n = xv.len();
     let mut sum = if rv.is_some() {
-        vec![0f32; n]
+        sgemm::zeroed(n)
     } else {
         Vec::new()
     };
-    let mut out = vec![0f32; n];
+    let mut out = sgemm::zeroed(n);
     let rows_per_task = (CHUNK / d).max(1);
     let eps = ln.eps() as f32;
     let task = |(i, (out, sum)): (usize, (&mut [f32], &mut [f32]))| {
@@ -581,7 +581,7 @@ pub fn fused_attention(
     let Some(per_head) = per_head else {
         return Ok(None);
     };
-    let mut merged = vec![0f32; b * tq * dim];
+    let mut merged = sgemm::zeroed(b * tq * dim);
     merged
         .par_chunks_mut(tq * dim)
         .zip(per_head.par_chunks(heads))

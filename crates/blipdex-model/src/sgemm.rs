@@ -86,7 +86,7 @@ impl PackedB {
         if !b.in_bounds() {
             return None;
         }
-        let mut data = vec![0f32; n.div_ceil(NR) * NR * k];
+        let mut data = zeroed(n.div_ceil(NR) * NR * k);
         let pack_panel = |(q, panel): (usize, &mut [f32])| {
             let c0 = q * NR;
             let w = NR.min(n - c0);
@@ -193,6 +193,37 @@ pub fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) -> b
     }
 }
 
+/// Asks for transparent huge pages under a large buffer before it is first written: an output
+/// tile touches 14 rows, up to 14 pages; with 4 KiB pages the TLB misses cost ~15% on 2056 ×
+/// 3072 outputs (measured; the kernel's default THP mode is `madvise`).
+pub(crate) fn hugepage_hint(out: &mut Vec<f32>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = out.as_mut_ptr() as usize;
+        let end = start + out.capacity() * std::mem::size_of::<f32>();
+        let (lo, hi) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside the vector's allocation, which this thread owns;
+            // MADV_HUGEPAGE changes only how the kernel backs it, never its contents. A
+            // failure (THP disabled) leaves 4 KiB pages, which is fine.
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = out;
+}
+
+/// `vec![0.0; len]` on transparent huge pages where the allocation spans them.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    hugepage_hint(&mut v);
+    v.resize(len, 0.0);
+    v
+}
+
 /// Column blocks of width a multiple of NR, at most NB_MAX wide, their count a multiple of the
 /// thread count so both cores get the same work.
 fn column_blocks(n: usize, threads: usize) -> Vec<(usize, usize)> {
@@ -213,7 +244,7 @@ fn column_blocks(n: usize, threads: usize) -> Vec<(usize, usize)> {
 fn pack_a(a: MatRef<'_>, p0: usize, kc: usize, m_pad: usize, dst: &mut Vec<f32>, parallel: bool) {
     let m = a.rows;
     if dst.len() < m_pad * kc {
-        dst.resize(m_pad * kc, 0.0);
+        *dst = zeroed(m_pad * kc);
     }
     let pack = |(panel, dst): (usize, &mut [f32])| {
         let r0 = panel * MR;
@@ -257,7 +288,9 @@ mod x86 {
 
     use rayon::prelude::*;
 
-    use super::{column_blocks, pack_a, MatRef, PackedB, C_BLOCK_FLOATS, KC, MR, NR};
+    use super::{
+        column_blocks, hugepage_hint, pack_a, MatRef, PackedB, C_BLOCK_FLOATS, KC, MR, NR,
+    };
 
     /// The output, written by several threads at disjoint column blocks.
     #[derive(Clone, Copy)]
@@ -377,29 +410,6 @@ mod x86 {
                 blocks.iter().for_each(columns);
             }
         }
-    }
-
-    /// Asks for transparent huge pages under a large output before it is first written: its
-    /// tiles touch 14 rows, up to 14 pages, each; with 4 KiB pages the TLB misses cost ~15% on
-    /// 2056 × 3072 outputs (measured; the kernel's default THP mode is `madvise`).
-    fn hugepage_hint(out: &mut Vec<f32>) {
-        #[cfg(target_os = "linux")]
-        {
-            const HUGE: usize = 2 << 20;
-            let start = out.as_mut_ptr() as usize;
-            let end = start + out.capacity() * std::mem::size_of::<f32>();
-            let (lo, hi) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
-            if hi > lo {
-                // SAFETY: [lo, hi) lies inside the vector's allocation, which this thread owns;
-                // MADV_HUGEPAGE changes only how the kernel backs it, never its contents. A
-                // failure (THP disabled) leaves 4 KiB pages, which is fine.
-                unsafe {
-                    libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-                }
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = out;
     }
 
     /// One whole A panel: `dst[kk * MR + i] = src[i][kk]`, 16 k at a time through a 16 × 16
