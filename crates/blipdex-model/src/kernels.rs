@@ -66,13 +66,7 @@ impl Linear {
                 match (&*storage, layout.contiguous_offsets()) {
                     (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => {
                         // Wᵀ: element (k, n) at n·K + k.
-                        sgemm::PackedB::pack(sgemm::MatRef {
-                            data: &v[lo..hi],
-                            rows: k,
-                            cols: n,
-                            rs: 1,
-                            cs: k,
-                        })
+                        sgemm::PackedB::pack(sgemm::MatRef::new(&v[lo..hi], k, n, 1, k))
                     }
                     _ => None,
                 }
@@ -540,16 +534,10 @@ pub fn fused_attention(
             let width = p.src.dim(2).unwrap_or(0);
             (&data[i][img * t * width + p.offset + h * hd..], width)
         };
-        let view = |data, rows, cols, rs, cs| sgemm::MatRef {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        };
         let (qd, qs) = at(0, q, tq);
         let (kd, ks) = at(1, k, tk);
         let (vd, vs) = at(2, v, tk);
+        let view = sgemm::MatRef::new;
         let kt = sgemm::PackedB::pack_serial(view(kd, hd, tk, 1, ks))?;
         let vp = sgemm::PackedB::pack_serial(view(vd, tk, hd, vs, 1))?;
         let mut out = vec![0f32; tq * hd];
@@ -565,13 +553,7 @@ pub fn fused_attention(
                 n: tk,
                 op: RowOp::Softmax(scale),
             });
-            let probs = sgemm::MatRef {
-                data: scores,
-                rows: tq,
-                cols: tk,
-                rs: tk,
-                cs: 1,
-            };
+            let probs = sgemm::MatRef::row_major(scores, tq, tk);
             sgemm::matmul_serial(probs, &vp, &mut out, hd)
         });
         done.then_some(out)
@@ -625,13 +607,7 @@ fn packed_linear(w: &sgemm::PackedB, bias: Option<&Tensor>, x: &Tensor) -> Resul
         Some((s, l)) => Some(cpu_f32(s, l.contiguous_offsets())?),
         None => None,
     };
-    let a = sgemm::MatRef {
-        data: xv,
-        rows: xv.len() / k.max(1),
-        cols: k,
-        rs: k,
-        cs: 1,
-    };
+    let a = sgemm::MatRef::row_major(xv, xv.len() / k.max(1), k);
     let y = sgemm::matmul_packed(a, w, bv).ok_or_else(|| {
         candle_core::Error::Msg(format!(
             "linear: blipdex's GEMM refused {}x{k} · {k}x{n} (bias {:?})",
@@ -1442,29 +1418,22 @@ mod attention_timing {
         let qkv: Vec<f32> = (0..t * d3)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
-        fn view(data: &[f32], rows: usize, cols: usize, rs: usize, cs: usize) -> sgemm::MatRef<'_> {
-            sgemm::MatRef {
-                data,
-                rows,
-                cols,
-                rs,
-                cs,
-            }
-        }
         let reps = 200;
         let mut scores = vec![0f32; t * t];
         let mut out = vec![0f32; t * hd];
         let (mut p_k, mut p_v, mut qk, mut sm, mut av) = (0f64, 0f64, 0f64, 0f64, 0f64);
         for _ in 0..reps {
             let c = std::time::Instant::now();
-            let kt = sgemm::PackedB::pack_serial(view(&qkv[768..], hd, t, 1, d3)).unwrap();
+            let kt =
+                sgemm::PackedB::pack_serial(sgemm::MatRef::new(&qkv[768..], hd, t, 1, d3)).unwrap();
             p_k += c.elapsed().as_secs_f64();
             let c = std::time::Instant::now();
-            let vp = sgemm::PackedB::pack_serial(view(&qkv[1536..], t, hd, d3, 1)).unwrap();
+            let vp = sgemm::PackedB::pack_serial(sgemm::MatRef::new(&qkv[1536..], t, hd, d3, 1))
+                .unwrap();
             p_v += c.elapsed().as_secs_f64();
             let c = std::time::Instant::now();
             assert!(sgemm::matmul_serial(
-                view(&qkv, t, hd, d3, 1),
+                sgemm::MatRef::new(&qkv, t, hd, d3, 1),
                 &kt,
                 &mut scores,
                 t
@@ -1479,7 +1448,7 @@ mod attention_timing {
             sm += c.elapsed().as_secs_f64();
             let c = std::time::Instant::now();
             assert!(sgemm::matmul_serial(
-                view(&scores, t, t, t, 1),
+                sgemm::MatRef::new(&scores, t, t, t, 1),
                 &vp,
                 &mut out,
                 hd

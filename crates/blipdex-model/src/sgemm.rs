@@ -40,7 +40,22 @@ pub struct MatRef<'a> {
     pub cs: usize,
 }
 
-impl MatRef<'_> {
+impl<'a> MatRef<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// A contiguous row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
     fn in_bounds(&self) -> bool {
         self.rows == 0
             || self.cols == 0
@@ -622,29 +637,8 @@ mod tests {
             let av = values(m * k, 1);
             let bv = values(k * n, 2);
             let bias = values(n, 3);
-            let a = MatRef {
-                data: &av,
-                rows: m,
-                cols: k,
-                rs: k,
-                cs: 1,
-            };
-            for b in [
-                MatRef {
-                    data: &bv,
-                    rows: k,
-                    cols: n,
-                    rs: n,
-                    cs: 1,
-                },
-                MatRef {
-                    data: &bv,
-                    rows: k,
-                    cols: n,
-                    rs: 1,
-                    cs: k,
-                },
-            ] {
+            let a = MatRef::row_major(&av, m, k);
+            for b in [MatRef::row_major(&bv, k, n), MatRef::new(&bv, k, n, 1, k)] {
                 for bias in [None, Some(bias.as_slice())] {
                     let got = matmul(a, b, bias).expect("avx512");
                     let want = naive(a, b, bias);
@@ -678,20 +672,8 @@ mod tests {
         let (m, k, n, ldc) = (17, 45, 40, 43);
         let at = values(k * m, 4);
         let bv = values(k * n, 5);
-        let a = MatRef {
-            data: &at,
-            rows: m,
-            cols: k,
-            rs: 1,
-            cs: m,
-        };
-        let b = MatRef {
-            data: &bv,
-            rows: k,
-            cols: n,
-            rs: n,
-            cs: 1,
-        };
+        let a = MatRef::new(&at, m, k, 1, m);
+        let b = MatRef::row_major(&bv, k, n);
         let packed = PackedB::pack_serial(b).expect("in bounds");
         let mut c = vec![7.0f32; m * ldc];
         assert!(matmul_serial(a, &packed, &mut c, ldc));
@@ -709,20 +691,8 @@ mod tests {
         let (m, k, n) = (300, 20, 4000);
         let av = values(m * k, 6);
         let bv = values(k * n, 7);
-        let a = MatRef {
-            data: &av,
-            rows: m,
-            cols: k,
-            rs: k,
-            cs: 1,
-        };
-        let b = MatRef {
-            data: &bv,
-            rows: k,
-            cols: n,
-            rs: n,
-            cs: 1,
-        };
+        let a = MatRef::row_major(&av, m, k);
+        let b = MatRef::row_major(&bv, k, n);
         assert!(m * n > C_BLOCK_FLOATS);
         assert_close(
             &matmul(a, b, None).expect("avx512"),
@@ -750,20 +720,8 @@ mod tests {
         for &(m, k, n) in &shapes {
             let av = values(m * k, 1);
             let bv = values(k * n, 2);
-            let a = MatRef {
-                data: &av,
-                rows: m,
-                cols: k,
-                rs: k,
-                cs: 1,
-            };
-            let b = MatRef {
-                data: &bv,
-                rows: k,
-                cols: n,
-                rs: n,
-                cs: 1,
-            };
+            let a = MatRef::row_major(&av, m, k);
+            let b = MatRef::row_major(&bv, k, n);
             let bp = PackedB::pack(b).unwrap();
             let ta =
                 candle_core::Tensor::from_slice(&av, (m, k), &candle_core::Device::Cpu).unwrap();
