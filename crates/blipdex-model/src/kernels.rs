@@ -504,15 +504,14 @@ pub fn fused_attention(
 ) -> Result<Option<Tensor>> {
     let (b, tq, _) = q.src.dims3()?;
     let (bk, tk, _) = k.src.dims3()?;
+    let (bv, tv, _) = v.src.dims3()?;
     let usable = |p: &Part<'_>| {
         fast_path(p.src) && p.src.rank() == 3 && p.offset + dim <= p.src.dim(2).unwrap_or(0)
     };
     if !sgemm::available()
         || heads == 0
         || !dim.is_multiple_of(heads)
-        || bk != b
-        || v.src.dims3()?.0 != b
-        || v.src.dims3()?.1 != tk
+        || (bk, bv, tv) != (b, b, tk)
         || ![q, k, v].iter().all(usable)
     {
         return Ok(None);

@@ -239,18 +239,18 @@ impl Blip2EncoderLayer {
     }
 }
 
-impl Module for Blip2EncoderLayer {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dev = xs.device();
-        let x = span("vision.layer_norm", dev, || {
-            crate::kernels::layer_norm(xs, &self.layer_norm1)
-        })?;
-        let a = self.self_attn.forward(&x)?;
+impl Blip2EncoderLayer {
+    /// One layer on the residual stream `h`, given `x = layer_norm1(h)`: the new stream and
+    /// `next` of it (the next layer's layer_norm1, or post_layernorm after the last). Each
+    /// residual add is fused with the layer norm that reads it.
+    fn forward(&self, h: &Tensor, x: &Tensor, next: &LayerNorm) -> Result<(Tensor, Tensor)> {
+        let dev = h.device();
+        let a = self.self_attn.forward(x)?;
         let (h, x) = span("vision.add_norm", dev, || {
-            add_layer_norm(a, xs, &self.layer_norm2)
+            add_layer_norm(a, h, &self.layer_norm2)
         })?;
         let m = self.mlp.forward(&x)?;
-        span("vision.residual", dev, || crate::kernels::add_fresh(m, &h))
+        span("vision.add_norm", dev, || add_layer_norm(m, &h, next))
     }
 }
 
@@ -291,8 +291,6 @@ impl Module for Blip2VisionModel {
         let mut h = span("vision.embeddings", dev, || {
             self.embeddings.forward(pixel_values)
         })?;
-        // Each residual add is fused with the layer norm that reads it: layer_norm2 of the same
-        // layer, then layer_norm1 of the next (post_layernorm after the last).
         let first = self
             .layers
             .first()
@@ -301,16 +299,11 @@ impl Module for Blip2VisionModel {
             crate::kernels::layer_norm(&h, first)
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(&x)?;
-            let (h1, x1) = span("vision.add_norm", dev, || {
-                add_layer_norm(a, &h, &layer.layer_norm2)
-            })?;
-            let m = layer.mlp.forward(&x1)?;
             let next = self
                 .layers
                 .get(i + 1)
                 .map_or(&self.post_layernorm, |l| &l.layer_norm1);
-            (h, x) = span("vision.add_norm", dev, || add_layer_norm(m, &h1, next))?;
+            (h, x) = layer.forward(&h, &x, next)?;
         }
         Ok(x)
     }
