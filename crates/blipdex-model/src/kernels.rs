@@ -305,30 +305,29 @@ fn cpu_layer_norm(
     ln: &candle_nn::LayerNorm,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let d = x.dim(D::Minus1)?;
-    let params = [Some(ln.weight()), ln.bias()];
+    let Some(b) = ln.bias() else {
+        return Ok(None);
+    };
     let usable = fast_path(x)
         && residual.is_none_or(|r| fast_path(r) && r.dims() == x.dims())
         && ln.remove_mean()
-        && params
+        && [ln.weight(), b]
             .iter()
-            .all(|p| p.is_some_and(|p| fast_path(p) && p.dims() == [d]));
+            .all(|p| fast_path(p) && p.dims() == [d]);
     if !usable || d == 0 {
         return Ok(None);
     }
     let (xs, xl) = x.storage_and_layout();
     let rs = residual.map(|r| r.storage_and_layout());
     let (ws, wl) = ln.weight().storage_and_layout();
-    let bias = ln.bias().map(|b| b.storage_and_layout());
+    let (bs, bl) = b.storage_and_layout();
     let xv = cpu_f32(&xs, xl.contiguous_offsets())?;
     let rv = match &rs {
         Some((s, l)) => Some(cpu_f32(s, l.contiguous_offsets())?),
         None => None,
     };
     let wv = cpu_f32(&ws, wl.contiguous_offsets())?;
-    let bv = match &bias {
-        Some((s, l)) => cpu_f32(s, l.contiguous_offsets())?,
-        None => return Ok(None),
-    };
+    let bv = cpu_f32(&bs, bl.contiguous_offsets())?;
     let n = xv.len();
     let mut sum = if rv.is_some() {
         sgemm::zeroed(n)
@@ -364,7 +363,7 @@ fn cpu_layer_norm(
             .enumerate()
             .for_each(task);
     }
-    drop((xs, rs, ws, bias));
+    drop((xs, rs, ws, bs));
     let dims = x.dims();
     let out = Tensor::from_vec(out, dims, x.device())?;
     let sum = match residual {

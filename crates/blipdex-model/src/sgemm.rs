@@ -146,9 +146,10 @@ impl PackedB {
     }
 }
 
-/// `a · b (+ bias)`, row-major `[a.rows, b.cols]`, B packed on the way. `None` when the CPU
-/// lacks AVX-512F or the shapes disagree (the caller then takes candle's matmul).
-pub fn matmul(a: MatRef<'_>, b: MatRef<'_>, bias: Option<&[f32]>) -> Option<Vec<f32>> {
+/// `a · b (+ bias)`, row-major `[a.rows, b.cols]`, B packed on the way (the tests' entry: the
+/// model's weights are packed at load). `None` when the CPU lacks AVX-512F or the shapes disagree.
+#[cfg(test)]
+fn matmul(a: MatRef<'_>, b: MatRef<'_>, bias: Option<&[f32]>) -> Option<Vec<f32>> {
     if !available() || b.rows != a.cols {
         return None;
     }
