@@ -67,6 +67,10 @@ pub struct CaptionBench {
     pub max_new_tokens: usize,
     #[arg(long, env = "BLIPDEX_QUANTIZE", value_enum)]
     pub quantize: Option<Quantize>,
+    /// As `bench embed --profile`: one more caption with the device synchronized around each op
+    /// (the decoder's prompt pass and its steps apart).
+    #[arg(long, env = "BLIPDEX_BENCH_PROFILE")]
+    pub profile: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -128,6 +132,29 @@ fn best_of(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::R
     Ok(best)
 }
 
+/// With `on`, one more run of `f` with per-op spans recorded: [op, total ms, calls] in order of
+/// first use, then the run's total.
+fn profiled(
+    on: bool,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+    if !on {
+        return Ok(None);
+    }
+    blipdex_model::profile::enable(true);
+    let t = Instant::now();
+    let r = f();
+    let total = t.elapsed().as_secs_f64();
+    blipdex_model::profile::enable(false);
+    r?;
+    let mut ops: Vec<_> = blipdex_model::profile::take()
+        .into_iter()
+        .map(|(name, s, calls)| json!([name, s * 1e3, calls]))
+        .collect();
+    ops.push(json!(["total", total * 1e3, 1]));
+    Ok(Some(ops))
+}
+
 fn report(json: bool, v: serde_json::Value) {
     if json {
         println!("{v}");
@@ -158,22 +185,7 @@ fn embed(a: &EmbedBench) -> anyhow::Result<()> {
         Ok(())
     };
     let best = best_of(a.common.iters, run)?;
-    let profile_ms = if a.profile {
-        blipdex_model::profile::enable(true);
-        let t = Instant::now();
-        let r = run();
-        let total = t.elapsed().as_secs_f64();
-        blipdex_model::profile::enable(false);
-        r?;
-        let mut ops: Vec<_> = blipdex_model::profile::take()
-            .into_iter()
-            .map(|(name, s, calls)| json!([name, s * 1e3, calls]))
-            .collect();
-        ops.push(json!(["total", total * 1e3, 1]));
-        Some(ops)
-    } else {
-        None
-    };
+    let profile_ms = profiled(a.profile, run)?;
     let vision_s = if a.breakdown {
         Some(best_of(a.common.iters, || {
             model.get_image_features(&px)?;
@@ -224,13 +236,15 @@ fn caption(a: &CaptionBench) -> anyhow::Result<()> {
         ..c.generation.clone()
     };
     let mut produced = 0;
-    let best = best_of(a.common.iters, || {
+    let mut run = || -> anyhow::Result<()> {
         let vision = c.model.get_image_features(&px)?;
         let q = c.model.get_qformer_features(&vision)?;
         let rows = c.head.generate(&q, &[Vec::new()], &gen)?;
         produced = rows.first().map_or(0, Vec::len);
         Ok(())
-    })?;
+    };
+    let best = best_of(a.common.iters, &mut run)?;
+    let profile_ms = profiled(a.profile, &mut run)?;
     anyhow::ensure!(
         produced == a.max_new_tokens,
         "generated {produced} tokens, expected {}",
@@ -247,6 +261,7 @@ fn caption(a: &CaptionBench) -> anyhow::Result<()> {
             "threads": threads,
             "new_tokens": a.max_new_tokens,
             "best_caption_s": best,
+            "profile_ms": profile_ms,
             "tokens_per_s": a.max_new_tokens as f64 / best,
             "captions_per_s": 1.0 / best,
             "load_s": load_s,

@@ -284,7 +284,9 @@ impl LanguageHead {
             let q = qformer_features
                 .to_device(&self.device)?
                 .to_dtype(self.dtype)?;
-            self.language_projection.forward(&q)
+            crate::profile::span("language_projection", &self.device, || {
+                self.language_projection.forward(&q)
+            })
         };
         run().map_err(terr)
     }

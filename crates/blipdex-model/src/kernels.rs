@@ -58,27 +58,45 @@ impl Linear {
         if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 {
             return Ok(Self::new(weight, bias));
         }
-        if weight.dtype() == DType::F32 && sgemm::available() {
-            let (n, k) = weight.dims2()?;
-            let w = weight.contiguous()?;
-            let packed = {
-                let (storage, layout) = w.storage_and_layout();
-                match (&*storage, layout.contiguous_offsets()) {
-                    (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => {
-                        // Wᵀ: element (k, n) at n·K + k.
-                        sgemm::PackedB::pack(sgemm::MatRef::new(&v[lo..hi], k, n, 1, k))
-                    }
-                    _ => None,
-                }
-            };
-            if let Some(packed) = packed {
-                return Ok(Self {
-                    weight: Weight::Packed(Arc::new(packed)),
-                    bias,
-                });
-            }
+        match Self::packed(&weight)? {
+            Some(packed) => Ok(Self {
+                weight: Weight::Packed(packed),
+                bias,
+            }),
+            None => Self::relaid_out(weight, bias),
         }
-        Self::relaid_out(weight, bias)
+    }
+
+    /// For layers that run both few-row products (decoding) and prompt-sized ones: packed for
+    /// [`sgemm`] where [`Linear::prepared`] packs (its GEMV streams the panels as fast as the
+    /// stored rows), otherwise as stored, the layout of [`matmul_t`]'s streaming GEMV.
+    pub fn packed_or_stored(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let weight = match Self::packed(&weight)? {
+            Some(packed) => Weight::Packed(packed),
+            None => Weight::Tensor(weight),
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The `[out, in]` weight packed for [`sgemm`]: f32 on a CPU with AVX-512F, else `None`.
+    fn packed(weight: &Tensor) -> Result<Option<Arc<sgemm::PackedB>>> {
+        if !matches!(weight.device(), Device::Cpu)
+            || weight.rank() != 2
+            || weight.dtype() != DType::F32
+            || !sgemm::available()
+        {
+            return Ok(None);
+        }
+        let (n, k) = weight.dims2()?;
+        let w = weight.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        Ok(match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => {
+                // Wᵀ: element (k, n) at n·K + k.
+                sgemm::PackedB::pack(sgemm::MatRef::new(&v[lo..hi], k, n, 1, k)).map(Arc::new)
+            }
+            _ => None,
+        })
     }
 
     /// The weight as the transposed view of a contiguous `[in, out]` buffer (gemm's layout).
@@ -488,24 +506,50 @@ pub struct Part<'a> {
     pub offset: usize,
 }
 
-/// Multi-head attention without a mask, `softmax(scale · q·kᵀ) · v` per head (`heads` heads of
-/// `dim / heads`), heads merged into `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per
-/// (image, head), the Tq × Tk scores made, normalized and used inside that core's cache, q, k
-/// and v read straight out of the projections (no head split copies, no batched score tensor
-/// through memory). `None` elsewhere: the caller runs the unfused ops.
+/// How [`fused_attention`] combines its q, k, v.
+#[derive(Clone, Copy)]
+pub struct AttentionSpec<'a> {
+    pub heads: usize,
+    /// Width of q, k and v (`heads` × head size).
+    pub dim: usize,
+    /// Applied to q·kᵀ before the mask.
+    pub scale: f64,
+    /// Additive f32 mask `[B, 1, Tq, Tk]`, or `[B, 1, 1, Tk]` for every query alike.
+    pub mask: Option<&'a Tensor>,
+}
+
+/// Multi-head attention, `softmax(scale · q·kᵀ + mask) · v` per head, heads merged into
+/// `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per (image, head), the Tq × Tk scores
+/// made, masked, normalized and used inside that core's cache, q, k and v read straight out of
+/// the projections (no head split copies, no batched score tensor through memory). `None`
+/// elsewhere: the caller runs the unfused ops.
 pub fn fused_attention(
     q: Part<'_>,
     k: Part<'_>,
     v: Part<'_>,
-    heads: usize,
-    dim: usize,
-    scale: f64,
+    spec: AttentionSpec<'_>,
 ) -> Result<Option<Tensor>> {
+    let AttentionSpec {
+        heads, dim, scale, ..
+    } = spec;
     let (b, tq, _) = q.src.dims3()?;
     let (bk, tk, _) = k.src.dims3()?;
     let (bv, tv, _) = v.src.dims3()?;
     let usable = |p: &Part<'_>| {
         fast_path(p.src) && p.src.rank() == 3 && p.offset + dim <= p.src.dim(2).unwrap_or(0)
+    };
+    // The mask's row stride: Tk per query, or 0 for one row shared by all queries.
+    let mask_rows = match spec.mask {
+        None => Some(0),
+        Some(m) if !fast_path(m) => None,
+        Some(m) => match m.dims() {
+            [mb, 1, mq, mk] if *mb == b && *mk == tk && *mq == tq => Some(tk),
+            [mb, 1, 1, mk] if *mb == b && *mk == tk => Some(0),
+            _ => None,
+        },
+    };
+    let Some(mask_rs) = mask_rows else {
+        return Ok(None);
     };
     if !sgemm::available()
         || heads == 0
@@ -524,6 +568,16 @@ pub fn fused_attention(
             Err(_) => return Ok(None),
         }
     }
+    let mask_guard = spec.mask.map(|m| m.storage_and_layout());
+    let mask: Option<&[f32]> = match &mask_guard {
+        None => None,
+        Some((storage, layout)) => match cpu_f32(storage, layout.contiguous_offsets()) {
+            Ok(v) => Some(v),
+            Err(_) => return Ok(None),
+        },
+    };
+    // Floats of the mask per image.
+    let mask_img = if mask_rs == 0 { tk } else { tq * tk };
     let scale = scale as f32;
     let head = |task: usize| -> Option<Vec<f32>> {
         let (img, h) = (task / heads, task % heads);
@@ -546,10 +600,22 @@ pub fn fused_attention(
             if !sgemm::matmul_serial(view(qd, tq, hd, qs, 1), &kt, scores, tk) {
                 return false;
             }
+            let softmax_scale = match mask {
+                // As transformers: scaled, then masked, then normalized.
+                Some(mask) => {
+                    let mask = &mask[img * mask_img..(img + 1) * mask_img];
+                    for (i, row) in scores.chunks_exact_mut(tk).enumerate() {
+                        let m = &mask[i * mask_rs..i * mask_rs + tk];
+                        row.iter_mut().zip(m).for_each(|(s, m)| *s = *s * scale + m);
+                    }
+                    1.0
+                }
+                None => scale,
+            };
             pulp::Arch::new().dispatch(Rows {
                 xs: scores,
                 n: tk,
-                op: RowOp::Softmax(scale),
+                op: RowOp::Softmax(softmax_scale),
             });
             let probs = sgemm::MatRef::row_major(scores, tq, tk);
             sgemm::matmul_serial(probs, &vp, &mut out, hd)
@@ -558,6 +624,7 @@ pub fn fused_attention(
     };
     let per_head: Option<Vec<Vec<f32>>> = (0..b * heads).into_par_iter().map(head).collect();
     drop(guards);
+    drop(mask_guard);
     let Some(per_head) = per_head else {
         return Ok(None);
     };
@@ -583,7 +650,13 @@ pub fn fused_attention(
 pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     let d = qkv.dim(D::Minus1)? / 3;
     let part = |offset| Part { src: qkv, offset };
-    fused_attention(part(0), part(d), part(2 * d), heads, d, scale)
+    let spec = AttentionSpec {
+        heads,
+        dim: d,
+        scale,
+        mask: None,
+    };
+    fused_attention(part(0), part(d), part(2 * d), spec)
 }
 
 /// x·Wᵀ + b through [`sgemm`], the bias added as the first K slice is written.
@@ -606,7 +679,12 @@ fn packed_linear(w: &sgemm::PackedB, bias: Option<&Tensor>, x: &Tensor) -> Resul
         None => None,
     };
     let a = sgemm::MatRef::row_major(xv, xv.len() / k.max(1), k);
-    let y = sgemm::matmul_packed(a, w, bv).ok_or_else(|| {
+    let y = if a.rows <= GEMV_MAX_ROWS {
+        sgemm::gemv_packed(a, w, bv)
+    } else {
+        sgemm::matmul_packed(a, w, bv)
+    };
+    let y = y.ok_or_else(|| {
         candle_core::Error::Msg(format!(
             "linear: blipdex's GEMM refused {}x{k} · {k}x{n} (bias {:?})",
             a.rows,
@@ -1022,6 +1100,10 @@ fn erf(x: f32) -> f32 {
 /// bits. Branch-free; inputs below -87.3 (softmax's far tail) return ~1e-38 rather than 0.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
+    // Below ln(f32::MIN_POSITIVE) the result is 0, not a subnormal: masked scores (f32::MIN)
+    // then give exact zeros, and the products that read them never take the CPU's slow
+    // subnormal path (7× on OPT's causal prompt attention).
+    let underflow = x < -87.336_54;
     let x = x.clamp(-87.336_54, 88.722_83);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = n.mul_add(-0.693_359_4, x);
@@ -1039,7 +1121,11 @@ fn exp(x: f32) -> f32 {
     // exact for |n| < 2²², and its low mantissa bits are n.
     let n = ((n + 12_582_912.0).to_bits() as i32).wrapping_sub(0x4B40_0000);
     let pow2 = f32::from_bits(((n + 127).clamp(1, 254) as u32) << 23);
-    y * pow2
+    if underflow {
+        0.0
+    } else {
+        y * pow2
+    }
 }
 
 #[cfg(test)]
@@ -1090,6 +1176,14 @@ mod tests {
                 (got - want).abs() <= 2.5 * f32::EPSILON as f64 * want,
                 "exp({x}) = {got}, want {want}"
             );
+        }
+        // Never subnormal: zero below the normal range, normal above it.
+        for x in [-87.34f32, -90.0, -200.0, f32::MIN, f32::NEG_INFINITY] {
+            assert_eq!(exp(x), 0.0, "exp({x})");
+        }
+        for i in 0..=1000 {
+            let x = -87.336_54 + i as f32 * 1e-3;
+            assert!(exp(x).is_normal(), "exp({x}) = {:e}", exp(x));
         }
     }
 
@@ -1160,6 +1254,10 @@ mod tests {
             vec![3usize, 257, 48],
             vec![2, 3, 20, 48],
             vec![GEMV_MAX_ROWS + 1, 48],
+            // Few rows (decoding): the streaming GEMVs, on stored and on packed weights.
+            vec![1, 48],
+            vec![2, 3, 48],
+            vec![1, GEMV_MAX_ROWS, 48],
         ] {
             let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (37, 48), &dev)?;
@@ -1171,6 +1269,7 @@ mod tests {
                     Linear::new(w.clone(), bias.clone()),
                     Linear::relaid_out(w.clone(), bias.clone())?,
                     Linear::prepared(w.clone(), bias.clone())?,
+                    Linear::packed_or_stored(w.clone(), bias.clone())?,
                 ] {
                     let got = linear(&l, &x)?;
                     assert_eq!(got.dims(), want.dims());
@@ -1183,6 +1282,10 @@ mod tests {
             }
             assert_eq!(
                 Linear::prepared(w.clone(), None)?.is_packed(),
+                sgemm::available()
+            );
+            assert_eq!(
+                Linear::packed_or_stored(w.clone(), None)?.is_packed(),
                 sgemm::available()
             );
         }
@@ -1248,12 +1351,75 @@ mod tests {
         let p = candle_nn::ops::softmax_last_dim(&(qh.matmul(&kh.t()?)? * 0.25)?)?;
         let want = p.matmul(&vh)?.transpose(1, 2)?.reshape((b, tq, dim))?;
         let part = |src, offset| Part { src, offset };
-        match fused_attention(part(&q, 0), part(&kv, 0), part(&kv, dim), heads, dim, 0.25)? {
+        let spec = AttentionSpec {
+            heads,
+            dim,
+            scale: 0.25,
+            mask: None,
+        };
+        match fused_attention(part(&q, 0), part(&kv, 0), part(&kv, dim), spec)? {
             Some(got) => {
                 let d = max_abs_diff(&got, &want)?;
                 assert!(d < 1e-5, "cross-attention: {d}");
             }
             None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+        }
+        // Masks as OPT's prompt pass (causal, left padding: [B, 1, T, T], f32::MIN where
+        // masked) and the Q-Former's text (padding only: [B, 1, 1, T]): scaled, masked, then
+        // normalized, as transformers.
+        let (b, t, heads, hd) = (2usize, 19usize, 3usize, 8usize);
+        let dim = heads * hd;
+        let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * dim), &dev)?;
+        let pad = [0usize, 4];
+        let causal: Vec<f32> = (0..b * t * t)
+            .map(|i| {
+                let (img, q, k) = (i / (t * t), i / t % t, i % t);
+                if k <= q && k >= pad[img] {
+                    0.0
+                } else {
+                    f32::MIN
+                }
+            })
+            .collect();
+        let padding: Vec<f32> = (0..b * t)
+            .map(|i| if i % t >= pad[i / t] { 0.0 } else { f32::MIN })
+            .collect();
+        for mask in [
+            Tensor::from_vec(causal, (b, 1, t, t), &dev)?,
+            Tensor::from_vec(padding, (b, 1, 1, t), &dev)?,
+        ] {
+            let split = |i: usize| -> anyhow::Result<Tensor> {
+                Ok(qkv
+                    .narrow(2, i * dim, dim)?
+                    .reshape((b, t, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (qh, kh, vh) = (split(0)?, split(1)?, split(2)?);
+            let scores = (qh.matmul(&kh.t()?)? * 0.5)?.broadcast_add(&mask)?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let want = p.matmul(&vh)?.transpose(1, 2)?.reshape((b, t, dim))?;
+            let spec = AttentionSpec {
+                heads,
+                dim,
+                scale: 0.5,
+                mask: Some(&mask),
+            };
+            let (q, k, v) = (part(&qkv, 0), part(&qkv, dim), part(&qkv, 2 * dim));
+            match fused_attention(q, k, v, spec)? {
+                Some(got) => {
+                    let d = max_abs_diff(&got, &want)?;
+                    assert!(d < 1e-5, "mask {:?}: {d}", mask.dims());
+                }
+                None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+            }
+            // A mask of another shape is left to the caller.
+            let wrong = mask.narrow(3, 0, t - 1)?.contiguous()?;
+            let spec = AttentionSpec {
+                mask: Some(&wrong),
+                ..spec
+            };
+            assert!(fused_attention(q, k, v, spec)?.is_none());
         }
         // Not f32 or not a whole number of heads: left to the caller.
         let qkv = Tensor::zeros((1, 4, 3 * 8), DType::F16, &dev)?;
@@ -1459,5 +1625,42 @@ mod attention_timing {
             "per head (one thread): pack k {:.1} us, pack v {:.1} us, qk {:.1} us ({:.0} GFLOP/s), softmax {:.1} us, av {:.1} us ({:.0} GFLOP/s)",
             us(p_k), us(p_v), us(qk), gf(qk), us(sm), us(av), gf(av)
         );
+    }
+}
+
+#[cfg(test)]
+mod prompt_attention_timing {
+    use super::*;
+
+    #[test]
+    #[ignore = "timing, by hand"]
+    fn opt_prompt_attention() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let (t, d) = (33usize, 768usize);
+        let q = Tensor::randn(0f32, 1.0, (1, t, d), &dev)?;
+        let causal: Vec<f32> = (0..t * t)
+            .map(|i| if i % t <= i / t { 0.0 } else { f32::MIN })
+            .collect();
+        let mask = Tensor::from_vec(causal, (1, 1, t, t), &dev)?;
+        let part = |src| Part { src, offset: 0 };
+        let spec = AttentionSpec {
+            heads: 12,
+            dim: d,
+            scale: 1.0,
+            mask: Some(&mask),
+        };
+        let (mut best, mut sum) = (f64::MAX, 0.0);
+        for _ in 0..50 {
+            let c = std::time::Instant::now();
+            assert!(fused_attention(part(&q), part(&q), part(&q), spec)?.is_some());
+            best = best.min(c.elapsed().as_secs_f64());
+            sum += c.elapsed().as_secs_f64();
+        }
+        eprintln!(
+            "fused masked attention 33 tokens: best {:.1} us, mean {:.1} us",
+            best * 1e6,
+            sum / 50.0 * 1e6
+        );
+        Ok(())
     }
 }

@@ -8,6 +8,7 @@ use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::kernels::Linear;
+use crate::profile::span;
 
 /// transformers' `nn.LayerNorm` default; OPTConfig has no eps field.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -194,7 +195,7 @@ impl OptLinear {
                 bias,
             });
         }
-        Ok(Self::Float(Linear::new(weight, bias)))
+        Ok(Self::Float(Linear::packed_or_stored(weight, bias)?))
     }
 
     fn is_quantized(&self) -> bool {
@@ -325,29 +326,54 @@ impl OptAttention {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        // As transformers: the query is scaled after its projection (bias included).
-        let q = self.heads((self.q_proj.forward(x)? * self.scaling)?, b, t)?;
-        let mut k = self.heads(self.k_proj.forward(x)?, b, t)?;
-        let mut v = self.heads(self.v_proj.forward(x)?, b, t)?;
-        if let Some((pk, pv)) = cache.as_ref() {
-            k = Tensor::cat(&[pk, &k], 2)?;
-            v = Tensor::cat(&[pv, &v], 2)?;
+        let dev = x.device();
+        let (q, k, v) = span("opt.qkv", dev, || {
+            // As transformers: the query is scaled after its projection (bias included).
+            let q = (self.q_proj.forward(x)? * self.scaling)?;
+            Ok((q, self.k_proj.forward(x)?, self.v_proj.forward(x)?))
+        })?;
+        if cache.is_none() {
+            // The prompt pass: fused over [B, T, D] where the CPU runs it (the softmax in f32,
+            // as below); the cache keeps the per-head layout the steps read.
+            use crate::kernels::{fused_attention, AttentionSpec, Part};
+            let part = |src| Part { src, offset: 0 };
+            let spec = AttentionSpec {
+                heads: self.num_heads,
+                dim: self.num_heads * self.head_dim,
+                scale: 1.0,
+                mask: Some(mask),
+            };
+            let fused = span("opt.attention", dev, || {
+                fused_attention(part(&q), part(&k), part(&v), spec)
+            })?;
+            if let Some(out) = fused {
+                *cache = Some((self.heads(k, b, t)?, self.heads(v, b, t)?));
+                return span("opt.out_proj", dev, || self.out_proj.forward(&out));
+            }
         }
-        *cache = Some((k.clone(), v.clone()));
-        let dtype = q.dtype();
-        // Softmax in f32 (as transformers' eager attention) with an f32 mask, so that fully
-        // masked rows (left padding) stay finite in f16 too.
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(mask)?;
-        let probs = crate::kernels::scaled_softmax_last_dim(scores, 1.0)?.to_dtype(dtype)?;
-        let out =
+        let q = self.heads(q, b, t)?;
+        let k = self.heads(k, b, t)?;
+        let v = self.heads(v, b, t)?;
+        let out = span("opt.attention", dev, || {
+            let (k, v) = match cache.as_ref() {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                None => (k, v),
+            };
+            *cache = Some((k.clone(), v.clone()));
+            let dtype = q.dtype();
+            // Softmax in f32 (as transformers' eager attention) with an f32 mask, so that fully
+            // masked rows (left padding) stay finite in f16 too.
+            let scores = q
+                .matmul(&k.t()?)?
+                .to_dtype(DType::F32)?
+                .broadcast_add(mask)?;
+            let probs = crate::kernels::scaled_softmax_last_dim(scores, 1.0)?.to_dtype(dtype)?;
             probs
                 .matmul(&v)?
                 .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))?;
-        self.out_proj.forward(&out)
+                .reshape((b, t, self.num_heads * self.head_dim))
+        })?;
+        span("opt.out_proj", dev, || self.out_proj.forward(&out))
     }
 }
 
@@ -382,27 +408,30 @@ impl OptDecoderLayer {
         mask: &Tensor,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
+        let dev = x.device();
+        let norm = |ln: &LayerNorm, x: &Tensor| span("opt.add_norm", dev, || ln.forward(x));
         // Pre-LN (125m, 1.3b, 2.7b, ...) or post-LN (350m).
         let h = if self.do_layer_norm_before {
-            self.self_attn_layer_norm.forward(x)?
+            norm(&self.self_attn_layer_norm, x)?
         } else {
             x.clone()
         };
         let mut x = (x + self.self_attn.forward(&h, mask, cache)?)?;
         if !self.do_layer_norm_before {
-            x = self.self_attn_layer_norm.forward(&x)?;
+            x = norm(&self.self_attn_layer_norm, &x)?;
         }
         let h = if self.do_layer_norm_before {
-            self.final_layer_norm.forward(&x)?
+            norm(&self.final_layer_norm, &x)?
         } else {
             x.clone()
         };
-        let h = self
-            .fc2
-            .forward(&self.activation.forward(&self.fc1.forward(&h)?)?)?;
+        let h = span("opt.fc1_act", dev, || {
+            self.activation.forward(&self.fc1.forward(&h)?)
+        })?;
+        let h = span("opt.fc2", dev, || self.fc2.forward(&h))?;
         let mut x = (x + h)?;
         if !self.do_layer_norm_before {
-            x = self.final_layer_norm.forward(&x)?;
+            x = norm(&self.final_layer_norm, &x)?;
         }
         Ok(x)
     }
@@ -653,10 +682,21 @@ impl OptForCausalLM {
         attention_mask: &Tensor,
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
-        let h = self.decoder.forward(inputs_embeds, attention_mask, cache)?;
-        let t = h.dim(1)?;
-        self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?
-            .to_dtype(DType::F32)
+        let dev = inputs_embeds.device();
+        // The prompt pass and the one-token steps apart: their costs differ in kind.
+        let name = if cache.seq_len() == 0 {
+            "opt.prompt_pass"
+        } else {
+            "opt.step"
+        };
+        span(name, dev, || {
+            let h = self.decoder.forward(inputs_embeds, attention_mask, cache)?;
+            let t = h.dim(1)?;
+            let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+            span("opt.lm_head", dev, || {
+                self.lm_head(&last)?.to_dtype(DType::F32)
+            })
+        })
     }
 
     pub fn new_cache(&self) -> KvCache {

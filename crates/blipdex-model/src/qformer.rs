@@ -89,17 +89,20 @@ impl Blip2QFormerMultiHeadAttention {
             None => None,
             Some(kv) => Some(crate::kernels::linear(kv, states)?),
         };
-        if mask.is_none() {
-            use crate::kernels::{fused_attention, Part};
-            let fused = match &kv {
-                None => crate::kernels::fused_self_attention(&q, self.num_heads, scale)?,
-                Some(kv) => {
-                    let part = |src, offset| Part { src, offset };
-                    let (q, k, v) = (part(&q, 0), part(kv, 0), part(kv, h));
-                    fused_attention(q, k, v, self.num_heads, h, scale)?
-                }
+        {
+            use crate::kernels::{fused_attention, AttentionSpec, Part};
+            let part = |src, offset| Part { src, offset };
+            let (q, k, v) = match &kv {
+                None => (part(&q, 0), part(&q, h), part(&q, 2 * h)),
+                Some(kv) => (part(&q, 0), part(kv, 0), part(kv, h)),
             };
-            if let Some(out) = fused {
+            let spec = AttentionSpec {
+                heads: self.num_heads,
+                dim: h,
+                scale,
+                mask,
+            };
+            if let Some(out) = fused_attention(q, k, v, spec)? {
                 return Ok(out);
             }
         }

@@ -180,6 +180,49 @@ pub fn matmul_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option
     }
 }
 
+/// `a · B (+ bias)` for a few rows of `a` (decoding: one row per sequence), B streamed once per
+/// eight rows straight from its packed panels, the panels split over rayon. Memory bound: no A
+/// packing, no zero-padded rows. `None` when the CPU lacks AVX-512F or the shapes disagree.
+pub fn gemv_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option<Vec<f32>> {
+    let (m, k, n) = (a.rows, a.cols, b.n);
+    if !available() || b.k != k || !a.in_bounds() || bias.is_some_and(|b| b.len() != n) {
+        return None;
+    }
+    // A's rows contiguous (a few KiB): the kernel reads them k after k.
+    let mut x = Vec::with_capacity(m * k);
+    for i in 0..m {
+        x.extend((0..k).map(|p| a.data[i * a.rs + p * a.cs]));
+    }
+    let panels = n.div_ceil(NR);
+    // Panel-major output ([panel][row][NR]), each task writing its own panels; then row-major.
+    let mut tiles = vec![0f32; panels * m * NR];
+    if m > 0 && k > 0 {
+        #[cfg(target_arch = "x86_64")]
+        tiles
+            .par_chunks_mut(m * NR)
+            .enumerate()
+            .with_min_len(GEMV_PANELS_PER_TASK)
+            .for_each(|(q, tile)| x86::gemv_panel(&x, k, b.panel_slice(q, 0, k), tile));
+    }
+    let mut out = vec![0f32; m * n];
+    for (q, tile) in tiles.chunks_exact(m.max(1) * NR).enumerate() {
+        let c0 = q * NR;
+        let w = NR.min(n - c0);
+        for (row, t) in out.chunks_exact_mut(n).zip(tile.chunks_exact(NR)) {
+            let dst = &mut row[c0..c0 + w];
+            dst.copy_from_slice(&t[..w]);
+            if let Some(bias) = bias {
+                dst.iter_mut().zip(&bias[c0..]).for_each(|(d, b)| *d += b);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Panels (k × 32 floats each) per rayon task of [`gemv_packed`]: 768 × 32 f32 is 96 KiB, a few
+/// microseconds of DRAM traffic, so several per task keep the split's overhead small.
+const GEMV_PANELS_PER_TASK: usize = 4;
+
 /// `c = a · B` on the calling thread, into the `a.rows × B.n` block at the start of `c` with row
 /// stride `ldc` (for callers that already run one task per core). False when the CPU lacks
 /// AVX-512F or the shapes disagree.
@@ -428,6 +471,53 @@ mod x86 {
         }
     }
 
+    /// `tile[i·NR + j] = Σ_p x[i·k + p] · panel[p·NR + j]` for the rows of `x` (`tile.len() / NR`
+    /// of them), up to eight at a time against one pass over the panel.
+    pub(super) fn gemv_panel(x: &[f32], k: usize, panel: &[f32], tile: &mut [f32]) {
+        assert!(
+            panel.len() == k * NR && tile.len() * k == x.len() * NR,
+            "gemv_panel: shapes"
+        );
+        for (xs, out) in x.chunks(8 * k).zip(tile.chunks_mut(8 * NR)) {
+            // SAFETY: AVX-512F was detected (`gemv_packed` checks `available`); xs holds
+            // `rows` rows of k floats, out `rows` × NR, the panel k × NR (asserted above).
+            unsafe {
+                match xs.len() / k {
+                    1 => gemv_rows::<1>(xs, k, panel, out),
+                    2 => gemv_rows::<2>(xs, k, panel, out),
+                    3 => gemv_rows::<3>(xs, k, panel, out),
+                    4 => gemv_rows::<4>(xs, k, panel, out),
+                    5 => gemv_rows::<5>(xs, k, panel, out),
+                    6 => gemv_rows::<6>(xs, k, panel, out),
+                    7 => gemv_rows::<7>(xs, k, panel, out),
+                    _ => gemv_rows::<8>(xs, k, panel, out),
+                }
+            }
+        }
+    }
+
+    /// [`gemv_panel`] for exactly `M` rows, the 2·M accumulators in registers.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gemv_rows<const M: usize>(x: &[f32], k: usize, panel: &[f32], out: &mut [f32]) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let (xp, mut b) = (x.as_ptr(), panel.as_ptr());
+        for p in 0..k {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let xi = _mm512_set1_ps(*xp.add(i * k + p));
+                acc[0] = _mm512_fmadd_ps(xi, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(xi, b1, acc[1]);
+            }
+            b = b.add(NR);
+        }
+        let o = out.as_mut_ptr();
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.add(i * NR), acc[0]);
+            _mm512_storeu_ps(o.add(i * NR + 16), acc[1]);
+        }
+    }
+
     /// One whole A panel: `dst[kk * MR + i] = src[i][kk]`, 16 k at a time through a 16 × 16
     /// register transpose (rows 14 and 15 zero), stored 14 lanes per k.
     pub(super) fn pack_panel(src: &[&[f32]; MR], dst: &mut [f32]) {
@@ -656,6 +746,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn gemv_matches_f64_reference() {
+        if !available() {
+            return;
+        }
+        // 1..=8 rows in one pass over B, 9 and 17 in several; columns off the 32-wide panels
+        // and more panels than one task takes; strided and transposed A; with and without bias.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 7, 45),
+            (8, 385, 70),
+            (9, 64, 300),
+            (17, 33, 32),
+        ] {
+            let av = values(m * k * 2, 4);
+            let bv = values(k * n, 5);
+            let bias = values(n, 6);
+            let bp = PackedB::pack(MatRef::row_major(&bv, k, n)).expect("pack");
+            let b = MatRef::row_major(&bv, k, n);
+            for a in [
+                MatRef::row_major(&av, m, k),
+                MatRef::new(&av, m, k, 2 * k, 1),
+                MatRef::new(&av, m, k, 1, m),
+            ] {
+                for bias in [None, Some(bias.as_slice())] {
+                    let got = gemv_packed(a, &bp, bias).expect("avx512");
+                    assert_eq!(got.len(), m * n);
+                    assert_close(&got, &naive(a, b, bias), k, &format!("gemv {m}x{k}x{n}"));
+                }
+            }
+        }
+        let bp = PackedB::pack(MatRef::row_major(&[0.0; 6], 2, 3)).expect("pack");
+        assert!(gemv_packed(MatRef::row_major(&[0.0; 3], 1, 3), &bp, None).is_none());
+        assert!(gemv_packed(MatRef::row_major(&[0.0; 2], 1, 2), &bp, Some(&[0.0; 2])).is_none());
+        // No rows: an empty product.
+        assert_eq!(
+            gemv_packed(MatRef::row_major(&[], 0, 2), &bp, None),
+            Some(vec![])
+        );
+    }
+
     fn assert_close(got: &[f32], want: &[f64], k: usize, what: &str) {
         let tol = 1e-6 * (k as f64).sqrt() * 4.0;
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -721,6 +852,10 @@ mod tests {
             (256, 768, 3072),
             (256, 3072, 768),
             (2056, 768, 1536),
+            // OPT-125m's prompt pass (32 queries + BOS).
+            (33, 768, 768),
+            (33, 768, 3072),
+            (33, 3072, 768),
         ];
         for &(m, k, n) in &shapes {
             let av = values(m * k, 1);
@@ -756,6 +891,26 @@ mod tests {
                 gf(cbest),
                 pbest * 1e3
             );
+        }
+        // Decoding: one row against weights too large for the caches (a 12-layer decoder's
+        // worth, cycled), as GB/s of weights streamed.
+        for &(k, n) in &[(768, 768), (768, 3072), (3072, 768)] {
+            let copies = (256 << 20) / (k * n * 4);
+            let packed: Vec<_> = (0..copies)
+                .map(|i| PackedB::pack(MatRef::row_major(&values(k * n, i as u64), k, n)).unwrap())
+                .collect();
+            let xv = values(k, 9);
+            let x = MatRef::row_major(&xv, 1, k);
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                for bp in &packed {
+                    std::hint::black_box(gemv_packed(x, bp, None));
+                }
+                best = best.min(t.elapsed().as_secs_f64() / copies as f64);
+            }
+            let gbs = (k * n * 4) as f64 / best / 1e9;
+            eprintln!("gemv 1x{k}x{n}: {:.3} ms, {gbs:.1} GB/s", best * 1e3);
         }
     }
 }
