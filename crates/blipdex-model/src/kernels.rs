@@ -1097,7 +1097,7 @@ fn erf(x: f32) -> f32 {
 }
 
 /// e^x, Cephes' expf: x = n·ln2 + r, a degree-6 polynomial for e^r, 2^n built in the exponent
-/// bits. Branch-free; inputs below -87.3 (softmax's far tail) return ~1e-38 rather than 0.
+/// bits. Branch-free; inputs below ln(f32::MIN_POSITIVE) ≈ -87.34 return 0.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     // Below ln(f32::MIN_POSITIVE) the result is 0, not a subnormal: masked scores (f32::MIN)
