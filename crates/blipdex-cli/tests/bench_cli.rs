@@ -164,6 +164,57 @@ fn caption_generates_exactly_the_asked_tokens() -> Result<()> {
 }
 
 #[test]
+fn caption_profile_splits_the_prompt_pass_from_the_steps() -> Result<()> {
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(
+        PathBuf::from(model("caption-a")).join("config.json"),
+    )?)?;
+    let layers = cfg["text_config"]["num_hidden_layers"]
+        .as_u64()
+        .context("decoder layers")?;
+    let v = bench(&[
+        "caption",
+        "--model",
+        &model("caption-a"),
+        "--max-new-tokens",
+        "5",
+        "--profile",
+    ])?;
+    let ops = v["profile_ms"].as_array().context("profile_ms")?;
+    let get = |name: &str| -> Result<(f64, u64)> {
+        let row = ops
+            .iter()
+            .find(|r| r[0] == name)
+            .with_context(|| format!("{name} missing in {v}"))?;
+        Ok((
+            row[1].as_f64().context("ms")?,
+            row[2].as_u64().context("calls")?,
+        ))
+    };
+    // One prompt pass, then a step per further token; the logits of each from the last position.
+    ensure!(get("opt.prompt_pass")?.1 == 1, "{v}");
+    ensure!(get("opt.step")?.1 == 4, "{v}");
+    ensure!(get("opt.lm_head")?.1 == 5, "{v}");
+    // Every decoder layer in each of the 5 passes.
+    for op in [
+        "opt.qkv",
+        "opt.attention",
+        "opt.out_proj",
+        "opt.fc1_act",
+        "opt.fc2",
+    ] {
+        ensure!(get(op)?.1 == 5 * layers, "{op}: {v}");
+    }
+    let (total, _) = get("total")?;
+    let decoder = get("opt.prompt_pass")?.0 + get("opt.step")?.0;
+    ensure!(decoder > 0.0 && decoder <= total, "{v}");
+    ensure!(
+        get("vision.qkv")?.0 > 0.0 && get("language_projection")?.1 == 1,
+        "{v}"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_caption_checkpoint_is_not_an_embed_benchmark() -> Result<()> {
     let e = bench(&["embed", "--model", &model("caption-a")]).expect_err("no ITC heads");
     ensure!(format!("{e:#}").contains("retrieval"), "{e:#}");

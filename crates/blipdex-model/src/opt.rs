@@ -332,29 +332,28 @@ impl OptAttention {
             let q = (self.q_proj.forward(x)? * self.scaling)?;
             Ok((q, self.k_proj.forward(x)?, self.v_proj.forward(x)?))
         })?;
-        if cache.is_none() {
-            // The prompt pass: fused over [B, T, D] where the CPU runs it (the softmax in f32,
-            // as below); the cache keeps the per-head layout the steps read.
-            use crate::kernels::{fused_attention, AttentionSpec, Part};
-            let part = |src| Part { src, offset: 0 };
-            let spec = AttentionSpec {
-                heads: self.num_heads,
-                dim: self.num_heads * self.head_dim,
-                scale: 1.0,
-                mask: Some(mask),
-            };
-            let fused = span("opt.attention", dev, || {
-                fused_attention(part(&q), part(&k), part(&v), spec)
-            })?;
-            if let Some(out) = fused {
-                *cache = Some((self.heads(k, b, t)?, self.heads(v, b, t)?));
-                return span("opt.out_proj", dev, || self.out_proj.forward(&out));
-            }
-        }
-        let q = self.heads(q, b, t)?;
-        let k = self.heads(k, b, t)?;
-        let v = self.heads(v, b, t)?;
         let out = span("opt.attention", dev, || {
+            if cache.is_none() {
+                // The prompt pass: fused over [B, T, D] where the CPU runs it (the softmax in
+                // f32, as below); the cache keeps the per-head layout the steps read.
+                use crate::kernels::{fused_attention, AttentionSpec, Part};
+                let part = |src| Part { src, offset: 0 };
+                let spec = AttentionSpec {
+                    heads: self.num_heads,
+                    dim: self.num_heads * self.head_dim,
+                    scale: 1.0,
+                    mask: Some(mask),
+                };
+                if let Some(out) = fused_attention(part(&q), part(&k), part(&v), spec)? {
+                    *cache = Some((self.heads(k, b, t)?, self.heads(v, b, t)?));
+                    return Ok(out);
+                }
+            }
+            let (q, k, v) = (
+                self.heads(q, b, t)?,
+                self.heads(k, b, t)?,
+                self.heads(v, b, t)?,
+            );
             let (k, v) = match cache.as_ref() {
                 Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
                 None => (k, v),
