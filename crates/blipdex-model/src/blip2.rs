@@ -178,7 +178,7 @@ impl Blip2 {
         .map_err(terr)
     }
 
-    /// ITC text side: text-only Q-Former pass, [CLS] output, projected and normalized: [M, E].
+    /// ITC text side: text-only Q-Former pass, `[CLS]` output, projected and normalized: [M, E].
     /// `input_ids`/`attention_mask` are [M, L] u32 without image placeholder tokens.
     pub fn text_embeds(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let heads = self.heads()?;

@@ -2,8 +2,8 @@
 //! models): `language_projection` of the Q-Former output, the OPT decoder, and transformers'
 //! greedy and beam search, token for token.
 //!
-//! Input assembly follows transformers 5: [Q projected queries] + [BOS] + [prompt tokens], left
-//! padded per batch ([queries][padding][BOS prompt], as `Blip2Processor` lays it out). With
+//! Input assembly follows transformers 5: `[Q projected queries] + [BOS] + [prompt tokens]`, left
+//! padded per batch (`[queries][padding][BOS prompt]`, as `Blip2Processor` lays it out). With
 //! `image_token_index` the processor writes Q `<image>` tokens whose embeddings are replaced;
 //! older configs prepend the queries. Both give the same sequence, so both are handled alike.
 //! Lengths count the way transformers 5 counts them: the Q query positions, BOS and the prompt

@@ -4,8 +4,10 @@
 //!   call at a time; on the base-size ViT they cost about a fifth of the forward pass. These run
 //!   in place on the fresh matmul outputs (no allocation, one pass), vectorized by pulp's runtime
 //!   dispatch (AVX-512 / AVX2 where the CPU has them) and split over rows with rayon.
-//! - Few-row products (decoding): a streaming GEMV instead of gemm's packing.
-//! - Weight layout: Wᵀ stored row-major for the vision and Q-Former linears.
+//! - Few-row products (decoding): streaming GEMVs (over packed panels or stored rows) instead
+//!   of a GEMM's packing.
+//! - Weight layout, fixed at load ([`Linear`]): packed for [`sgemm`] on CPUs with AVX-512F (the
+//!   vision, Q-Former and OPT linears); elsewhere Wᵀ row-major for the vision and Q-Former.
 //!
 //! Other devices and dtypes take candle's own ops, except on CUDA, where the bias adds and
 //! layout copies go through `cuda_kernels`.

@@ -63,7 +63,7 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// Whether this CPU runs [`matmul`].
+/// Whether this CPU runs [`matmul_packed`] and [`gemv_packed`].
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
