@@ -31,6 +31,26 @@ fn bench(args: &[&str]) -> Result<Value> {
     serde_json::from_str(last).with_context(|| format!("not JSON: {last}"))
 }
 
+/// A fixture model's `config.json`.
+fn config(name: &str) -> Result<Value> {
+    let path = PathBuf::from(model(name)).join("config.json");
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+/// (total ms, calls) of `op` in a `--profile` result.
+fn profiled(v: &Value, op: &str) -> Result<(f64, u64)> {
+    let row = v["profile_ms"]
+        .as_array()
+        .context("profile_ms")?
+        .iter()
+        .find(|r| r[0] == op)
+        .with_context(|| format!("{op} missing in {v}"))?;
+    Ok((
+        row[1].as_f64().context("ms")?,
+        row[2].as_u64().context("calls")?,
+    ))
+}
+
 fn positive(v: &Value, key: &str) -> Result<f64> {
     let x = v[key]
         .as_f64()
@@ -69,24 +89,13 @@ fn embed_reports_throughput_memory_and_the_vision_share() -> Result<()> {
 
 #[test]
 fn embed_profile_covers_every_layer_and_sums_below_the_pass() -> Result<()> {
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(
-        PathBuf::from(model("itm-a")).join("config.json"),
-    )?)?;
+    let cfg = config("itm-a")?;
     let layers = cfg["vision_config"]["num_hidden_layers"]
         .as_u64()
         .context("vision layers")?;
     let v = bench(&["embed", "--model", &model("itm-a"), "--profile"])?;
     let ops = v["profile_ms"].as_array().context("profile_ms")?;
-    let get = |name: &str| -> Result<(f64, u64)> {
-        let row = ops
-            .iter()
-            .find(|r| r[0] == name)
-            .with_context(|| format!("{name} missing in {v}"))?;
-        Ok((
-            row[1].as_f64().context("ms")?,
-            row[2].as_u64().context("calls")?,
-        ))
-    };
+    let get = |name: &str| profiled(&v, name);
     // On x86-64 with AVX-512F the attention runs fused (blipdex's GEMM); elsewhere as separate
     // ops, the softmax among them.
     #[cfg(target_arch = "x86_64")]
@@ -165,10 +174,7 @@ fn caption_generates_exactly_the_asked_tokens() -> Result<()> {
 
 #[test]
 fn caption_profile_splits_the_prompt_pass_from_the_steps() -> Result<()> {
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(
-        PathBuf::from(model("caption-a")).join("config.json"),
-    )?)?;
-    let layers = cfg["text_config"]["num_hidden_layers"]
+    let layers = config("caption-a")?["text_config"]["num_hidden_layers"]
         .as_u64()
         .context("decoder layers")?;
     let v = bench(&[
@@ -179,17 +185,7 @@ fn caption_profile_splits_the_prompt_pass_from_the_steps() -> Result<()> {
         "5",
         "--profile",
     ])?;
-    let ops = v["profile_ms"].as_array().context("profile_ms")?;
-    let get = |name: &str| -> Result<(f64, u64)> {
-        let row = ops
-            .iter()
-            .find(|r| r[0] == name)
-            .with_context(|| format!("{name} missing in {v}"))?;
-        Ok((
-            row[1].as_f64().context("ms")?,
-            row[2].as_u64().context("calls")?,
-        ))
-    };
+    let get = |name: &str| profiled(&v, name);
     // One prompt pass, then a step per further token; the logits of each from the last position.
     ensure!(get("opt.prompt_pass")?.1 == 1, "{v}");
     ensure!(get("opt.step")?.1 == 4, "{v}");
