@@ -732,15 +732,8 @@ mod tests {
             for b in [MatRef::row_major(&bv, k, n), MatRef::new(&bv, k, n, 1, k)] {
                 for bias in [None, Some(bias.as_slice())] {
                     let got = matmul(a, b, bias).expect("avx512");
-                    let want = naive(a, b, bias);
-                    let tol = 1e-6 * (k as f64).sqrt() * 4.0;
-                    for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (*g as f64 - w).abs() <= tol,
-                            "{m}x{k}x{n} b.cs={}: {g} vs {w}",
-                            b.cs
-                        );
-                    }
+                    let what = format!("{m}x{k}x{n} b.cs={}", b.cs);
+                    assert_close(&got, &naive(a, b, bias), k, &what);
                 }
             }
         }
