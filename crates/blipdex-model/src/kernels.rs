@@ -80,22 +80,23 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// The `[out, in]` weight packed for [`sgemm`]: f32 on a CPU with AVX-512F, else `None`.
+    /// The `[out, in]` weight packed for [`sgemm`] on a CPU with AVX-512F: f32 as f32, bf16 as
+    /// bf16 (half the bytes; widened in registers, f32 sums). `None` for other dtypes and CPUs.
     fn packed(weight: &Tensor) -> Result<Option<Arc<sgemm::PackedB>>> {
-        if !matches!(weight.device(), Device::Cpu)
-            || weight.rank() != 2
-            || weight.dtype() != DType::F32
-            || !sgemm::available()
-        {
+        if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 || !sgemm::available() {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
         let w = weight.contiguous()?;
         let (storage, layout) = w.storage_and_layout();
+        // Wᵀ: element (k, n) at n·K + k.
         Ok(match (&*storage, layout.contiguous_offsets()) {
             (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => {
-                // Wᵀ: element (k, n) at n·K + k.
                 sgemm::PackedB::pack(sgemm::MatRef::new(&v[lo..hi], k, n, 1, k)).map(Arc::new)
+            }
+            (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((lo, hi))) => {
+                let bits: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
+                sgemm::PackedB::pack_bf16(sgemm::MatRef::new(bits, k, n, 1, k)).map(Arc::new)
             }
             _ => None,
         })
@@ -110,6 +111,7 @@ impl Linear {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             Weight::Tensor(w) => w.dtype(),
+            Weight::Packed(p) if p.is_bf16() => DType::BF16,
             Weight::Packed(_) => DType::F32,
         }
     }
@@ -185,7 +187,11 @@ fn transpose_tiles(src: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// `act(linear(x))`, with the bias add and an erf GELU fused into one in-place pass.
 pub fn linear_act(lin: &Linear, act: Activation, x: &Tensor) -> Result<Tensor> {
     match (act, &lin.weight) {
-        (Activation::Gelu, Weight::Packed(_)) => bias_gelu_erf(linear(lin, x)?, None),
+        (Activation::Gelu, Weight::Packed(w)) => {
+            // GELU on the f32 sums, one rounding to a half-precision input's dtype after it.
+            let y = bias_gelu_erf(packed_linear_f32(w, lin.bias(), x)?, None)?;
+            to_dtype(&y, x.dtype())
+        }
         (Activation::Gelu, Weight::Tensor(w)) => {
             let y = matmul_t(x, w)?;
             bias_gelu_erf(y, lin.bias())
@@ -306,6 +312,12 @@ pub fn add_layer_norm(
     if let Some(out) = cpu_layer_norm(&x, Some(residual), ln)? {
         return Ok(out);
     }
+    if let Some(ln) = widened_layer_norm(&x, ln)? {
+        let f32 = |t: &Tensor| to_dtype(t, DType::F32);
+        if let Some((h, n)) = cpu_layer_norm(&f32(&x)?, Some(&f32(residual)?), &ln)? {
+            return Ok((to_dtype(&h, x.dtype())?, to_dtype(&n, x.dtype())?));
+        }
+    }
     let h = add_fresh(x, residual)?;
     let n = ln.forward(&h)?;
     Ok((h, n))
@@ -313,10 +325,97 @@ pub fn add_layer_norm(
 
 /// `ln(x)`: on the CPU in f32 the same pass as [`add_layer_norm`], else candle's.
 pub fn layer_norm(x: &Tensor, ln: &candle_nn::LayerNorm) -> Result<Tensor> {
-    match cpu_layer_norm(x, None, ln)? {
-        Some((_, n)) => Ok(n),
-        None => ln.forward(x),
+    if let Some((_, n)) = cpu_layer_norm(x, None, ln)? {
+        return Ok(n);
     }
+    if let Some(ln) = widened_layer_norm(x, ln)? {
+        if let Some((_, n)) = cpu_layer_norm(&to_dtype(x, DType::F32)?, None, &ln)? {
+            return to_dtype(&n, x.dtype());
+        }
+    }
+    ln.forward(x)
+}
+
+/// A bf16/f16 input on the CPU: the layer norm in f32 (as PyTorch computes half-precision
+/// layer norms on the CPU), its parameters widened; `None` otherwise.
+fn widened_layer_norm(
+    x: &Tensor,
+    ln: &candle_nn::LayerNorm,
+) -> Result<Option<candle_nn::LayerNorm>> {
+    let Some(b) = ln.bias() else {
+        return Ok(None);
+    };
+    if !half_on_cpu(x) || !ln.remove_mean() {
+        return Ok(None);
+    }
+    let w = ln.weight().to_dtype(DType::F32)?;
+    Ok(Some(candle_nn::LayerNorm::new(
+        w,
+        b.to_dtype(DType::F32)?,
+        ln.eps(),
+    )))
+}
+
+/// `x.to_dtype(dtype)`; bf16 ↔ f32 on the CPU split over rayon in loops that vectorize
+/// (candle's is one scalar loop on one thread: a fifth of a bf16 forward pass), with the same
+/// results as `half` (round to nearest even, NaN kept quiet).
+pub fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype {
+        return Ok(x.clone());
+    }
+    let converted = {
+        let (storage, layout) = x.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets(), dtype) {
+            (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((lo, hi)), DType::F32) => {
+                let src: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
+                let mut out = vec![0f32; src.len()];
+                out.par_chunks_mut(CHUNK)
+                    .zip(src.par_chunks(CHUNK))
+                    .for_each(|(o, s)| {
+                        for (o, s) in o.iter_mut().zip(s) {
+                            *o = f32::from_bits(u32::from(*s) << 16);
+                        }
+                    });
+                Some(Tensor::from_vec(out, x.dims(), &Device::Cpu))
+            }
+            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi)), DType::BF16) => {
+                let src = &v[lo..hi];
+                let mut out = vec![0u16; src.len()];
+                out.par_chunks_mut(CHUNK)
+                    .zip(src.par_chunks(CHUNK))
+                    .for_each(|(o, s)| {
+                        for (o, s) in o.iter_mut().zip(s) {
+                            *o = bf16_bits(*s);
+                        }
+                    });
+                let out: Vec<half::bf16> = bytemuck::cast_vec(out);
+                Some(Tensor::from_vec(out, x.dims(), &Device::Cpu))
+            }
+            _ => None,
+        }
+    };
+    match converted {
+        Some(t) => t,
+        None => x.to_dtype(dtype),
+    }
+}
+
+/// f32 → bf16 bits, rounded to nearest even; NaN stays a (quiet) NaN.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = ((x >> 16) | 0x40) as u16;
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// bf16 or f16 on the CPU: the fused f32 kernels take a widened copy, rounded back once.
+fn half_on_cpu(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 fn cpu_layer_norm(
@@ -531,6 +630,9 @@ pub fn fused_attention(
     v: Part<'_>,
     spec: AttentionSpec<'_>,
 ) -> Result<Option<Tensor>> {
+    if [q, k, v].iter().any(|p| half_on_cpu(p.src)) {
+        return widened_attention(q, k, v, spec);
+    }
     let AttentionSpec {
         heads, dim, scale, ..
     } = spec;
@@ -648,6 +750,38 @@ pub fn fused_attention(
     )?))
 }
 
+/// [`fused_attention`] of bf16/f16 inputs on the CPU: on f32 copies (one per distinct tensor),
+/// the output rounded back to q's dtype once (PyTorch's CPU attention also sums in f32).
+fn widened_attention(
+    q: Part<'_>,
+    k: Part<'_>,
+    v: Part<'_>,
+    spec: AttentionSpec<'_>,
+) -> Result<Option<Tensor>> {
+    let mut wide: Vec<(candle_core::TensorId, Tensor)> = Vec::with_capacity(3);
+    let mut widen = |t: &Tensor| -> Result<Tensor> {
+        if let Some((_, w)) = wide.iter().find(|(id, _)| *id == t.id()) {
+            return Ok(w.clone());
+        }
+        let w = to_dtype(t, DType::F32)?;
+        wide.push((t.id(), w.clone()));
+        Ok(w)
+    };
+    let (qs, ks, vs) = (widen(q.src)?, widen(k.src)?, widen(v.src)?);
+    let mask = spec.mask.map(|m| m.to_dtype(DType::F32)).transpose()?;
+    let part = |src, p: Part<'_>| Part {
+        src,
+        offset: p.offset,
+    };
+    let spec = AttentionSpec {
+        mask: mask.as_ref(),
+        ..spec
+    };
+    fused_attention(part(&qs, q), part(&ks, k), part(&vs, v), spec)?
+        .map(|out| to_dtype(&out, q.src.dtype()))
+        .transpose()
+}
+
 /// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
 pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
     let d = qkv.dim(D::Minus1)? / 3;
@@ -661,15 +795,21 @@ pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Op
     fused_attention(part(0), part(d), part(2 * d), spec)
 }
 
-/// x·Wᵀ + b through [`sgemm`], the bias added as the first K slice is written.
+/// x·Wᵀ + b through [`sgemm`], in x's dtype (a bf16 or f16 input is widened and the f32 result
+/// rounded back once, as PyTorch's CPU linear accumulates half-precision products in f32).
 fn packed_linear(w: &sgemm::PackedB, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    to_dtype(&packed_linear_f32(w, bias, x)?, x.dtype())
+}
+
+/// [`packed_linear`] before the rounding: f32 whatever x's dtype.
+fn packed_linear_f32(w: &sgemm::PackedB, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
     let (k, n) = (w.k(), w.n());
     let mut dims = x.dims().to_vec();
     match dims.last_mut() {
         Some(last) if *last == k => *last = n,
         _ => candle_core::bail!("linear: input {:?} does not end in {k} features", x.dims()),
     }
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let x = to_dtype(x, DType::F32)?.contiguous()?;
     let bias = bias
         .map(|b| b.to_dtype(DType::F32)?.contiguous())
         .transpose()?;
@@ -1295,6 +1435,122 @@ mod tests {
         let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
         let w = Tensor::zeros((37, 48), DType::F32, &dev)?;
         assert!(matmul_t(&x, &w).is_err());
+        Ok(())
+    }
+
+    /// `got` is bf16 and equals `want` (f32, computed from the same bf16 inputs widened) rounded
+    /// to bf16, up to one bf16 step where the f32 sums' order moved a value across a rounding
+    /// boundary. The absolute floor covers values near zero, where the vectorized erf's 5e-7
+    /// (times |x| ≤ ~5 in GELU's tail) is more than a step of bf16.
+    fn assert_bf16_rounding_of(got: &Tensor, want: &Tensor, what: &str) -> anyhow::Result<()> {
+        assert_eq!(got.dtype(), DType::BF16, "{what}: dtype");
+        assert_eq!(got.dims(), want.dims(), "{what}: dims");
+        let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let w = want.flatten_all()?.to_vec1::<f32>()?;
+        for (i, (g, w)) in g.iter().zip(&w).enumerate() {
+            assert!(
+                (g - w).abs() <= w.abs() / 128.0 + 1e-5,
+                "{what} [{i}]: {g} vs {w}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The parallel conversions give `half`'s (candle's) results bit for bit: rounding ties to
+    /// even, overflow to infinity, NaN, subnormals, signed zeros, and random bit patterns.
+    #[test]
+    fn bf16_conversions_equal_halfs() -> anyhow::Result<()> {
+        let mut vals: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x0000_8001),
+            f32::MIN_POSITIVE,
+        ];
+        let mut state = 0x9e37_79b9_u32;
+        vals.extend((0..100_000).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            f32::from_bits(state)
+        }));
+        let x = Tensor::from_vec(vals.clone(), vals.len(), &Device::Cpu)?;
+        let got: Vec<u16> = to_dtype(&x, DType::BF16)?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let want: Vec<u16> = vals
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect();
+        assert_eq!(got, want);
+        let back = to_dtype(&to_dtype(&x, DType::BF16)?, DType::F32)?.to_vec1::<f32>()?;
+        let want: Vec<u32> = want
+            .iter()
+            .map(|b| half::bf16::from_bits(*b).to_f32().to_bits())
+            .collect();
+        assert_eq!(back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        Ok(())
+    }
+
+    /// bf16 on the CPU: weights packed as bf16 (half the bytes), inputs widened, the f32
+    /// kernels' result rounded once: linear (GEMM and GEMV rows), linear + GELU, attention and
+    /// the residual layer norm against the same ops in f32 on the widened inputs.
+    #[test]
+    fn bf16_runs_the_f32_kernels_on_widened_inputs() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let w = bf(Tensor::randn(0f32, 1.0, (37, 48), &dev)?)?;
+        let b = bf(Tensor::randn(0f32, 1.0, 37, &dev)?)?;
+        let l = Linear::prepared(w.clone(), Some(b.clone()))?;
+        let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?))?;
+        assert_eq!(l.is_packed(), sgemm::available());
+        if l.is_packed() {
+            assert_eq!(l.dtype(), DType::BF16);
+            assert_eq!(2 * l.weight_bytes(), l32.weight_bytes());
+        }
+        let reference = candle_nn::Linear::new(f32(&w)?, Some(f32(&b)?));
+        for dims in [vec![3usize, 257, 48], vec![1, 48], vec![2, 3, 48]] {
+            let x = bf(Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?)?;
+            let want = reference.forward(&f32(&x)?)?;
+            let what = format!("linear {dims:?}");
+            assert_bf16_rounding_of(&linear(&l, &x)?, &want, &what)?;
+            let act = linear_act(&l, Activation::Gelu, &x)?;
+            assert_bf16_rounding_of(&act, &want.gelu_erf()?, &format!("gelu {what}"))?;
+        }
+        let (bsz, t, heads, hd) = (2usize, 257usize, 3usize, 16usize);
+        let qkv = bf(Tensor::randn(0f32, 1.0, (bsz, t, 3 * heads * hd), &dev)?)?;
+        let want = attention_reference(&f32(&qkv)?, heads, 0.25)?;
+        match fused_self_attention(&qkv, heads, 0.25)? {
+            Some(got) => assert_bf16_rounding_of(&got, &want, "attention")?,
+            None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+        }
+        let d = 48;
+        let ln = candle_nn::LayerNorm::new(
+            bf(Tensor::randn(1f32, 0.1, d, &dev)?)?,
+            bf(Tensor::randn(0f32, 0.1, d, &dev)?)?,
+            1e-6,
+        );
+        let ln32 = candle_nn::LayerNorm::new(f32(ln.weight())?, f32(ln.bias().unwrap())?, 1e-6);
+        let x = bf(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
+        let r = bf(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
+        let sum = (f32(&x)? + f32(&r)?)?;
+        let (h, n) = add_layer_norm(x.clone(), &r, &ln)?;
+        assert_bf16_rounding_of(&h, &sum, "residual sum")?;
+        assert_bf16_rounding_of(&n, &ln32.forward(&sum)?, "add + layer norm")?;
+        let n = layer_norm(&x, &ln)?;
+        assert_bf16_rounding_of(&n, &ln32.forward(&f32(&x)?)?, "layer norm")?;
         Ok(())
     }
 

@@ -30,18 +30,18 @@ const NB_MAX: usize = 384;
 /// Output floats per row block (4 MiB).
 const C_BLOCK_FLOATS: usize = 1 << 20;
 
-/// A strided f32 matrix view: element (i, j) at `data[i * rs + j * cs]`.
+/// A strided matrix view (f32 unless said otherwise): element (i, j) at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
-pub struct MatRef<'a> {
-    pub data: &'a [f32],
+pub struct MatRef<'a, T = f32> {
+    pub data: &'a [T],
     pub rows: usize,
     pub cols: usize,
     pub rs: usize,
     pub cs: usize,
 }
 
-impl<'a> MatRef<'a> {
-    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+impl<'a, T> MatRef<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
         Self {
             data,
             rows,
@@ -52,7 +52,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// A contiguous row-major `rows × cols` matrix.
-    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
         Self::new(data, rows, cols, cols, 1)
     }
 
@@ -80,9 +80,20 @@ pub fn available() -> bool {
 /// slice of a panel is one contiguous run for the kernel.
 #[derive(Debug)]
 pub struct PackedB {
-    data: Vec<f32>,
+    data: Panels,
     k: usize,
     n: usize,
+}
+
+/// The panels' element type. bf16 (weights loaded with `--dtype bf16`) halves the bytes the
+/// kernels stream; it is widened to f32 in registers, so the products still accumulate in f32.
+/// A bf16 panel row interleaves its two 16-column halves (`[c0, c16, c1, c17, …]`): one
+/// 64-byte load then gives both halves as f32 with one shift (the low halves of its 32-bit
+/// lanes) and one mask (the high halves).
+#[derive(Debug)]
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
 }
 
 impl PackedB {
@@ -96,32 +107,23 @@ impl PackedB {
         Self::pack_with(b, false)
     }
 
+    /// Packs a bf16 B (as its raw bits) over rayon, keeping it bf16.
+    pub fn pack_bf16(b: MatRef<'_, u16>) -> Option<Self> {
+        let data = pack_panels(b, true, true)?;
+        Some(Self {
+            data: Panels::Bf16(data),
+            k: b.rows,
+            n: b.cols,
+        })
+    }
+
     fn pack_with(b: MatRef<'_>, parallel: bool) -> Option<Self> {
-        let (k, n) = (b.rows, b.cols);
-        if !b.in_bounds() {
-            return None;
-        }
-        let mut data = zeroed(n.div_ceil(NR) * NR * k);
-        let pack_panel = |(q, panel): (usize, &mut [f32])| {
-            let c0 = q * NR;
-            let w = NR.min(n - c0);
-            for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                let base = kk * b.rs + c0 * b.cs;
-                if b.cs == 1 {
-                    row[..w].copy_from_slice(&b.data[base..base + w]);
-                } else {
-                    for (j, v) in row[..w].iter_mut().enumerate() {
-                        *v = b.data[base + j * b.cs];
-                    }
-                }
-            }
-        };
-        if k > 0 && parallel {
-            data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
-        } else if k > 0 {
-            data.chunks_mut(k * NR).enumerate().for_each(pack_panel);
-        }
-        Some(Self { data, k, n })
+        let data = pack_panels(b, parallel, false)?;
+        Some(Self {
+            data: Panels::F32(data),
+            k: b.rows,
+            n: b.cols,
+        })
     }
 
     /// Rows of B (the product's inner dimension).
@@ -134,16 +136,68 @@ impl PackedB {
         self.n
     }
 
-    /// Bytes held.
-    pub fn size_in_bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<f32>()
+    /// Whether the panels hold bf16 (else f32).
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.data, Panels::Bf16(_))
     }
 
-    /// Rows `p0..p0 + kc` of panel `q`.
-    fn panel_slice(&self, q: usize, p0: usize, kc: usize) -> &[f32] {
-        let start = q * self.k * NR + p0 * NR;
-        &self.data[start..start + kc * NR]
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.data {
+            Panels::F32(v) => std::mem::size_of_val(v.as_slice()),
+            Panels::Bf16(v) => std::mem::size_of_val(v.as_slice()),
+        }
     }
+
+    /// Rows `p0..p0 + kc` of panel `q`, as the bytes the kernels read.
+    fn panel_bytes(&self, q: usize, p0: usize, kc: usize) -> &[u8] {
+        let (start, len) = (q * self.k * NR + p0 * NR, kc * NR);
+        match &self.data {
+            Panels::F32(v) => bytemuck::cast_slice(&v[start..start + len]),
+            Panels::Bf16(v) => bytemuck::cast_slice(&v[start..start + len]),
+        }
+    }
+}
+
+/// B's panels: row `kk` of panel `q` holds columns `q·NR..` of B's row `kk` (interleaved as
+/// [`Panels::Bf16`] says when `interleave`); zero past `n`.
+fn pack_panels<T: Copy + Default + Send + Sync>(
+    b: MatRef<'_, T>,
+    parallel: bool,
+    interleave: bool,
+) -> Option<Vec<T>> {
+    let (k, n) = (b.rows, b.cols);
+    if !b.in_bounds() {
+        return None;
+    }
+    let mut data = Vec::with_capacity(n.div_ceil(NR) * NR * k);
+    hugepage_hint(&mut data);
+    data.resize(n.div_ceil(NR) * NR * k, T::default());
+    let pack_panel = |(q, panel): (usize, &mut [T])| {
+        let c0 = q * NR;
+        let w = NR.min(n - c0);
+        for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+            let base = kk * b.rs + c0 * b.cs;
+            if interleave {
+                for j in 0..w {
+                    let slot = if j < 16 { 2 * j } else { 2 * (j - 16) + 1 };
+                    row[slot] = b.data[base + j * b.cs];
+                }
+            } else if b.cs == 1 {
+                row[..w].copy_from_slice(&b.data[base..base + w]);
+            } else {
+                for (j, v) in row[..w].iter_mut().enumerate() {
+                    *v = b.data[base + j * b.cs];
+                }
+            }
+        }
+    };
+    if k > 0 && parallel {
+        data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
+    } else if k > 0 {
+        data.chunks_mut(k * NR).enumerate().for_each(pack_panel);
+    }
+    Some(data)
 }
 
 /// `a · b (+ bias)`, row-major `[a.rows, b.cols]`, B packed on the way (the tests' entry: the
@@ -172,7 +226,10 @@ pub fn matmul_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option
     }
     #[cfg(target_arch = "x86_64")]
     {
-        Some(x86::matmul(a, b, bias))
+        Some(match b.data {
+            Panels::F32(_) => x86::matmul::<false>(a, b, bias),
+            Panels::Bf16(_) => x86::matmul::<true>(a, b, bias),
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -202,7 +259,13 @@ pub fn gemv_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option<V
             .par_chunks_mut(m * NR)
             .enumerate()
             .with_min_len(GEMV_PANELS_PER_TASK)
-            .for_each(|(q, tile)| x86::gemv_panel(&x, k, b.panel_slice(q, 0, k), tile));
+            .for_each(|(q, tile)| {
+                let panel = b.panel_bytes(q, 0, k);
+                match b.data {
+                    Panels::F32(_) => x86::gemv_panel::<false>(&x, k, panel, tile),
+                    Panels::Bf16(_) => x86::gemv_panel::<true>(&x, k, panel, tile),
+                }
+            });
     }
     let mut out = vec![0f32; m * n];
     for (q, tile) in tiles.chunks_exact(m.max(1) * NR).enumerate() {
@@ -243,7 +306,10 @@ pub fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) -> b
     }
     #[cfg(target_arch = "x86_64")]
     {
-        x86::matmul_serial(a, b, c, ldc);
+        match b.data {
+            Panels::F32(_) => x86::matmul_serial::<false>(a, b, c, ldc),
+            Panels::Bf16(_) => x86::matmul_serial::<true>(a, b, c, ldc),
+        }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -255,12 +321,12 @@ pub fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) -> b
 /// Asks for transparent huge pages under a large buffer before it is first written: an output
 /// tile touches 14 rows, up to 14 pages; with 4 KiB pages the TLB misses cost ~15% on 2056 ×
 /// 3072 outputs (measured; the kernel's default THP mode is `madvise`).
-pub(crate) fn hugepage_hint(out: &mut Vec<f32>) {
+pub(crate) fn hugepage_hint<T>(out: &mut Vec<T>) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
         let start = out.as_mut_ptr() as usize;
-        let end = start + out.capacity() * std::mem::size_of::<f32>();
+        let end = start + out.capacity() * std::mem::size_of::<T>();
         let (lo, hi) = (start.div_ceil(HUGE) * HUGE, end / HUGE * HUGE);
         if hi > lo {
             // SAFETY: [lo, hi) lies inside the vector's allocation, which this thread owns;
@@ -365,8 +431,34 @@ mod x86 {
         }
     }
 
-    /// How far ahead (floats) the kernel prefetches its B stream from L2.
-    const PREFETCH_B: usize = 16 * NR;
+    /// How many panel rows ahead the kernel prefetches its B stream from L2.
+    const PREFETCH_ROWS: usize = 16;
+
+    /// Bytes of one panel row: NR f32, or NR bf16.
+    const fn row_bytes(bf16: bool) -> usize {
+        if bf16 {
+            2 * NR
+        } else {
+            4 * NR
+        }
+    }
+
+    /// One panel row (NR columns) as two f32 vectors: columns 0..16 and 16..32.
+    #[inline(always)]
+    unsafe fn load_row<const BF16: bool>(b: *const u8) -> (__m512, __m512) {
+        if BF16 {
+            // The halves are interleaved (see `Panels`): bf16 → f32 is the bits moved up 16.
+            let v = _mm512_loadu_si512(b as *const __m512i);
+            let hi = _mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000_u32 as i32));
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(hi),
+            )
+        } else {
+            let b = b as *const f32;
+            (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)))
+        }
+    }
 
     thread_local! {
         static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -381,7 +473,11 @@ mod x86 {
         })
     }
 
-    pub(super) fn matmul(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Vec<f32> {
+    pub(super) fn matmul<const BF16: bool>(
+        a: MatRef<'_>,
+        b: &PackedB,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
         let (m, n) = (a.rows, b.n);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         hugepage_hint(&mut out);
@@ -399,7 +495,7 @@ mod x86 {
                     ..a
                 };
                 let c = OutPtr(c.at(r_first * n));
-                block(a, b, bias, (c, n), &blocks, ap, true);
+                block::<BF16>(a, b, bias, (c, n), &blocks, ap, true);
             }
         });
         // SAFETY: k > 0, so the first K slice wrote every element of every column block of
@@ -409,14 +505,19 @@ mod x86 {
     }
 
     /// The caller checked that the `a.rows × b.n` block with row stride `ldc` fits in `c`.
-    pub(super) fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) {
+    pub(super) fn matmul_serial<const BF16: bool>(
+        a: MatRef<'_>,
+        b: &PackedB,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
         let c = OutPtr(c.as_mut_ptr());
-        with_a_pack(|ap| block(a, b, None, (c, ldc), &[(0, b.n)], ap, false));
+        with_a_pack(|ap| block::<BF16>(a, b, None, (c, ldc), &[(0, b.n)], ap, false));
     }
 
     /// `c = a · B (+ bias)` for one block of rows: K slices in turn, each slice's column blocks
     /// over rayon when `parallel`. `c` is the output and its row stride.
-    fn block(
+    fn block<const BF16: bool>(
         a: MatRef<'_>,
         b: &PackedB,
         bias: Option<&[f32]>,
@@ -438,17 +539,17 @@ mod x86 {
                     let mr = MR.min(m - r0);
                     for c0 in (j0..j0 + nb).step_by(NR) {
                         let nr = NR.min(j0 + nb - c0);
-                        let b_panel = b.panel_slice(c0 / NR, p0, kc);
+                        let b_panel = b.panel_bytes(c0 / NR, p0, kc);
                         let bias = match (first, bias) {
                             (true, Some(bias)) => bias[c0..].as_ptr(),
                             _ => std::ptr::null(),
                         };
                         // SAFETY: AVX-512F was detected (`available`); the panels hold kc·MR
-                        // and kc·NR floats; the tile's rows r0..r0+mr and columns c0..c0+nr lie
+                        // floats and kc rows of NR elements of B's type; the tile's rows r0..r0+mr and columns c0..c0+nr lie
                         // inside the output block (checked by the callers), in this task's
                         // column block; the bias holds n - c0 ≥ nr floats past c0.
                         unsafe {
-                            kernel(
+                            kernel::<BF16>(
                                 kc,
                                 a_panel.as_ptr(),
                                 b_panel.as_ptr(),
@@ -473,9 +574,14 @@ mod x86 {
 
     /// `tile[i·NR + j] = Σ_p x[i·k + p] · panel[p·NR + j]` for the rows of `x` (`tile.len() / NR`
     /// of them), up to eight at a time against one pass over the panel.
-    pub(super) fn gemv_panel(x: &[f32], k: usize, panel: &[f32], tile: &mut [f32]) {
+    pub(super) fn gemv_panel<const BF16: bool>(
+        x: &[f32],
+        k: usize,
+        panel: &[u8],
+        tile: &mut [f32],
+    ) {
         assert!(
-            panel.len() == k * NR && tile.len() * k == x.len() * NR,
+            panel.len() == k * row_bytes(BF16) && tile.len() * k == x.len() * NR,
             "gemv_panel: shapes"
         );
         for (xs, out) in x.chunks(8 * k).zip(tile.chunks_mut(8 * NR)) {
@@ -483,14 +589,14 @@ mod x86 {
             // `rows` rows of k floats, out `rows` × NR, the panel k × NR (asserted above).
             unsafe {
                 match xs.len() / k {
-                    1 => gemv_rows::<1>(xs, k, panel, out),
-                    2 => gemv_rows::<2>(xs, k, panel, out),
-                    3 => gemv_rows::<3>(xs, k, panel, out),
-                    4 => gemv_rows::<4>(xs, k, panel, out),
-                    5 => gemv_rows::<5>(xs, k, panel, out),
-                    6 => gemv_rows::<6>(xs, k, panel, out),
-                    7 => gemv_rows::<7>(xs, k, panel, out),
-                    _ => gemv_rows::<8>(xs, k, panel, out),
+                    1 => gemv_rows::<1, BF16>(xs, k, panel, out),
+                    2 => gemv_rows::<2, BF16>(xs, k, panel, out),
+                    3 => gemv_rows::<3, BF16>(xs, k, panel, out),
+                    4 => gemv_rows::<4, BF16>(xs, k, panel, out),
+                    5 => gemv_rows::<5, BF16>(xs, k, panel, out),
+                    6 => gemv_rows::<6, BF16>(xs, k, panel, out),
+                    7 => gemv_rows::<7, BF16>(xs, k, panel, out),
+                    _ => gemv_rows::<8, BF16>(xs, k, panel, out),
                 }
             }
         }
@@ -498,18 +604,22 @@ mod x86 {
 
     /// [`gemv_panel`] for exactly `M` rows, the 2·M accumulators in registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn gemv_rows<const M: usize>(x: &[f32], k: usize, panel: &[f32], out: &mut [f32]) {
+    unsafe fn gemv_rows<const M: usize, const BF16: bool>(
+        x: &[f32],
+        k: usize,
+        panel: &[u8],
+        out: &mut [f32],
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
         let (xp, mut b) = (x.as_ptr(), panel.as_ptr());
         for p in 0..k {
-            let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
+            let (b0, b1) = load_row::<BF16>(b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let xi = _mm512_set1_ps(*xp.add(i * k + p));
                 acc[0] = _mm512_fmadd_ps(xi, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(xi, b1, acc[1]);
             }
-            b = b.add(NR);
+            b = b.add(row_bytes(BF16));
         }
         let o = out.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
@@ -581,17 +691,17 @@ mod x86 {
 
     /// Single-thread GFLOP/s of the micro-kernel on L1-resident panels (the ceiling).
     #[cfg(test)]
-    pub(super) fn kernel_peak() -> f64 {
+    pub(super) fn kernel_peak<const BF16: bool>() -> f64 {
         let kc = 64;
         let a = vec![0.5f32; kc * MR];
-        let b = vec![0.25f32; kc * NR];
+        let b = vec![0u8; kc * row_bytes(BF16)];
         let mut c = vec![0f32; MR * NR];
         let reps = 200_000;
         let t = std::time::Instant::now();
         for _ in 0..reps {
             // SAFETY: test-only; panels and tile sized as the kernel reads them.
             unsafe {
-                kernel(
+                kernel::<BF16>(
                     kc,
                     a.as_ptr(),
                     b.as_ptr(),
@@ -611,10 +721,10 @@ mod x86 {
     /// C[mr × nr] (row stride ldc) = or += A-panel · B-panel (+ bias when it is not null).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
+    unsafe fn kernel<const BF16: bool>(
         kc: usize,
         a: *const f32,
-        b: *const f32,
+        b: *const u8,
         c: *mut f32,
         ldc: usize,
         mr: usize,
@@ -632,17 +742,19 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH_B) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(b.add(PREFETCH_B + 16) as *const i8);
-            let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
+            let ahead = b.add(PREFETCH_ROWS * row_bytes(BF16)) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            if !BF16 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+            }
+            let (b0, b1) = load_row::<BF16>(b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*a.add(i));
                 acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
             }
             a = a.add(MR);
-            b = b.add(NR);
+            b = b.add(row_bytes(BF16));
         }
         let m0: __mmask16 = if nr >= 16 { 0xffff } else { (1u16 << nr) - 1 };
         let m1: __mmask16 = if nr >= 32 {
@@ -780,6 +892,49 @@ mod tests {
         );
     }
 
+    /// bf16 panels: the GEMM, the GEMV and the serial product against the f64 product of the
+    /// widened bf16 values (widening is exact, the sums are f32 as for f32 panels), on shapes
+    /// off the tiles, with strided B, bias and several K slices.
+    #[test]
+    fn bf16_panels_match_f64_reference_of_widened_values() {
+        if !available() {
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (3, 7, 45), (15, 385, 33), (29, 800, 70)] {
+            let av = values(m * k, 11);
+            let bits: Vec<u16> = values(k * n, 12)
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let widened: Vec<f32> = bits
+                .iter()
+                .map(|b| half::bf16::from_bits(*b).to_f32())
+                .collect();
+            let bias = values(n, 13);
+            let a = MatRef::row_major(&av, m, k);
+            for (rs, cs) in [(n, 1), (1, k)] {
+                let b16 = MatRef::new(&bits, k, n, rs, cs);
+                let packed = PackedB::pack_bf16(b16).expect("in bounds");
+                assert!(packed.is_bf16());
+                assert_eq!(packed.size_in_bytes(), n.div_ceil(NR) * NR * k * 2);
+                let want_b = MatRef::new(&widened, k, n, rs, cs);
+                for bias in [None, Some(bias.as_slice())] {
+                    let want = naive(a, want_b, bias);
+                    let what = format!("bf16 {m}x{k}x{n} cs={cs}");
+                    let got = matmul_packed(a, &packed, bias).expect("avx512");
+                    assert_close(&got, &want, k, &what);
+                    let got = gemv_packed(a, &packed, bias).expect("avx512");
+                    assert_close(&got, &want, k, &format!("gemv {what}"));
+                }
+                let mut c = vec![0f32; m * n];
+                assert!(matmul_serial(a, &packed, &mut c, n));
+                assert_close(&c, &naive(a, want_b, None), k, "bf16 serial");
+            }
+        }
+        // Out-of-bounds views are refused, as for f32.
+        assert!(PackedB::pack_bf16(MatRef::row_major(&[0u16; 5], 2, 3)).is_none());
+    }
+
     fn assert_close(got: &[f32], want: &[f64], k: usize, what: &str) {
         let tol = 1e-6 * (k as f64).sqrt() * 4.0;
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -833,7 +988,11 @@ mod tests {
         if !available() {
             return;
         }
-        eprintln!("kernel peak, one thread: {:.0} GFLOP/s", x86::kernel_peak());
+        eprintln!(
+            "kernel peak, one thread: {:.0} GFLOP/s (bf16 B: {:.0})",
+            x86::kernel_peak::<false>(),
+            x86::kernel_peak::<true>()
+        );
         // ViT-base at batch 8 (qkv, fc1, fc2), one image (fc1), the Q-Former's queries.
         let shapes = [
             (2056, 768, 2304),
@@ -856,17 +1015,23 @@ mod tests {
             let a = MatRef::row_major(&av, m, k);
             let b = MatRef::row_major(&bv, k, n);
             let bp = PackedB::pack(b).unwrap();
+            let bits: Vec<u16> = bv.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let bp16 = PackedB::pack_bf16(MatRef::row_major(&bits, k, n)).unwrap();
             let ta =
                 candle_core::Tensor::from_slice(&av, (m, k), &candle_core::Device::Cpu).unwrap();
             let tb =
                 candle_core::Tensor::from_slice(&bv, (k, n), &candle_core::Device::Cpu).unwrap();
             let (mut best, mut cbest, mut pbest) = (f64::MAX, f64::MAX, f64::MAX);
+            let mut best16 = f64::MAX;
             let mut ap = Vec::new();
             // Interleaved, best of many: this VM's speed drifts by tens of percent.
             for _ in 0..15 {
                 let t = std::time::Instant::now();
                 std::hint::black_box(matmul_packed(a, &bp, None));
                 best = best.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                std::hint::black_box(matmul_packed(a, &bp16, None));
+                best16 = best16.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
                 std::hint::black_box(ta.matmul(&tb).unwrap());
                 cbest = cbest.min(t.elapsed().as_secs_f64());
@@ -878,32 +1043,44 @@ mod tests {
             }
             let gf = |t: f64| 2.0 * (m * k * n) as f64 / t / 1e9;
             eprintln!(
-                "{m}x{k}x{n}: {:.2} ms, {:.0} GFLOP/s; candle {:.0}; pack_a {:.2} ms",
+                "{m}x{k}x{n}: {:.2} ms, {:.0} GFLOP/s; bf16 B {:.0}; candle {:.0}; pack_a {:.2} ms",
                 best * 1e3,
                 gf(best),
+                gf(best16),
                 gf(cbest),
                 pbest * 1e3
             );
         }
         // Decoding: one row against weights too large for the caches (a 12-layer decoder's
         // worth, cycled), as GB/s of weights streamed.
-        for &(k, n) in &[(768, 768), (768, 3072), (3072, 768)] {
-            let copies = (256 << 20) / (k * n * 4);
-            let packed: Vec<_> = (0..copies)
-                .map(|i| PackedB::pack(MatRef::row_major(&values(k * n, i as u64), k, n)).unwrap())
-                .collect();
-            let xv = values(k, 9);
-            let x = MatRef::row_major(&xv, 1, k);
-            let mut best = f64::MAX;
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                for bp in &packed {
-                    std::hint::black_box(gemv_packed(x, bp, None));
+        for bf16 in [false, true] {
+            for &(k, n) in &[(768, 768), (768, 3072), (3072, 768)] {
+                let copies = (256 << 20) / (k * n * 4);
+                let pack = |i: usize| {
+                    let v = values(k * n, i as u64);
+                    if bf16 {
+                        let bits: Vec<u16> =
+                            v.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+                        PackedB::pack_bf16(MatRef::row_major(&bits, k, n)).unwrap()
+                    } else {
+                        PackedB::pack(MatRef::row_major(&v, k, n)).unwrap()
+                    }
+                };
+                let packed: Vec<_> = (0..copies).map(pack).collect();
+                let xv = values(k, 9);
+                let x = MatRef::row_major(&xv, 1, k);
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for bp in &packed {
+                        std::hint::black_box(gemv_packed(x, bp, None));
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / copies as f64);
                 }
-                best = best.min(t.elapsed().as_secs_f64() / copies as f64);
+                let gbs = packed[0].size_in_bytes() as f64 / best / 1e9;
+                let what = if bf16 { "bf16" } else { "f32" };
+                eprintln!("gemv {what} 1x{k}x{n}: {:.3} ms, {gbs:.1} GB/s", best * 1e3);
             }
-            let gbs = (k * n * 4) as f64 / best / 1e9;
-            eprintln!("gemv 1x{k}x{n}: {:.3} ms, {gbs:.1} GB/s", best * 1e3);
         }
     }
 }
