@@ -336,29 +336,32 @@ pub fn layer_norm(x: &Tensor, ln: &candle_nn::LayerNorm) -> Result<Tensor> {
     ln.forward(x)
 }
 
+/// `ln` with its parameters in `dtype`.
+pub fn layer_norm_in(ln: &candle_nn::LayerNorm, dtype: DType) -> Result<candle_nn::LayerNorm> {
+    let w = ln.weight().to_dtype(dtype)?;
+    Ok(match (ln.bias(), ln.remove_mean()) {
+        (Some(b), true) => candle_nn::LayerNorm::new(w, b.to_dtype(dtype)?, ln.eps()),
+        (None, true) => candle_nn::LayerNorm::new_no_bias(w, ln.eps()),
+        (None, false) => candle_nn::LayerNorm::rms_norm(w, ln.eps()),
+        (Some(_), false) => candle_core::bail!("layer_norm_in: an RMS norm with a bias"),
+    })
+}
+
 /// A bf16/f16 input on the CPU: the layer norm in f32 (as PyTorch computes half-precision
 /// layer norms on the CPU), its parameters widened; `None` otherwise.
 fn widened_layer_norm(
     x: &Tensor,
     ln: &candle_nn::LayerNorm,
 ) -> Result<Option<candle_nn::LayerNorm>> {
-    let Some(b) = ln.bias() else {
-        return Ok(None);
-    };
-    if !half_on_cpu(x) || !ln.remove_mean() {
+    if !half_on_cpu(x) || ln.bias().is_none() || !ln.remove_mean() {
         return Ok(None);
     }
-    let w = ln.weight().to_dtype(DType::F32)?;
-    Ok(Some(candle_nn::LayerNorm::new(
-        w,
-        b.to_dtype(DType::F32)?,
-        ln.eps(),
-    )))
+    layer_norm_in(ln, DType::F32).map(Some)
 }
 
 /// `x.to_dtype(dtype)`; bf16 ↔ f32 on the CPU split over rayon in loops that vectorize
-/// (candle's is one scalar loop on one thread: a fifth of a bf16 forward pass), with the same
-/// results as `half` (round to nearest even, NaN kept quiet).
+/// (candle's is one scalar loop on one thread), with the same results as `half` (round to
+/// nearest even, NaN kept quiet).
 pub fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
     if x.dtype() == dtype {
         return Ok(x.clone());
@@ -368,27 +371,21 @@ pub fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
         match (&*storage, layout.contiguous_offsets(), dtype) {
             (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((lo, hi)), DType::F32) => {
                 let src: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
-                let mut out = vec![0f32; src.len()];
-                out.par_chunks_mut(CHUNK)
-                    .zip(src.par_chunks(CHUNK))
-                    .for_each(|(o, s)| {
-                        for (o, s) in o.iter_mut().zip(s) {
-                            *o = f32::from_bits(u32::from(*s) << 16);
-                        }
-                    });
+                // collect_into_vec writes the vector's spare capacity: no zero fill first.
+                let mut out = Vec::new();
+                src.par_iter()
+                    .with_min_len(CHUNK)
+                    .map(|s| f32::from_bits(u32::from(*s) << 16))
+                    .collect_into_vec(&mut out);
                 Some(Tensor::from_vec(out, x.dims(), &Device::Cpu))
             }
             (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi)), DType::BF16) => {
-                let src = &v[lo..hi];
-                let mut out = vec![0u16; src.len()];
-                out.par_chunks_mut(CHUNK)
-                    .zip(src.par_chunks(CHUNK))
-                    .for_each(|(o, s)| {
-                        for (o, s) in o.iter_mut().zip(s) {
-                            *o = bf16_bits(*s);
-                        }
-                    });
-                let out: Vec<half::bf16> = bytemuck::cast_vec(out);
+                let mut out = Vec::new();
+                v[lo..hi]
+                    .par_iter()
+                    .with_min_len(CHUNK)
+                    .map(|s| half::bf16::from_bits(bf16_bits(*s)))
+                    .collect_into_vec(&mut out);
                 Some(Tensor::from_vec(out, x.dims(), &Device::Cpu))
             }
             _ => None,
@@ -1500,6 +1497,30 @@ mod tests {
             .map(|b| half::bf16::from_bits(*b).to_f32().to_bits())
             .collect();
         assert_eq!(back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+        Ok(())
+    }
+
+    #[test]
+    #[ignore = "timing, run by hand: cargo test --release -p blipdex-model conversion_speed -- --ignored --nocapture"]
+    fn conversion_speed() -> anyhow::Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2056, 3072), &Device::Cpu)?;
+        let xb = x.to_dtype(DType::BF16)?;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let y = to_dtype(&x, DType::BF16)?;
+            let a = t.elapsed();
+            let t = std::time::Instant::now();
+            let z = to_dtype(&xb, DType::F32)?;
+            let b = t.elapsed();
+            let t = std::time::Instant::now();
+            let y2 = x.to_dtype(DType::BF16)?;
+            let c = t.elapsed();
+            let t = std::time::Instant::now();
+            let z2 = xb.to_dtype(DType::F32)?;
+            let d = t.elapsed();
+            drop((y, z, y2, z2));
+            eprintln!("f32->bf16 {a:?} bf16->f32 {b:?}; candle {c:?} {d:?}");
+        }
         Ok(())
     }
 
