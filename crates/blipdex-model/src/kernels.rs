@@ -861,8 +861,17 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Some(last) if *last == k => *last = n,
         _ => return x.broadcast_matmul(&w.t()?),
     }
-    if rows <= GEMV_MAX_ROWS && fast_path(x) && w.dtype() == DType::F32 && w.is_contiguous() {
-        return x.apply_op2_no_bwd(w, &Gemv)?.reshape(dims);
+    let streamable = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::BF16);
+    if rows <= GEMV_MAX_ROWS
+        && matches!(x.device(), Device::Cpu)
+        && x.elem_count() > 0
+        && streamable(x)
+        && streamable(w)
+        && w.is_contiguous()
+    {
+        // bf16 rows (a bf16 tied lm_head) are widened as they stream; sums in f32.
+        let y = to_dtype(x, DType::F32)?.apply_op2_no_bwd(w, &Gemv)?;
+        return to_dtype(&y.reshape(dims)?, x.dtype());
     }
     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(dims)
 }
@@ -881,20 +890,25 @@ impl candle_core::CustomOp2 for Gemv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, candle_core::Shape)> {
-        let (x, w) = match (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), Some((a, b)), Some((c, d))) => {
-                (&x[a..b], &w[c..d])
-            }
-            _ => candle_core::bail!("{}: needs contiguous f32 inputs", self.name()),
-        };
         let (n, k) = l2.shape().dims2()?;
+        let (x, w) = match (s1, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+            (CpuStorage::F32(x), Some((a, b)), Some(w)) => (&x[a..b], w),
+            _ => candle_core::bail!("{}: needs a contiguous f32 input", self.name()),
+        };
         let m = x.len() / k.max(1);
         // Output transposed, [N, M]: each task then writes one contiguous block.
         let mut yt = vec![0f32; n * m];
         const ROWS_PER_TASK: usize = 32;
-        yt.par_chunks_mut(ROWS_PER_TASK * m)
-            .zip(w.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(yt, w)| pulp::Arch::new().dispatch(Dots { x, w, yt, k }));
+        fn stream<W: Widen>(x: &[f32], w: &[W], yt: &mut [f32], k: usize, m: usize) {
+            yt.par_chunks_mut(ROWS_PER_TASK * m)
+                .zip(w.par_chunks(ROWS_PER_TASK * k))
+                .for_each(|(yt, w)| pulp::Arch::new().dispatch(Dots { x, w, yt, k }));
+        }
+        match (s2, w) {
+            (CpuStorage::F32(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
+            (CpuStorage::BF16(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
+            _ => candle_core::bail!("{}: needs f32 or bf16 weights", self.name()),
+        }
         let y = if m == 1 {
             yt
         } else {
@@ -910,15 +924,34 @@ impl candle_core::CustomOp2 for Gemv {
     }
 }
 
+/// A weight element the streaming GEMV reads: f32, or bf16 widened (exactly) to f32.
+trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
 /// yt[j·m + i] = x_i · w_j for a block of weight rows.
-struct Dots<'a> {
+struct Dots<'a, W> {
     x: &'a [f32],
-    w: &'a [f32],
+    w: &'a [W],
     yt: &'a mut [f32],
     k: usize,
 }
 
-impl pulp::WithSimd for Dots<'_> {
+impl<W: Widen> pulp::WithSimd for Dots<'_, W> {
     type Output = ();
 
     #[inline(always)]
@@ -952,7 +985,7 @@ impl pulp::WithSimd for Dots<'_> {
 /// Four dot products sharing the loads of `x`: four independent FMA chains hide their latency,
 /// and the horizontal sums are paid once per four weight rows.
 #[inline(always)]
-fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+fn dot4<W: Widen>(x: &[f32], w: [&[W]; 4]) -> [f32; 4] {
     let (mut a0, mut a1, mut a2, mut a3) =
         ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
     let xc = x.chunks_exact(LANES);
@@ -965,10 +998,10 @@ fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
         .zip(w3.chunks_exact(LANES));
     for ((((x, c0), c1), c2), c3) in it {
         for l in 0..LANES {
-            a0[l] = x[l].mul_add(c0[l], a0[l]);
-            a1[l] = x[l].mul_add(c1[l], a1[l]);
-            a2[l] = x[l].mul_add(c2[l], a2[l]);
-            a3[l] = x[l].mul_add(c3[l], a3[l]);
+            a0[l] = x[l].mul_add(c0[l].widen(), a0[l]);
+            a1[l] = x[l].mul_add(c1[l].widen(), a1[l]);
+            a2[l] = x[l].mul_add(c2[l].widen(), a2[l]);
+            a3[l] = x[l].mul_add(c3[l].widen(), a3[l]);
         }
     }
     let n = x.len() - tail.len();
@@ -976,7 +1009,7 @@ fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     for ((o, a), wr) in out.iter_mut().zip([a0, a1, a2, a3]).zip(w) {
         let mut t = 0f32;
         for (xv, wv) in tail.iter().zip(&wr[n..]) {
-            t = xv.mul_add(*wv, t);
+            t = xv.mul_add(wv.widen(), t);
         }
         *o = a.iter().sum::<f32>() + t;
     }
@@ -1375,6 +1408,16 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-4, "gemv m={m} k={k} n={n}: {d}");
+            // bf16 rows (a bf16 tied lm_head) streamed and widened, f32 and bf16 inputs.
+            let wb = w.to_dtype(DType::BF16)?;
+            let want = x.broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
+            let d = max_abs_diff(&matmul_t(&x, &wb)?, &want)?;
+            assert!(d < 1e-4, "bf16 gemv m={m} k={k} n={n}: {d}");
+            let xb = x.to_dtype(DType::BF16)?;
+            let want = xb
+                .to_dtype(DType::F32)?
+                .broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
+            assert_bf16_rounding_of(&matmul_t(&xb, &wb)?, &want, "bf16 x bf16 gemv")?;
         }
         // More rows than GEMV_MAX_ROWS go through candle's matmul unchanged.
         let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 16), &dev)?;

@@ -1015,7 +1015,10 @@ mod tests {
             let a = MatRef::row_major(&av, m, k);
             let b = MatRef::row_major(&bv, k, n);
             let bp = PackedB::pack(b).unwrap();
-            let bits: Vec<u16> = bv.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let bits: Vec<u16> = bv
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
             let bp16 = PackedB::pack_bf16(MatRef::row_major(&bits, k, n)).unwrap();
             let ta =
                 candle_core::Tensor::from_slice(&av, (m, k), &candle_core::Device::Cpu).unwrap();
@@ -1059,8 +1062,10 @@ mod tests {
                 let pack = |i: usize| {
                     let v = values(k * n, i as u64);
                     if bf16 {
-                        let bits: Vec<u16> =
-                            v.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+                        let bits: Vec<u16> = v
+                            .iter()
+                            .map(|v| half::bf16::from_f32(*v).to_bits())
+                            .collect();
                         PackedB::pack_bf16(MatRef::row_major(&bits, k, n)).unwrap()
                     } else {
                         PackedB::pack(MatRef::row_major(&v, k, n)).unwrap()
