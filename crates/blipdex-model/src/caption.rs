@@ -211,6 +211,8 @@ pub struct LanguageHead {
     pub num_query_tokens: usize,
     /// `<image>` placeholder id of transformers 5 configs; the sequence is the same without it.
     pub image_token_index: Option<u32>,
+    /// The activations' dtype: the checkpoint's as loaded, or f32 where bf16 weights are
+    /// packed for the CPU (see `OptForCausalLM::compute_in_f32`).
     dtype: DType,
     device: Device,
 }
@@ -229,18 +231,25 @@ impl LanguageHead {
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let text = text_config(cfg).map_err(candle_core::Error::Msg)?;
-        let language_projection = candle_nn::linear(
+        let mut language_projection = candle_nn::linear(
             cfg.qformer_config.hidden_size,
             text.hidden_size,
             vb.pp("language_projection"),
         )?;
-        let language_model = OptForCausalLM::new(&text, storage, vb.pp("language_model"))?;
+        let mut language_model = OptForCausalLM::new(&text, storage, vb.pp("language_model"))?;
+        let mut dtype = vb.dtype();
+        if language_model.compute_in_f32()? {
+            let p = &language_projection;
+            let bias = p.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
+            language_projection = candle_nn::Linear::new(p.weight().to_dtype(DType::F32)?, bias);
+            dtype = DType::F32;
+        }
         Ok(Self {
             language_projection,
             language_model,
             num_query_tokens: cfg.num_query_tokens,
             image_token_index: cfg.image_token_index,
-            dtype: vb.dtype(),
+            dtype,
             device: vb.device().clone(),
         })
     }

@@ -447,6 +447,9 @@ pub struct OptDecoder {
     final_layer_norm: Option<LayerNorm>,
     layers: Vec<OptDecoderLayer>,
     max_positions: usize,
+    /// The activations' dtype: the checkpoint's as loaded, or f32 (see
+    /// [`OptForCausalLM::compute_in_f32`]).
+    compute: DType,
 }
 
 impl OptDecoder {
@@ -481,6 +484,7 @@ impl OptDecoder {
             final_layer_norm,
             layers,
             max_positions: cfg.max_position_embeddings,
+            compute: vb.dtype(),
         })
     }
 
@@ -650,9 +654,37 @@ impl OptForCausalLM {
         })
     }
 
-    /// Token embeddings [.., word_embed_proj_dim] of `ids` (u32).
+    /// Token embeddings [.., word_embed_proj_dim] of `ids` (u32), in the activations' dtype.
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
-        self.decoder.embed_tokens.forward(ids)
+        let e = self.decoder.embed_tokens.forward(ids)?;
+        crate::kernels::to_dtype(&e, self.decoder.compute)
+    }
+
+    /// bf16 Linear weights packed for the CPU's GEMM are widened in registers and summed in
+    /// f32: the activations between them (embeddings, layer norms, attention, KV cache) then
+    /// run in f32 too instead of being rounded to bf16 and widened again around every op (the
+    /// vision tower does the same). The weights (Linears, token embeddings, tied head) stay
+    /// bf16. True when it switched; false (nothing changed) for other dtypes and CPUs.
+    pub fn compute_in_f32(&mut self) -> candle_core::Result<bool> {
+        let packed_bf16 = self.linears().first().is_some_and(|l| match l {
+            OptLinear::Float(l) => l.is_packed() && l.dtype() == DType::BF16,
+            OptLinear::Quantized { .. } => false,
+        });
+        if !packed_bf16 || self.decoder.compute != DType::BF16 {
+            return Ok(false);
+        }
+        let f32 = |ln: &LayerNorm| crate::kernels::layer_norm_in(ln, DType::F32);
+        let d = &mut self.decoder;
+        d.embed_positions = d.embed_positions.to_dtype(DType::F32)?;
+        if let Some(ln) = &d.final_layer_norm {
+            d.final_layer_norm = Some(f32(ln)?);
+        }
+        for l in &mut d.layers {
+            l.self_attn_layer_norm = f32(&l.self_attn_layer_norm)?;
+            l.final_layer_norm = f32(&l.final_layer_norm)?;
+        }
+        d.compute = DType::F32;
+        Ok(true)
     }
 
     /// Logits [.., vocab] of decoder hidden states.
