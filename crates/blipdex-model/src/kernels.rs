@@ -1547,8 +1547,8 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "timing, run by hand: cargo test --release -p blipdex-model conversion_speed -- --ignored --nocapture"]
-    fn conversion_speed() -> anyhow::Result<()> {
+    #[ignore = "timing, run by hand: cargo test --release -p blipdex-model conversion_and_gemv_speed -- --ignored --nocapture"]
+    fn conversion_and_gemv_speed() -> anyhow::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (2056, 3072), &Device::Cpu)?;
         let xb = x.to_dtype(DType::BF16)?;
         for _ in 0..3 {
@@ -1566,6 +1566,19 @@ mod tests {
             let d = t.elapsed();
             drop((y, z, y2, z2));
             eprintln!("f32->bf16 {a:?} bf16->f32 {b:?}; candle {c:?} {d:?}");
+        }
+        // The tied lm_head's streaming GEMV (OPT vocabulary × 768), f32 and bf16 rows.
+        let w = Tensor::randn(0f32, 1.0, (50272, 768), &Device::Cpu)?;
+        let wb = w.to_dtype(DType::BF16)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 768), &Device::Cpu)?;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            std::hint::black_box(matmul_t(&x, &w)?);
+            let a = t.elapsed();
+            let t = std::time::Instant::now();
+            std::hint::black_box(matmul_t(&x, &wb)?);
+            let b = t.elapsed();
+            eprintln!("lm_head gemv: f32 rows {a:?}, bf16 rows {b:?}");
         }
         Ok(())
     }
