@@ -211,7 +211,7 @@ pub struct LanguageHead {
     pub num_query_tokens: usize,
     /// `<image>` placeholder id of transformers 5 configs; the sequence is the same without it.
     pub image_token_index: Option<u32>,
-    /// The activations' dtype: the checkpoint's as loaded, or f32 where bf16 weights are
+    /// The activations' dtype: the checkpoint's as loaded, or f32 where bf16/f16 weights are
     /// packed for the CPU (see `OptForCausalLM::compute_in_f32`).
     dtype: DType,
     device: Device,

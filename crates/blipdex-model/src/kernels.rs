@@ -80,8 +80,8 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// The `[out, in]` weight packed for [`sgemm`] on a CPU with AVX-512F: f32 as f32, bf16 as
-    /// bf16 (half the bytes; widened in registers, f32 sums). `None` for other dtypes and CPUs.
+    /// The `[out, in]` weight packed for [`sgemm`] on a CPU with AVX-512F, in its dtype (bf16
+    /// and f16: half the bytes, widened in registers, f32 sums). `None` on other CPUs.
     fn packed(weight: &Tensor) -> Result<Option<Arc<sgemm::PackedB>>> {
         if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 || !sgemm::available() {
             return Ok(None);
@@ -98,6 +98,10 @@ impl Linear {
                 let bits: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
                 sgemm::PackedB::pack_bf16(sgemm::MatRef::new(bits, k, n, 1, k)).map(Arc::new)
             }
+            (candle_core::Storage::Cpu(CpuStorage::F16(v)), Some((lo, hi))) => {
+                let bits: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
+                sgemm::PackedB::pack_f16(sgemm::MatRef::new(bits, k, n, 1, k)).map(Arc::new)
+            }
             _ => None,
         })
     }
@@ -111,8 +115,7 @@ impl Linear {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             Weight::Tensor(w) => w.dtype(),
-            Weight::Packed(p) if p.is_bf16() => DType::BF16,
-            Weight::Packed(_) => DType::F32,
+            Weight::Packed(p) => p.dtype(),
         }
     }
 
@@ -861,10 +864,10 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         Some(last) if *last == k => *last = n,
         _ => return x.broadcast_matmul(&w.t()?),
     }
-    let streamable = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::BF16);
-    // f32 activations against bf16 rows (a tied lm_head where bf16 weights compute in f32)
-    // have no candle matmul: they stream at any row count.
-    let mixed = x.dtype() == DType::F32 && w.dtype() == DType::BF16;
+    let streamable = |t: &Tensor| matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    // f32 activations against half-precision rows (a tied lm_head where bf16/f16 weights
+    // compute in f32) have no candle matmul: they stream at any row count.
+    let mixed = x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F16);
     if (rows <= GEMV_MAX_ROWS || mixed)
         && matches!(x.device(), Device::Cpu)
         && x.elem_count() > 0
@@ -872,7 +875,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         && streamable(w)
         && w.is_contiguous()
     {
-        // bf16 rows (a bf16 tied lm_head) are widened as they stream; sums in f32.
+        // bf16/f16 rows (a half-precision tied lm_head) are widened as they stream; f32 sums.
         let y = to_dtype(x, DType::F32)?.apply_op2_no_bwd(w, &Gemv)?;
         return to_dtype(&y.reshape(dims)?, x.dtype());
     }
@@ -910,7 +913,8 @@ impl candle_core::CustomOp2 for Gemv {
         match (s2, w) {
             (CpuStorage::F32(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
             (CpuStorage::BF16(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
-            _ => candle_core::bail!("{}: needs f32 or bf16 weights", self.name()),
+            (CpuStorage::F16(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
+            _ => candle_core::bail!("{}: needs f32, bf16 or f16 weights", self.name()),
         }
         let y = if m == 1 {
             yt
@@ -927,7 +931,7 @@ impl candle_core::CustomOp2 for Gemv {
     }
 }
 
-/// A weight element the streaming GEMV reads: f32, or bf16 widened (exactly) to f32.
+/// A weight element the streaming GEMV reads: f32, or bf16 / f16 widened (exactly) to f32.
 trait Widen: Copy + Send + Sync {
     fn widen(self) -> f32;
 }
@@ -943,6 +947,14 @@ impl Widen for half::bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        // The bit-level conversion: `to_f32` checks the CPU's F16C support on every call.
+        self.to_f32_const()
     }
 }
 
@@ -1420,7 +1432,13 @@ mod tests {
             let want = xb
                 .to_dtype(DType::F32)?
                 .broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
-            assert_bf16_rounding_of(&matmul_t(&xb, &wb)?, &want, "bf16 x bf16 gemv")?;
+            assert_rounding_of(&matmul_t(&xb, &wb)?, &want, "bf16 x bf16 gemv")?;
+            // f16 rows against f32 activations stream at any row count (there is no candle
+            // matmul for the mix).
+            let wh = w.to_dtype(DType::F16)?;
+            let want = x.broadcast_matmul(&wh.to_dtype(DType::F32)?.t()?)?;
+            let d = max_abs_diff(&matmul_t(&x, &wh)?, &want)?;
+            assert!(d < 1e-4, "f16 gemv m={m} k={k} n={n}: {d}");
         }
         // More rows than GEMV_MAX_ROWS go through candle's matmul unchanged.
         let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 16), &dev)?;
@@ -1481,18 +1499,22 @@ mod tests {
         Ok(())
     }
 
-    /// `got` is bf16 and equals `want` (f32, computed from the same bf16 inputs widened) rounded
-    /// to bf16, up to one bf16 step where the f32 sums' order moved a value across a rounding
-    /// boundary. The absolute floor covers values near zero, where the vectorized erf's 5e-7
-    /// (times |x| ≤ ~5 in GELU's tail) is more than a step of bf16.
-    fn assert_bf16_rounding_of(got: &Tensor, want: &Tensor, what: &str) -> anyhow::Result<()> {
-        assert_eq!(got.dtype(), DType::BF16, "{what}: dtype");
+    /// `got` (bf16 or f16) equals `want` (f32, computed from the same inputs widened) rounded
+    /// to got's dtype, up to one step of it (2⁻⁷ relative for bf16, 2⁻¹⁰ for f16) where the f32
+    /// sums' order moved a value across a rounding boundary. The absolute floor covers values
+    /// near zero, where the vectorized erf's 5e-7 (times |x| ≤ ~5 in GELU's tail) is more.
+    fn assert_rounding_of(got: &Tensor, want: &Tensor, what: &str) -> anyhow::Result<()> {
+        let step = match got.dtype() {
+            DType::BF16 => 1.0 / 128.0,
+            DType::F16 => 1.0 / 1024.0,
+            other => anyhow::bail!("{what}: {other:?} is not half precision"),
+        };
         assert_eq!(got.dims(), want.dims(), "{what}: dims");
         let g = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let w = want.flatten_all()?.to_vec1::<f32>()?;
         for (i, (g, w)) in g.iter().zip(&w).enumerate() {
             assert!(
-                (g - w).abs() <= w.abs() / 128.0 + 1e-5,
+                (g - w).abs() <= w.abs() * step + 1e-5,
                 "{what} [{i}]: {g} vs {w}"
             );
         }
@@ -1583,54 +1605,57 @@ mod tests {
         Ok(())
     }
 
-    /// bf16 on the CPU: weights packed as bf16 (half the bytes), inputs widened, the f32
-    /// kernels' result rounded once: linear (GEMM and GEMV rows), linear + GELU, attention and
-    /// the residual layer norm against the same ops in f32 on the widened inputs.
+    /// bf16 and f16 on the CPU: weights packed in their dtype (half the bytes), inputs
+    /// widened, the f32 kernels' result rounded once: linear (GEMM and GEMV rows), linear +
+    /// GELU, attention and the residual layer norm against the same ops in f32 on the widened
+    /// inputs.
     #[test]
-    fn bf16_runs_the_f32_kernels_on_widened_inputs() -> anyhow::Result<()> {
+    fn half_precision_runs_the_f32_kernels_on_widened_inputs() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        let bf = |t: Tensor| t.to_dtype(DType::BF16);
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let w = bf(Tensor::randn(0f32, 1.0, (37, 48), &dev)?)?;
-        let b = bf(Tensor::randn(0f32, 1.0, 37, &dev)?)?;
-        let l = Linear::prepared(w.clone(), Some(b.clone()))?;
-        let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?))?;
-        assert_eq!(l.is_packed(), sgemm::available());
-        if l.is_packed() {
-            assert_eq!(l.dtype(), DType::BF16);
-            assert_eq!(2 * l.weight_bytes(), l32.weight_bytes());
+        for dtype in [DType::BF16, DType::F16] {
+            let half = |t: Tensor| t.to_dtype(dtype);
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let w = half(Tensor::randn(0f32, 1.0, (37, 48), &dev)?)?;
+            let b = half(Tensor::randn(0f32, 1.0, 37, &dev)?)?;
+            let l = Linear::prepared(w.clone(), Some(b.clone()))?;
+            let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?))?;
+            assert_eq!(l.is_packed(), sgemm::available());
+            if l.is_packed() {
+                assert_eq!(l.dtype(), dtype);
+                assert_eq!(2 * l.weight_bytes(), l32.weight_bytes());
+            }
+            let reference = candle_nn::Linear::new(f32(&w)?, Some(f32(&b)?));
+            for dims in [vec![3usize, 257, 48], vec![1, 48], vec![2, 3, 48]] {
+                let x = half(Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?)?;
+                let want = reference.forward(&f32(&x)?)?;
+                let what = format!("{dtype:?} linear {dims:?}");
+                assert_rounding_of(&linear(&l, &x)?, &want, &what)?;
+                let act = linear_act(&l, Activation::Gelu, &x)?;
+                assert_rounding_of(&act, &want.gelu_erf()?, &format!("gelu {what}"))?;
+            }
+            let (bsz, t, heads, hd) = (2usize, 257usize, 3usize, 16usize);
+            let qkv = half(Tensor::randn(0f32, 1.0, (bsz, t, 3 * heads * hd), &dev)?)?;
+            let want = attention_reference(&f32(&qkv)?, heads, 0.25)?;
+            match fused_self_attention(&qkv, heads, 0.25)? {
+                Some(got) => assert_rounding_of(&got, &want, "attention")?,
+                None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+            }
+            let d = 48;
+            let ln = candle_nn::LayerNorm::new(
+                half(Tensor::randn(1f32, 0.1, d, &dev)?)?,
+                half(Tensor::randn(0f32, 0.1, d, &dev)?)?,
+                1e-6,
+            );
+            let ln32 = layer_norm_in(&ln, DType::F32)?;
+            let x = half(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
+            let r = half(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
+            let sum = (f32(&x)? + f32(&r)?)?;
+            let (h, n) = add_layer_norm(x.clone(), &r, &ln)?;
+            assert_rounding_of(&h, &sum, "residual sum")?;
+            assert_rounding_of(&n, &ln32.forward(&sum)?, "add + layer norm")?;
+            let n = layer_norm(&x, &ln)?;
+            assert_rounding_of(&n, &ln32.forward(&f32(&x)?)?, "layer norm")?;
         }
-        let reference = candle_nn::Linear::new(f32(&w)?, Some(f32(&b)?));
-        for dims in [vec![3usize, 257, 48], vec![1, 48], vec![2, 3, 48]] {
-            let x = bf(Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?)?;
-            let want = reference.forward(&f32(&x)?)?;
-            let what = format!("linear {dims:?}");
-            assert_bf16_rounding_of(&linear(&l, &x)?, &want, &what)?;
-            let act = linear_act(&l, Activation::Gelu, &x)?;
-            assert_bf16_rounding_of(&act, &want.gelu_erf()?, &format!("gelu {what}"))?;
-        }
-        let (bsz, t, heads, hd) = (2usize, 257usize, 3usize, 16usize);
-        let qkv = bf(Tensor::randn(0f32, 1.0, (bsz, t, 3 * heads * hd), &dev)?)?;
-        let want = attention_reference(&f32(&qkv)?, heads, 0.25)?;
-        match fused_self_attention(&qkv, heads, 0.25)? {
-            Some(got) => assert_bf16_rounding_of(&got, &want, "attention")?,
-            None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
-        }
-        let d = 48;
-        let ln = candle_nn::LayerNorm::new(
-            bf(Tensor::randn(1f32, 0.1, d, &dev)?)?,
-            bf(Tensor::randn(0f32, 0.1, d, &dev)?)?,
-            1e-6,
-        );
-        let ln32 = candle_nn::LayerNorm::new(f32(ln.weight())?, f32(ln.bias().unwrap())?, 1e-6);
-        let x = bf(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
-        let r = bf(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
-        let sum = (f32(&x)? + f32(&r)?)?;
-        let (h, n) = add_layer_norm(x.clone(), &r, &ln)?;
-        assert_bf16_rounding_of(&h, &sum, "residual sum")?;
-        assert_bf16_rounding_of(&n, &ln32.forward(&sum)?, "add + layer norm")?;
-        let n = layer_norm(&x, &ln)?;
-        assert_bf16_rounding_of(&n, &ln32.forward(&f32(&x)?)?, "layer norm")?;
         Ok(())
     }
 

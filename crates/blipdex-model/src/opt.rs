@@ -660,17 +660,18 @@ impl OptForCausalLM {
         crate::kernels::to_dtype(&e, self.decoder.compute)
     }
 
-    /// bf16 Linear weights packed for the CPU's GEMM are widened in registers and summed in
-    /// f32: the activations between them (embeddings, layer norms, attention, KV cache) then
-    /// run in f32 too instead of being rounded to bf16 and widened again around every op (the
-    /// vision tower does the same). The weights (Linears, token embeddings, tied head) stay
-    /// bf16. True when it switched; false (nothing changed) for other dtypes and CPUs.
+    /// bf16/f16 Linear weights packed for the CPU's GEMM are widened in registers and summed
+    /// in f32: the activations between them (embeddings, layer norms, attention, KV cache) then
+    /// run in f32 too instead of being rounded and widened again around every op (the vision
+    /// tower does the same). The weights (Linears, token embeddings, tied head) stay in half
+    /// precision. True when it switched; false (nothing changed) for other dtypes and CPUs.
     pub fn compute_in_f32(&mut self) -> candle_core::Result<bool> {
-        let packed_bf16 = self.linears().first().is_some_and(|l| match l {
-            OptLinear::Float(l) => l.is_packed() && l.dtype() == DType::BF16,
+        let half = |dtype| matches!(dtype, DType::BF16 | DType::F16);
+        let packed_half = self.linears().first().is_some_and(|l| match l {
+            OptLinear::Float(l) => l.is_packed() && half(l.dtype()),
             OptLinear::Quantized { .. } => false,
         });
-        if !packed_bf16 || self.decoder.compute != DType::BF16 {
+        if !packed_half || !half(self.decoder.compute) {
             return Ok(false);
         }
         let f32 = |ln: &LayerNorm| crate::kernels::layer_norm_in(ln, DType::F32);

@@ -85,15 +85,17 @@ pub struct PackedB {
     n: usize,
 }
 
-/// The panels' element type. bf16 (weights loaded with `--dtype bf16`) halves the bytes the
-/// kernels stream; it is widened to f32 in registers, so the products still accumulate in f32.
-/// A bf16 panel row interleaves its two 16-column halves (`[c0, c16, c1, c17, …]`): one
-/// 64-byte load then gives both halves as f32 with one shift (the low halves of its 32-bit
-/// lanes) and one mask (the high halves).
+/// The panels' element type. bf16 and f16 (weights loaded with `--dtype bf16|f16`) halve the
+/// bytes the kernels stream; they are widened to f32 in registers (exactly), so the products
+/// still accumulate in f32. A bf16 panel row interleaves its two 16-column halves (`[c0, c16,
+/// c1, c17, …]`): one 64-byte load then gives both halves as f32 with one shift (the low halves
+/// of its 32-bit lanes) and one mask (the high halves). f16 rows are in order (`vcvtph2ps`
+/// widens 16 at a time).
 #[derive(Debug)]
 enum Panels {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    F16(Vec<u16>),
 }
 
 impl PackedB {
@@ -112,6 +114,16 @@ impl PackedB {
         let data = pack_panels(b, true, true)?;
         Some(Self {
             data: Panels::Bf16(data),
+            k: b.rows,
+            n: b.cols,
+        })
+    }
+
+    /// Packs an f16 B (as its raw bits) over rayon, keeping it f16.
+    pub fn pack_f16(b: MatRef<'_, u16>) -> Option<Self> {
+        let data = pack_panels(b, true, false)?;
+        Some(Self {
+            data: Panels::F16(data),
             k: b.rows,
             n: b.cols,
         })
@@ -136,16 +148,20 @@ impl PackedB {
         self.n
     }
 
-    /// Whether the panels hold bf16 (else f32).
-    pub fn is_bf16(&self) -> bool {
-        matches!(self.data, Panels::Bf16(_))
+    /// The panels' element type.
+    pub fn dtype(&self) -> candle_core::DType {
+        match self.data {
+            Panels::F32(_) => candle_core::DType::F32,
+            Panels::Bf16(_) => candle_core::DType::BF16,
+            Panels::F16(_) => candle_core::DType::F16,
+        }
     }
 
     /// Bytes held.
     pub fn size_in_bytes(&self) -> usize {
         match &self.data {
             Panels::F32(v) => std::mem::size_of_val(v.as_slice()),
-            Panels::Bf16(v) => std::mem::size_of_val(v.as_slice()),
+            Panels::Bf16(v) | Panels::F16(v) => std::mem::size_of_val(v.as_slice()),
         }
     }
 
@@ -154,7 +170,7 @@ impl PackedB {
         let (start, len) = (q * self.k * NR + p0 * NR, kc * NR);
         match &self.data {
             Panels::F32(v) => bytemuck::cast_slice(&v[start..start + len]),
-            Panels::Bf16(v) => bytemuck::cast_slice(&v[start..start + len]),
+            Panels::Bf16(v) | Panels::F16(v) => bytemuck::cast_slice(&v[start..start + len]),
         }
     }
 }
@@ -227,8 +243,9 @@ pub fn matmul_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option
     #[cfg(target_arch = "x86_64")]
     {
         Some(match b.data {
-            Panels::F32(_) => x86::matmul::<false>(a, b, bias),
-            Panels::Bf16(_) => x86::matmul::<true>(a, b, bias),
+            Panels::F32(_) => x86::matmul::<{ x86::F32 }>(a, b, bias),
+            Panels::Bf16(_) => x86::matmul::<{ x86::BF16 }>(a, b, bias),
+            Panels::F16(_) => x86::matmul::<{ x86::F16 }>(a, b, bias),
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -262,8 +279,9 @@ pub fn gemv_packed(a: MatRef<'_>, b: &PackedB, bias: Option<&[f32]>) -> Option<V
             .for_each(|(q, tile)| {
                 let panel = b.panel_bytes(q, 0, k);
                 match b.data {
-                    Panels::F32(_) => x86::gemv_panel::<false>(&x, k, panel, tile),
-                    Panels::Bf16(_) => x86::gemv_panel::<true>(&x, k, panel, tile),
+                    Panels::F32(_) => x86::gemv_panel::<{ x86::F32 }>(&x, k, panel, tile),
+                    Panels::Bf16(_) => x86::gemv_panel::<{ x86::BF16 }>(&x, k, panel, tile),
+                    Panels::F16(_) => x86::gemv_panel::<{ x86::F16 }>(&x, k, panel, tile),
                 }
             });
     }
@@ -307,8 +325,9 @@ pub fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) -> b
     #[cfg(target_arch = "x86_64")]
     {
         match b.data {
-            Panels::F32(_) => x86::matmul_serial::<false>(a, b, c, ldc),
-            Panels::Bf16(_) => x86::matmul_serial::<true>(a, b, c, ldc),
+            Panels::F32(_) => x86::matmul_serial::<{ x86::F32 }>(a, b, c, ldc),
+            Panels::Bf16(_) => x86::matmul_serial::<{ x86::BF16 }>(a, b, c, ldc),
+            Panels::F16(_) => x86::matmul_serial::<{ x86::F16 }>(a, b, c, ldc),
         }
         true
     }
@@ -434,19 +453,30 @@ mod x86 {
     /// How many panel rows ahead the kernel prefetches its B stream from L2.
     const PREFETCH_ROWS: usize = 16;
 
-    /// Bytes of one panel row: NR f32, or NR bf16.
-    const fn row_bytes(bf16: bool) -> usize {
-        if bf16 {
-            2 * NR
-        } else {
+    /// The panels' element type, as the kernels' const parameter.
+    pub(super) const F32: u8 = 0;
+    pub(super) const BF16: u8 = 1;
+    pub(super) const F16: u8 = 2;
+
+    /// Bytes of one panel row: NR elements.
+    const fn row_bytes(kind: u8) -> usize {
+        if kind == F32 {
             4 * NR
+        } else {
+            2 * NR
         }
     }
 
     /// One panel row (NR columns) as two f32 vectors: columns 0..16 and 16..32.
     #[inline(always)]
-    unsafe fn load_row<const BF16: bool>(b: *const u8) -> (__m512, __m512) {
-        if BF16 {
+    unsafe fn load_row<const KIND: u8>(b: *const u8) -> (__m512, __m512) {
+        if KIND == F16 {
+            let b = b as *const __m256i;
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(b)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(b.add(1))),
+            )
+        } else if KIND == BF16 {
             // The halves are interleaved (see `Panels`): bf16 → f32 is the bits moved up 16.
             let v = _mm512_loadu_si512(b as *const __m512i);
             let hi = _mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000_u32 as i32));
@@ -473,7 +503,7 @@ mod x86 {
         })
     }
 
-    pub(super) fn matmul<const BF16: bool>(
+    pub(super) fn matmul<const KIND: u8>(
         a: MatRef<'_>,
         b: &PackedB,
         bias: Option<&[f32]>,
@@ -495,7 +525,7 @@ mod x86 {
                     ..a
                 };
                 let c = OutPtr(c.at(r_first * n));
-                block::<BF16>(a, b, bias, (c, n), &blocks, ap, true);
+                block::<KIND>(a, b, bias, (c, n), &blocks, ap, true);
             }
         });
         // SAFETY: k > 0, so the first K slice wrote every element of every column block of
@@ -505,19 +535,19 @@ mod x86 {
     }
 
     /// The caller checked that the `a.rows × b.n` block with row stride `ldc` fits in `c`.
-    pub(super) fn matmul_serial<const BF16: bool>(
+    pub(super) fn matmul_serial<const KIND: u8>(
         a: MatRef<'_>,
         b: &PackedB,
         c: &mut [f32],
         ldc: usize,
     ) {
         let c = OutPtr(c.as_mut_ptr());
-        with_a_pack(|ap| block::<BF16>(a, b, None, (c, ldc), &[(0, b.n)], ap, false));
+        with_a_pack(|ap| block::<KIND>(a, b, None, (c, ldc), &[(0, b.n)], ap, false));
     }
 
     /// `c = a · B (+ bias)` for one block of rows: K slices in turn, each slice's column blocks
     /// over rayon when `parallel`. `c` is the output and its row stride.
-    fn block<const BF16: bool>(
+    fn block<const KIND: u8>(
         a: MatRef<'_>,
         b: &PackedB,
         bias: Option<&[f32]>,
@@ -549,7 +579,7 @@ mod x86 {
                         // inside the output block (checked by the callers), in this task's
                         // column block; the bias holds n - c0 ≥ nr floats past c0.
                         unsafe {
-                            kernel::<BF16>(
+                            kernel::<KIND>(
                                 kc,
                                 a_panel.as_ptr(),
                                 b_panel.as_ptr(),
@@ -574,14 +604,9 @@ mod x86 {
 
     /// `tile[i·NR + j] = Σ_p x[i·k + p] · panel[p·NR + j]` for the rows of `x` (`tile.len() / NR`
     /// of them), up to eight at a time against one pass over the panel.
-    pub(super) fn gemv_panel<const BF16: bool>(
-        x: &[f32],
-        k: usize,
-        panel: &[u8],
-        tile: &mut [f32],
-    ) {
+    pub(super) fn gemv_panel<const KIND: u8>(x: &[f32], k: usize, panel: &[u8], tile: &mut [f32]) {
         assert!(
-            panel.len() == k * row_bytes(BF16) && tile.len() * k == x.len() * NR,
+            panel.len() == k * row_bytes(KIND) && tile.len() * k == x.len() * NR,
             "gemv_panel: shapes"
         );
         for (xs, out) in x.chunks(8 * k).zip(tile.chunks_mut(8 * NR)) {
@@ -589,14 +614,14 @@ mod x86 {
             // `rows` rows of k floats, out `rows` × NR, the panel k × NR (asserted above).
             unsafe {
                 match xs.len() / k {
-                    1 => gemv_rows::<1, BF16>(xs, k, panel, out),
-                    2 => gemv_rows::<2, BF16>(xs, k, panel, out),
-                    3 => gemv_rows::<3, BF16>(xs, k, panel, out),
-                    4 => gemv_rows::<4, BF16>(xs, k, panel, out),
-                    5 => gemv_rows::<5, BF16>(xs, k, panel, out),
-                    6 => gemv_rows::<6, BF16>(xs, k, panel, out),
-                    7 => gemv_rows::<7, BF16>(xs, k, panel, out),
-                    _ => gemv_rows::<8, BF16>(xs, k, panel, out),
+                    1 => gemv_rows::<1, KIND>(xs, k, panel, out),
+                    2 => gemv_rows::<2, KIND>(xs, k, panel, out),
+                    3 => gemv_rows::<3, KIND>(xs, k, panel, out),
+                    4 => gemv_rows::<4, KIND>(xs, k, panel, out),
+                    5 => gemv_rows::<5, KIND>(xs, k, panel, out),
+                    6 => gemv_rows::<6, KIND>(xs, k, panel, out),
+                    7 => gemv_rows::<7, KIND>(xs, k, panel, out),
+                    _ => gemv_rows::<8, KIND>(xs, k, panel, out),
                 }
             }
         }
@@ -604,7 +629,7 @@ mod x86 {
 
     /// [`gemv_panel`] for exactly `M` rows, the 2·M accumulators in registers.
     #[target_feature(enable = "avx512f")]
-    unsafe fn gemv_rows<const M: usize, const BF16: bool>(
+    unsafe fn gemv_rows<const M: usize, const KIND: u8>(
         x: &[f32],
         k: usize,
         panel: &[u8],
@@ -613,13 +638,13 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
         let (xp, mut b) = (x.as_ptr(), panel.as_ptr());
         for p in 0..k {
-            let (b0, b1) = load_row::<BF16>(b);
+            let (b0, b1) = load_row::<KIND>(b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let xi = _mm512_set1_ps(*xp.add(i * k + p));
                 acc[0] = _mm512_fmadd_ps(xi, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(xi, b1, acc[1]);
             }
-            b = b.add(row_bytes(BF16));
+            b = b.add(row_bytes(KIND));
         }
         let o = out.as_mut_ptr();
         for (i, acc) in acc.iter().enumerate() {
@@ -691,17 +716,17 @@ mod x86 {
 
     /// Single-thread GFLOP/s of the micro-kernel on L1-resident panels (the ceiling).
     #[cfg(test)]
-    pub(super) fn kernel_peak<const BF16: bool>() -> f64 {
+    pub(super) fn kernel_peak<const KIND: u8>() -> f64 {
         let kc = 64;
         let a = vec![0.5f32; kc * MR];
-        let b = vec![0u8; kc * row_bytes(BF16)];
+        let b = vec![0u8; kc * row_bytes(KIND)];
         let mut c = vec![0f32; MR * NR];
         let reps = 200_000;
         let t = std::time::Instant::now();
         for _ in 0..reps {
             // SAFETY: test-only; panels and tile sized as the kernel reads them.
             unsafe {
-                kernel::<BF16>(
+                kernel::<KIND>(
                     kc,
                     a.as_ptr(),
                     b.as_ptr(),
@@ -721,7 +746,7 @@ mod x86 {
     /// C[mr × nr] (row stride ldc) = or += A-panel · B-panel (+ bias when it is not null).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel<const BF16: bool>(
+    unsafe fn kernel<const KIND: u8>(
         kc: usize,
         a: *const f32,
         b: *const u8,
@@ -742,19 +767,19 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
-            let ahead = b.add(PREFETCH_ROWS * row_bytes(BF16)) as *const i8;
+            let ahead = b.add(PREFETCH_ROWS * row_bytes(KIND)) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(ahead);
-            if !BF16 {
+            if KIND == F32 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
             }
-            let (b0, b1) = load_row::<BF16>(b);
+            let (b0, b1) = load_row::<KIND>(b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*a.add(i));
                 acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
             }
             a = a.add(MR);
-            b = b.add(row_bytes(BF16));
+            b = b.add(row_bytes(KIND));
         }
         let m0: __mmask16 = if nr >= 16 { 0xffff } else { (1u16 << nr) - 1 };
         let m1: __mmask16 = if nr >= 32 {
@@ -892,47 +917,59 @@ mod tests {
         );
     }
 
-    /// bf16 panels: the GEMM, the GEMV and the serial product against the f64 product of the
-    /// widened bf16 values (widening is exact, the sums are f32 as for f32 panels), on shapes
+    /// bf16 and f16 panels: the GEMM, the GEMV and the serial product against the f64 product
+    /// of the widened values (widening is exact, the sums are f32 as for f32 panels), on shapes
     /// off the tiles, with strided B, bias and several K slices.
     #[test]
-    fn bf16_panels_match_f64_reference_of_widened_values() {
+    fn half_panels_match_f64_reference_of_widened_values() {
         if !available() {
             return;
         }
-        for &(m, k, n) in &[(1, 1, 1), (3, 7, 45), (15, 385, 33), (29, 800, 70)] {
-            let av = values(m * k, 11);
-            let bits: Vec<u16> = values(k * n, 12)
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect();
-            let widened: Vec<f32> = bits
-                .iter()
-                .map(|b| half::bf16::from_bits(*b).to_f32())
-                .collect();
-            let bias = values(n, 13);
-            let a = MatRef::row_major(&av, m, k);
-            for (rs, cs) in [(n, 1), (1, k)] {
-                let b16 = MatRef::new(&bits, k, n, rs, cs);
-                let packed = PackedB::pack_bf16(b16).expect("in bounds");
-                assert!(packed.is_bf16());
-                assert_eq!(packed.size_in_bytes(), n.div_ceil(NR) * NR * k * 2);
-                let want_b = MatRef::new(&widened, k, n, rs, cs);
-                for bias in [None, Some(bias.as_slice())] {
-                    let want = naive(a, want_b, bias);
-                    let what = format!("bf16 {m}x{k}x{n} cs={cs}");
-                    let got = matmul_packed(a, &packed, bias).expect("avx512");
-                    assert_close(&got, &want, k, &what);
-                    let got = gemv_packed(a, &packed, bias).expect("avx512");
-                    assert_close(&got, &want, k, &format!("gemv {what}"));
+        type Pack = fn(MatRef<'_, u16>) -> Option<PackedB>;
+        /// dtype, f32 → bits, bits → f32, packing.
+        type Kind = (candle_core::DType, fn(f32) -> u16, fn(u16) -> f32, Pack);
+        let kinds: [Kind; 2] = [
+            (
+                candle_core::DType::BF16,
+                |v| half::bf16::from_f32(v).to_bits(),
+                |b| half::bf16::from_bits(b).to_f32(),
+                PackedB::pack_bf16,
+            ),
+            (
+                candle_core::DType::F16,
+                |v| half::f16::from_f32(v).to_bits(),
+                |b| half::f16::from_bits(b).to_f32(),
+                PackedB::pack_f16,
+            ),
+        ];
+        for (dtype, narrow, widen, pack) in kinds {
+            for &(m, k, n) in &[(1, 1, 1), (3, 7, 45), (15, 385, 33), (29, 800, 70)] {
+                let av = values(m * k, 11);
+                let bits: Vec<u16> = values(k * n, 12).into_iter().map(narrow).collect();
+                let widened: Vec<f32> = bits.iter().map(|b| widen(*b)).collect();
+                let bias = values(n, 13);
+                let a = MatRef::row_major(&av, m, k);
+                for (rs, cs) in [(n, 1), (1, k)] {
+                    let packed = pack(MatRef::new(&bits, k, n, rs, cs)).expect("in bounds");
+                    assert_eq!(packed.dtype(), dtype);
+                    assert_eq!(packed.size_in_bytes(), n.div_ceil(NR) * NR * k * 2);
+                    let want_b = MatRef::new(&widened, k, n, rs, cs);
+                    for bias in [None, Some(bias.as_slice())] {
+                        let want = naive(a, want_b, bias);
+                        let what = format!("{dtype:?} {m}x{k}x{n} cs={cs}");
+                        let got = matmul_packed(a, &packed, bias).expect("avx512");
+                        assert_close(&got, &want, k, &what);
+                        let got = gemv_packed(a, &packed, bias).expect("avx512");
+                        assert_close(&got, &want, k, &format!("gemv {what}"));
+                    }
+                    let mut c = vec![0f32; m * n];
+                    assert!(matmul_serial(a, &packed, &mut c, n));
+                    assert_close(&c, &naive(a, want_b, None), k, "half serial");
                 }
-                let mut c = vec![0f32; m * n];
-                assert!(matmul_serial(a, &packed, &mut c, n));
-                assert_close(&c, &naive(a, want_b, None), k, "bf16 serial");
             }
+            // Out-of-bounds views are refused, as for f32.
+            assert!(pack(MatRef::row_major(&[0u16; 5], 2, 3)).is_none());
         }
-        // Out-of-bounds views are refused, as for f32.
-        assert!(PackedB::pack_bf16(MatRef::row_major(&[0u16; 5], 2, 3)).is_none());
     }
 
     fn assert_close(got: &[f32], want: &[f64], k: usize, what: &str) {
@@ -990,8 +1027,8 @@ mod tests {
         }
         eprintln!(
             "kernel peak, one thread: {:.0} GFLOP/s (bf16 B: {:.0})",
-            x86::kernel_peak::<false>(),
-            x86::kernel_peak::<true>()
+            x86::kernel_peak::<{ x86::F32 }>(),
+            x86::kernel_peak::<{ x86::BF16 }>()
         );
         // ViT-base at batch 8 (qkv, fc1, fc2), one image (fc1), the Q-Former's queries.
         let shapes = [
