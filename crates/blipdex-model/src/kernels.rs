@@ -933,28 +933,36 @@ impl candle_core::CustomOp2 for Gemv {
 
 /// A weight element the streaming GEMV reads: f32, or bf16 / f16 widened (exactly) to f32.
 trait Widen: Copy + Send + Sync {
-    fn widen(self) -> f32;
+    /// `rows` as f32: themselves, or widened into `buf` (four rows at a time: L1-resident).
+    fn as_f32<'a>(rows: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl Widen for f32 {
     #[inline(always)]
-    fn widen(self) -> f32 {
-        self
+    fn as_f32<'a>(rows: &'a [f32], _: &'a mut Vec<f32>) -> &'a [f32] {
+        rows
     }
 }
 
 impl Widen for half::bf16 {
     #[inline(always)]
-    fn widen(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+    fn as_f32<'a>(rows: &'a [half::bf16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(rows.len(), 0.0);
+        for (d, s) in buf.iter_mut().zip(rows) {
+            *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+        }
+        buf
     }
 }
 
 impl Widen for half::f16 {
     #[inline(always)]
-    fn widen(self) -> f32 {
-        // The bit-level conversion: `to_f32` checks the CPU's F16C support on every call.
-        self.to_f32_const()
+    fn as_f32<'a>(rows: &'a [half::f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        // vcvtph2ps: element by element, f16 → f32 is a scalar bit dance (12 vs 5 ms on the
+        // lm_head).
+        buf.resize(rows.len(), 0.0);
+        sgemm::widen_f16(bytemuck::cast_slice(rows), buf);
+        buf
     }
 }
 
@@ -974,7 +982,9 @@ impl<W: Widen> pulp::WithSimd for Dots<'_, W> {
         let (k, m) = (self.k, self.x.len() / self.k);
         let mut wr = self.w.chunks_exact(4 * k);
         let mut yr = self.yt.chunks_exact_mut(4 * m);
+        let mut scratch = Vec::new();
         for (w4, y4) in (&mut wr).zip(&mut yr) {
+            let w4 = W::as_f32(w4, &mut scratch);
             let (w0, rest) = w4.split_at(k);
             let (w1, rest) = rest.split_at(k);
             let (w2, w3) = rest.split_at(k);
@@ -990,6 +1000,7 @@ impl<W: Widen> pulp::WithSimd for Dots<'_, W> {
             .chunks_exact(k)
             .zip(yr.into_remainder().chunks_exact_mut(m))
         {
+            let wj = W::as_f32(wj, &mut scratch);
             for (xi, y) in self.x.chunks_exact(k).zip(yj.iter_mut()) {
                 *y = dot4(xi, [wj, wj, wj, wj])[0];
             }
@@ -1000,7 +1011,7 @@ impl<W: Widen> pulp::WithSimd for Dots<'_, W> {
 /// Four dot products sharing the loads of `x`: four independent FMA chains hide their latency,
 /// and the horizontal sums are paid once per four weight rows.
 #[inline(always)]
-fn dot4<W: Widen>(x: &[f32], w: [&[W]; 4]) -> [f32; 4] {
+fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
     let (mut a0, mut a1, mut a2, mut a3) =
         ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
     let xc = x.chunks_exact(LANES);
@@ -1013,10 +1024,10 @@ fn dot4<W: Widen>(x: &[f32], w: [&[W]; 4]) -> [f32; 4] {
         .zip(w3.chunks_exact(LANES));
     for ((((x, c0), c1), c2), c3) in it {
         for l in 0..LANES {
-            a0[l] = x[l].mul_add(c0[l].widen(), a0[l]);
-            a1[l] = x[l].mul_add(c1[l].widen(), a1[l]);
-            a2[l] = x[l].mul_add(c2[l].widen(), a2[l]);
-            a3[l] = x[l].mul_add(c3[l].widen(), a3[l]);
+            a0[l] = x[l].mul_add(c0[l], a0[l]);
+            a1[l] = x[l].mul_add(c1[l], a1[l]);
+            a2[l] = x[l].mul_add(c2[l], a2[l]);
+            a3[l] = x[l].mul_add(c3[l], a3[l]);
         }
     }
     let n = x.len() - tail.len();
@@ -1024,7 +1035,7 @@ fn dot4<W: Widen>(x: &[f32], w: [&[W]; 4]) -> [f32; 4] {
     for ((o, a), wr) in out.iter_mut().zip([a0, a1, a2, a3]).zip(w) {
         let mut t = 0f32;
         for (xv, wv) in tail.iter().zip(&wr[n..]) {
-            t = xv.mul_add(wv.widen(), t);
+            t = xv.mul_add(*wv, t);
         }
         *o = a.iter().sum::<f32>() + t;
     }
@@ -1592,6 +1603,7 @@ mod tests {
         // The tied lm_head's streaming GEMV (OPT vocabulary × 768), f32 and bf16 rows.
         let w = Tensor::randn(0f32, 1.0, (50272, 768), &Device::Cpu)?;
         let wb = w.to_dtype(DType::BF16)?;
+        let wh = w.to_dtype(DType::F16)?;
         let x = Tensor::randn(0f32, 1.0, (1, 768), &Device::Cpu)?;
         for _ in 0..3 {
             let t = std::time::Instant::now();
@@ -1600,7 +1612,10 @@ mod tests {
             let t = std::time::Instant::now();
             std::hint::black_box(matmul_t(&x, &wb)?);
             let b = t.elapsed();
-            eprintln!("lm_head gemv: f32 rows {a:?}, bf16 rows {b:?}");
+            let t = std::time::Instant::now();
+            std::hint::black_box(matmul_t(&x, &wh)?);
+            let c = t.elapsed();
+            eprintln!("lm_head gemv: f32 rows {a:?}, bf16 rows {b:?}, f16 rows {c:?}");
         }
         Ok(())
     }

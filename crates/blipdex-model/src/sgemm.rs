@@ -337,6 +337,21 @@ pub fn matmul_serial(a: MatRef<'_>, b: &PackedB, c: &mut [f32], ldc: usize) -> b
     }
 }
 
+/// f16 bits → f32, 16 at a time with `vcvtph2ps` where the CPU has AVX-512F (`half`'s slice
+/// conversion calls a function per 8 values: 2.3× slower on a streamed lm_head).
+pub fn widen_f16(src: &[u16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen_f16: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F was detected; the lengths are equal (asserted).
+        unsafe { x86::widen_f16(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(*s).to_f32();
+    }
+}
+
 /// Asks for transparent huge pages under a large buffer before it is first written: an output
 /// tile touches 14 rows, up to 14 pages; with 4 KiB pages the TLB misses cost ~15% on 2056 ×
 /// 3072 outputs (measured; the kernel's default THP mode is `madvise`).
@@ -464,6 +479,19 @@ mod x86 {
             4 * NR
         } else {
             2 * NR
+        }
+    }
+
+    /// [`super::widen_f16`]; `src` and `dst` of one length.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        let full = src.len() / 16 * 16;
+        for i in (0..full).step_by(16) {
+            let v = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(v));
+        }
+        for i in full..src.len() {
+            dst[i] = half::f16::from_bits(src[i]).to_f32();
         }
     }
 
