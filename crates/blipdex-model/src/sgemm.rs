@@ -520,6 +520,8 @@ mod x86 {
 
     thread_local! {
         static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// A column block of f16 panels widened to f32 (see `block`).
+        static B_WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
 
     /// The thread's A buffer, or a fresh one where it is in use (a rayon task run by a thread
@@ -591,36 +593,53 @@ mod x86 {
             pack_a(a, p0, kc, m_pad, ap, parallel);
             let ap = &ap[..m_pad * kc];
             let first = p0 == 0;
-            let columns = |&(j0, nb): &(usize, usize)| {
+            // The tiles of one column block, B's panel for column c0 at `panel_of(c0)`: KIND's
+            // panels, or f32 ones (`widened`).
+            let tiles = |j0: usize, nb: usize, panel_of: &dyn Fn(usize) -> *const u8, widened| {
                 for (panel, a_panel) in ap.chunks_exact(MR * kc).enumerate() {
                     let r0 = panel * MR;
                     let mr = MR.min(m - r0);
                     for c0 in (j0..j0 + nb).step_by(NR) {
                         let nr = NR.min(j0 + nb - c0);
-                        let b_panel = b.panel_bytes(c0 / NR, p0, kc);
+                        let (a_ptr, b_ptr, c_ptr) =
+                            (a_panel.as_ptr(), panel_of(c0), c.at(r0 * ldc + c0));
                         let bias = match (first, bias) {
                             (true, Some(bias)) => bias[c0..].as_ptr(),
                             _ => std::ptr::null(),
                         };
                         // SAFETY: AVX-512F was detected (`available`); the panels hold kc·MR
-                        // floats and kc rows of NR elements of B's type; the tile's rows r0..r0+mr and columns c0..c0+nr lie
-                        // inside the output block (checked by the callers), in this task's
-                        // column block; the bias holds n - c0 ≥ nr floats past c0.
+                        // floats and kc rows of NR elements of B's type (f32 when widened);
+                        // the tile's rows r0..r0+mr and columns c0..c0+nr lie inside the
+                        // output block (checked by the callers), in this task's column block;
+                        // the bias holds n - c0 ≥ nr floats past c0.
                         unsafe {
-                            kernel::<KIND>(
-                                kc,
-                                a_panel.as_ptr(),
-                                b_panel.as_ptr(),
-                                c.at(r0 * ldc + c0),
-                                ldc,
-                                mr,
-                                nr,
-                                !first,
-                                bias,
-                            );
+                            if widened {
+                                kernel::<F32>(kc, a_ptr, b_ptr, c_ptr, ldc, mr, nr, !first, bias);
+                            } else {
+                                kernel::<KIND>(kc, a_ptr, b_ptr, c_ptr, ldc, mr, nr, !first, bias);
+                            }
                         }
                     }
                 }
+            };
+            let columns = |&(j0, nb): &(usize, usize)| {
+                if KIND != F16 {
+                    let panel_of = |c0: usize| b.panel_bytes(c0 / NR, p0, kc).as_ptr();
+                    return tiles(j0, nb, &panel_of, false);
+                }
+                // f16 panels are widened once per K slice and column block into an f32 copy
+                // (≤ 576 KiB, in L2) that every row panel then reads: widening in the kernel,
+                // two vcvtph2ps per k step took FMA-port slots (0.8× f32's GEMM).
+                B_WIDE.with_borrow_mut(|wide| {
+                    wide.resize(nb.div_ceil(NR) * kc * NR, 0.0);
+                    for (i, dst) in wide.chunks_exact_mut(kc * NR).enumerate() {
+                        let src: &[u16] = bytemuck::cast_slice(b.panel_bytes(j0 / NR + i, p0, kc));
+                        // SAFETY: AVX-512F was detected (`available`); kc·NR values each.
+                        unsafe { widen_f16(src, dst) };
+                    }
+                    let panel_of = |c0: usize| wide[(c0 - j0) * kc..].as_ptr() as *const u8;
+                    tiles(j0, nb, &panel_of, true);
+                });
             };
             if parallel {
                 blocks.par_iter().for_each(columns);
@@ -1085,12 +1104,17 @@ mod tests {
                 .map(|v| half::bf16::from_f32(*v).to_bits())
                 .collect();
             let bp16 = PackedB::pack_bf16(MatRef::row_major(&bits, k, n)).unwrap();
+            let hbits: Vec<u16> = bv
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            let bph = PackedB::pack_f16(MatRef::row_major(&hbits, k, n)).unwrap();
             let ta =
                 candle_core::Tensor::from_slice(&av, (m, k), &candle_core::Device::Cpu).unwrap();
             let tb =
                 candle_core::Tensor::from_slice(&bv, (k, n), &candle_core::Device::Cpu).unwrap();
             let (mut best, mut cbest, mut pbest) = (f64::MAX, f64::MAX, f64::MAX);
-            let mut best16 = f64::MAX;
+            let (mut best16, mut besth) = (f64::MAX, f64::MAX);
             let mut ap = Vec::new();
             // Interleaved, best of many: this VM's speed drifts by tens of percent.
             for _ in 0..15 {
@@ -1100,6 +1124,9 @@ mod tests {
                 let t = std::time::Instant::now();
                 std::hint::black_box(matmul_packed(a, &bp16, None));
                 best16 = best16.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                std::hint::black_box(matmul_packed(a, &bph, None));
+                besth = besth.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
                 std::hint::black_box(ta.matmul(&tb).unwrap());
                 cbest = cbest.min(t.elapsed().as_secs_f64());
@@ -1111,10 +1138,11 @@ mod tests {
             }
             let gf = |t: f64| 2.0 * (m * k * n) as f64 / t / 1e9;
             eprintln!(
-                "{m}x{k}x{n}: {:.2} ms, {:.0} GFLOP/s; bf16 B {:.0}; candle {:.0}; pack_a {:.2} ms",
+                "{m}x{k}x{n}: {:.2} ms, {:.0} GFLOP/s; bf16 B {:.0}, f16 B {:.0}; candle {:.0}; pack_a {:.2} ms",
                 best * 1e3,
                 gf(best),
                 gf(best16),
+                gf(besth),
                 gf(cbest),
                 pbest * 1e3
             );
