@@ -8,6 +8,9 @@
 //!   of a GEMM's packing.
 //! - Weight layout, fixed at load ([`Linear`]): packed for [`sgemm`] on CPUs with AVX-512F (the
 //!   vision, Q-Former and OPT linears); elsewhere Wᵀ row-major for the vision and Q-Former.
+//! - Half precision on the CPU: bf16/f16 weights stay bf16/f16 in the packed panels and the
+//!   streaming GEMV (widened in registers, f32 sums); bf16/f16 activations reaching these
+//!   kernels are widened, run through the f32 kernels and rounded back once ([`to_dtype`]).
 //!
 //! Other devices and dtypes take candle's own ops, except on CUDA, where the bias adds and
 //! layout copies go through `cuda_kernels`.
@@ -631,6 +634,10 @@ pub fn fused_attention(
     spec: AttentionSpec<'_>,
 ) -> Result<Option<Tensor>> {
     if [q, k, v].iter().any(|p| half_on_cpu(p.src)) {
+        // Widened only where the f32 path below runs: elsewhere the copies would be wasted.
+        if !sgemm::available() {
+            return Ok(None);
+        }
         return widened_attention(q, k, v, spec);
     }
     let AttentionSpec {
