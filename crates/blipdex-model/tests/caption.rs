@@ -382,7 +382,8 @@ fn q8_agrees_with_f32() -> Result<()> {
 /// the bytes, activations in f32 where the Linears are packed. Stated tolerance: masked logits
 /// within 2% (bf16) and 0.25% (f16) of the largest |logit|, about 1.5× transformers' own error
 /// in that dtype on these fixtures and inputs (bf16: 0.25 of 22.6, 1.1%, and 0.27 of 17.3,
-/// 1.6%; f16: 0.08% and 0.14%); cosine ≥ 0.9999; the batched greedy captions identical to f32's.
+/// 1.6%; f16: 0.08% and 0.14%; `scripts/bench/half_reference.py`); cosine ≥ 0.9999; the batched
+/// greedy captions identical to f32's.
 #[test]
 fn half_precision_agrees_with_f32() -> Result<()> {
     for (dtype, tol) in [(DType::BF16, 0.02f32), (DType::F16, 0.0025)] {
