@@ -172,6 +172,32 @@ fn caption_generates_exactly_the_asked_tokens() -> Result<()> {
     Ok(())
 }
 
+/// `--dtype bf16|f16` on the CPU (half-precision weights, f32 arithmetic) end to end.
+#[test]
+fn half_precision_benchmarks_run_end_to_end() -> Result<()> {
+    for dtype in ["bf16", "f16"] {
+        let v = bench(&["embed", "--model", &model("itm-a"), "--dtype", dtype])?;
+        positive(&v, "images_per_s")?;
+        ensure!(v["dtype"] == dtype, "{v}");
+        let v = bench(&[
+            "caption",
+            "--model",
+            &model("caption-a"),
+            "--max-new-tokens",
+            "7",
+            "--dtype",
+            dtype,
+        ])?;
+        let tps = positive(&v, "tokens_per_s")?;
+        ensure!(
+            (tps * positive(&v, "best_caption_s")? - 7.0).abs() < 1e-6,
+            "{v}"
+        );
+        ensure!(v["dtype"] == dtype, "{v}");
+    }
+    Ok(())
+}
+
 #[test]
 fn caption_profile_splits_the_prompt_pass_from_the_steps() -> Result<()> {
     let layers = config("caption-a")?["text_config"]["num_hidden_layers"]
