@@ -111,31 +111,25 @@ impl PackedB {
 
     /// Packs a bf16 B (as its raw bits) over rayon, keeping it bf16.
     pub fn pack_bf16(b: MatRef<'_, u16>) -> Option<Self> {
-        let data = pack_panels(b, true, true)?;
-        Some(Self {
-            data: Panels::Bf16(data),
-            k: b.rows,
-            n: b.cols,
-        })
+        Some(Self::of(Panels::Bf16(pack_panels(b, true, true)?), b))
     }
 
     /// Packs an f16 B (as its raw bits) over rayon, keeping it f16.
     pub fn pack_f16(b: MatRef<'_, u16>) -> Option<Self> {
-        let data = pack_panels(b, true, false)?;
-        Some(Self {
-            data: Panels::F16(data),
-            k: b.rows,
-            n: b.cols,
-        })
+        Some(Self::of(Panels::F16(pack_panels(b, true, false)?), b))
     }
 
     fn pack_with(b: MatRef<'_>, parallel: bool) -> Option<Self> {
-        let data = pack_panels(b, parallel, false)?;
-        Some(Self {
-            data: Panels::F32(data),
+        Some(Self::of(Panels::F32(pack_panels(b, parallel, false)?), b))
+    }
+
+    /// `data`, the panels of `b`.
+    fn of<T>(data: Panels, b: MatRef<'_, T>) -> Self {
+        Self {
+            data,
             k: b.rows,
             n: b.cols,
-        })
+        }
     }
 
     /// Rows of B (the product's inner dimension).
