@@ -1,0 +1,207 @@
+// Flash attention (FlashAttention-2's forward pass) for unmasked multi-head attention in f16 or bf16,
+// on tensor cores (mma.sync m16n8k16, sm_80 and newer). Compiled at run time with NVRTC
+// (cuda_kernels.rs), and for the CPU with the warp instructions emulated (tests/flash_emulation.rs).
+//
+// softmax(scale · q·kᵀ) · v per (image, head) without the T × T scores ever reaching memory: q, k and
+// v are read straight out of the projections ([B, T, row stride], head h at columns h·hd..), the
+// output is written with the heads merged ([B, Tq, heads·hd]), so no head split or merge copies
+// either. Scores, the running max / sum and the output accumulate in f32; the probabilities are
+// rounded to the input's type for the second product, as FlashAttention and PyTorch's SDPA do.
+//
+// A block of 4 warps takes 64 queries (16 per warp, held in registers as mma A fragments) and walks
+// the keys in tiles of 64 through shared memory: K row-major, V transposed, both with rows padded
+// by 8 halves so the fragment loads of a warp hit 32 distinct banks. Head sizes are padded to HDP
+// (a multiple of 16) with zeros; keys past Tk are masked, queries past Tq are not written.
+// Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
+
+#ifndef BLIPDEX_EMULATE
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+template <bool BF16> struct Tc;
+template <> struct Tc<false> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // lo in the low half, hi in the high half (cvt puts its first source in the high half).
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+template <> struct Tc<true> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+#endif
+
+#define FLASH_BQ 64  // queries per block, 16 per warp
+#define FLASH_BK 64  // keys per tile
+#define FLASH_FULL 0xffffffffu
+
+// Elements (row, col) and (row, col + 1) of a [n, hd] matrix with row stride rs, zero outside it
+// (col and hd even, so the pair is either inside or outside together).
+__device__ __forceinline__ u32 flash_pair(const u16 *src, u32 rs, u32 row, u32 n, u32 col, u32 hd) {
+  return (row < n && col < hd) ? *(const u32 *)(src + (size_t)row * rs + col) : 0u;
+}
+
+template <bool BF16, int HDP>
+__device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq,
+                                                u32 tk, u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs,
+                                                float scale_log2) {
+  const int KS = HDP + 8;         // K tile row stride (halves)
+  const int VS = FLASH_BK + 8;    // transposed V tile row stride (halves)
+  __shared__ __align__(16) u16 kt[FLASH_BK * KS];  // the Q tile first, then each K tile
+  __shared__ __align__(16) u16 vt[HDP * VS];
+  const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const u32 b = blockIdx.x / heads, h = blockIdx.x % heads, q0 = blockIdx.y * FLASH_BQ;
+  q += (size_t)b * tq * q_rs + (size_t)h * hd;
+  k += (size_t)b * tk * kv_rs + (size_t)h * hd;
+  v += (size_t)b * tk * kv_rs + (size_t)h * hd;
+  out += (size_t)b * tq * o_rs + (size_t)h * hd;
+
+  for (u32 i = threadIdx.x; i < FLASH_BQ * HDP / 2; i += blockDim.x) {
+    const u32 r = i / (HDP / 2), c = (i % (HDP / 2)) * 2;
+    *(u32 *)&kt[r * KS + c] = flash_pair(q, q_rs, q0 + r, tq, c, hd);
+  }
+  __syncthreads();
+  u32 qa[HDP / 16][4];
+  const u32 qr = warp * 16 + g;
+#pragma unroll
+  for (int kk = 0; kk < HDP / 16; kk++) {
+    const u32 c = kk * 16 + 2 * t;
+    qa[kk][0] = *(const u32 *)&kt[qr * KS + c];
+    qa[kk][1] = *(const u32 *)&kt[(qr + 8) * KS + c];
+    qa[kk][2] = *(const u32 *)&kt[qr * KS + c + 8];
+    qa[kk][3] = *(const u32 *)&kt[(qr + 8) * KS + c + 8];
+  }
+  __syncthreads();
+
+  float o[HDP / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < HDP / 8; dn++) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
+  // Rows g and g + 8 of this warp's 16: running max (of the raw scores) and partial sum (this
+  // thread's columns only; the quad's four partials are added at the end).
+  float m0 = __int_as_float(0xff800000), m1 = m0, l0 = 0.0f, l1 = 0.0f;
+
+  for (u32 k0 = 0; k0 < tk; k0 += FLASH_BK) {
+    for (u32 i = threadIdx.x; i < FLASH_BK * HDP / 2; i += blockDim.x) {
+      const u32 r = i / (HDP / 2), c = (i % (HDP / 2)) * 2;
+      *(u32 *)&kt[r * KS + c] = flash_pair(k, kv_rs, k0 + r, tk, c, hd);
+      const u32 pv = flash_pair(v, kv_rs, k0 + r, tk, c, hd);
+      vt[c * VS + r] = (u16)(pv & 0xffffu);
+      vt[(c + 1) * VS + r] = (u16)(pv >> 16);
+    }
+    __syncthreads();
+
+    float s[FLASH_BK / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < FLASH_BK / 8; nt++) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < HDP / 16; kk++) {
+        const u16 *row = &kt[(nt * 8 + g) * KS + kk * 16 + 2 * t];
+        Tc<BF16>::mma(s[nt], qa[kk], *(const u32 *)row, *(const u32 *)(row + 8));
+      }
+    }
+    if (k0 + FLASH_BK > tk) {
+#pragma unroll
+      for (int nt = 0; nt < FLASH_BK / 8; nt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+          if (k0 + nt * 8 + 2 * t + (j & 1) >= tk) s[nt][j] = __int_as_float(0xff800000);
+    }
+
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int nt = 0; nt < FLASH_BK / 8; nt++) {
+      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FLASH_FULL, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FLASH_FULL, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FLASH_FULL, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FLASH_FULL, mx1, 2));
+    // Every tile holds at least one key, so mx is finite; exp2(-inf) = 0 rescales the first tile.
+    const float c0 = exp2f((m0 - mx0) * scale_log2), c1 = exp2f((m1 - mx1) * scale_log2);
+    m0 = mx0;
+    m1 = mx1;
+    const float ms0 = mx0 * scale_log2, ms1 = mx1 * scale_log2;
+    float rs0 = 0.0f, rs1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < FLASH_BK / 8; nt++) {
+      s[nt][0] = exp2f(fmaf(s[nt][0], scale_log2, -ms0));
+      s[nt][1] = exp2f(fmaf(s[nt][1], scale_log2, -ms0));
+      s[nt][2] = exp2f(fmaf(s[nt][2], scale_log2, -ms1));
+      s[nt][3] = exp2f(fmaf(s[nt][3], scale_log2, -ms1));
+      rs0 += s[nt][0] + s[nt][1];
+      rs1 += s[nt][2] + s[nt][3];
+    }
+    l0 = l0 * c0 + rs0;
+    l1 = l1 * c1 + rs1;
+#pragma unroll
+    for (int dn = 0; dn < HDP / 8; dn++) {
+      o[dn][0] *= c0;
+      o[dn][1] *= c0;
+      o[dn][2] *= c1;
+      o[dn][3] *= c1;
+    }
+    // The scores' accumulator fragments of two adjacent 8-key tiles are, element for element, the
+    // A fragment of a 16-key step of P·V.
+#pragma unroll
+    for (int kk = 0; kk < FLASH_BK / 16; kk++) {
+      const u32 pa[4] = {Tc<BF16>::pack(s[2 * kk][0], s[2 * kk][1]), Tc<BF16>::pack(s[2 * kk][2], s[2 * kk][3]),
+                         Tc<BF16>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                         Tc<BF16>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int dn = 0; dn < HDP / 8; dn++) {
+        const u16 *col = &vt[(dn * 8 + g) * VS + kk * 16 + 2 * t];
+        Tc<BF16>::mma(o[dn], pa, *(const u32 *)col, *(const u32 *)(col + 8));
+      }
+    }
+    __syncthreads();
+  }
+
+  l0 += __shfl_xor_sync(FLASH_FULL, l0, 1);
+  l0 += __shfl_xor_sync(FLASH_FULL, l0, 2);
+  l1 += __shfl_xor_sync(FLASH_FULL, l1, 1);
+  l1 += __shfl_xor_sync(FLASH_FULL, l1, 2);
+  const float i0 = 1.0f / l0, i1 = 1.0f / l1;
+  const u32 r0 = q0 + qr, r1 = r0 + 8;
+#pragma unroll
+  for (int dn = 0; dn < HDP / 8; dn++) {
+    const u32 c = dn * 8 + 2 * t;
+    if (c < hd) {
+      if (r0 < tq) *(u32 *)(out + (size_t)r0 * o_rs + c) = Tc<BF16>::pack(o[dn][0] * i0, o[dn][1] * i0);
+      if (r1 < tq) *(u32 *)(out + (size_t)r1 * o_rs + c) = Tc<BF16>::pack(o[dn][2] * i1, o[dn][3] * i1);
+    }
+  }
+}
+
+// Launched with 128 threads, grid (B · heads, ceil(Tq / 64)). q, k, v, out and the row strides
+// even (u32 loads of element pairs), hd even and at most HDP.
+#define FLASH(NAME, BF16, HDP)                                                                             \
+  extern "C" __global__ void __launch_bounds__(128)                                                       \
+      NAME(const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq, u32 tk, u32 heads, u32 hd, u32 q_rs, \
+           u32 kv_rs, u32 o_rs, float scale_log2) {                                                       \
+    flash_attention<BF16, HDP>(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale_log2);            \
+  }
+FLASH(flash_f16_32, false, 32)
+FLASH(flash_f16_64, false, 64)
+FLASH(flash_f16_96, false, 96)
+FLASH(flash_f16_128, false, 128)
+FLASH(flash_bf16_32, true, 32)
+FLASH(flash_bf16_64, true, 64)
+FLASH(flash_bf16_96, true, 96)
+FLASH(flash_bf16_128, true, 128)

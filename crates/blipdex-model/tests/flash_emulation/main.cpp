@@ -1,0 +1,220 @@
+// Runs src/flash_attention.cu on the CPU: each block's 128 threads are OS threads, __syncthreads a
+// barrier, and the warp instructions (shuffles, mma.sync m16n8k16, the f16x2 / bf16x2 packing)
+// are emulated from the PTX ISA's definitions (fragment layouts: "Matrix Fragments for
+// mma.m16n8k16 with floating point type"). The kernel's own code (tiling, masking, online softmax,
+// fragment reuse, addressing, stores) runs as written. Checked against attention in f64 on the
+// same half-precision inputs; exits 1 with the case's numbers where it is off.
+//
+// Built and run by tests/flash_emulation.rs: c++ -std=c++20 -O2 -fno-strict-aliasing -pthread.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#define BLIPDEX_EMULATE
+typedef uint16_t u16;
+typedef uint32_t u32;
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __launch_bounds__(n)
+#define __shared__ static  // blocks run one at a time
+#define __align__(n) __attribute__((aligned(n)))
+
+struct Dim3 {
+  u32 x, y, z;
+};
+static thread_local Dim3 threadIdx;
+static Dim3 blockIdx, blockDim;
+
+static std::barrier<> *block_sync;
+static std::barrier<> *warp_sync[4];
+static void __syncthreads() { block_sync->arrive_and_wait(); }
+
+static float __int_as_float(u32 u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+static u32 float_bits(float f) {
+  u32 u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Per warp: each lane's operands, published between two barriers.
+struct Exchange {
+  float f[32];
+  u32 a[32][4], b[32][2];
+};
+static Exchange exchange[4];
+
+static float __shfl_xor_sync(u32, float v, int mask) {
+  const u32 w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  exchange[w].f[lane] = v;
+  warp_sync[w]->arrive_and_wait();
+  const float r = exchange[w].f[lane ^ mask];
+  warp_sync[w]->arrive_and_wait();
+  return r;
+}
+
+static float half_value(bool bf16, u16 h) {
+  if (bf16) return __int_as_float((u32)h << 16);
+  _Float16 x;
+  std::memcpy(&x, &h, 2);
+  return (float)x;
+}
+static u16 half_bits(bool bf16, float f) {
+  if (bf16) {
+    const u32 u = float_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  const _Float16 x = (_Float16)f;  // round to nearest even
+  u16 h;
+  std::memcpy(&h, &x, 2);
+  return h;
+}
+
+template <bool BF16> struct Tc {
+  // D = A·B + C for the warp: A 16×16 (row), B 16×8 (col), C/D 16×8 f32.
+  static void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    const u32 w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    Exchange &x = exchange[w];
+    std::memcpy(x.a[lane], a, sizeof a);
+    x.b[lane][0] = b0;
+    x.b[lane][1] = b1;
+    warp_sync[w]->arrive_and_wait();
+    auto elem = [&](u32 reg, int half) { return (u16)(reg >> (16 * half)); };
+    // A element (row, col) lives in lane (row % 8)·4 + (col % 8)/2, register (row ≥ 8) + 2·(col ≥ 8).
+    auto A = [&](int row, int col) {
+      return half_value(BF16, elem(x.a[(row % 8) * 4 + (col % 8) / 2][(row >= 8) + 2 * (col >= 8)], col & 1));
+    };
+    // B element (k, n) lives in lane n·4 + (k % 8)/2, register (k ≥ 8).
+    auto B = [&](int kk, int n) { return half_value(BF16, elem(x.b[n * 4 + (kk % 8) / 2][kk >= 8], kk & 1)); };
+    const int g = lane >> 2, t = lane & 3;
+    float r[4];
+    for (int i = 0; i < 4; i++) {
+      const int row = g + 8 * (i >= 2), col = 2 * t + (i & 1);
+      float acc = d[i];
+      for (int kk = 0; kk < 16; kk++) acc += A(row, kk) * B(kk, col);
+      r[i] = acc;
+    }
+    warp_sync[w]->arrive_and_wait();
+    std::memcpy(d, r, sizeof r);
+  }
+  static u32 pack(float lo, float hi) { return (u32)half_bits(BF16, lo) | ((u32)half_bits(BF16, hi) << 16); }
+};
+
+#include "../../src/flash_attention.cu"
+
+typedef void (*Kernel)(const u16 *, const u16 *, const u16 *, u16 *, u32, u32, u32, u32, u32, u32, u32, float);
+
+static void launch(Kernel kernel, u32 gx, u32 gy, const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq, u32 tk,
+                   u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs, float scale_log2) {
+  blockDim = {128, 1, 1};
+  std::barrier<> block(128);
+  std::barrier<> w0(32), w1(32), w2(32), w3(32);
+  block_sync = &block;
+  warp_sync[0] = &w0;
+  warp_sync[1] = &w1;
+  warp_sync[2] = &w2;
+  warp_sync[3] = &w3;
+  for (u32 by = 0; by < gy; by++)
+    for (u32 bx = 0; bx < gx; bx++) {
+      blockIdx = {bx, by, 0};
+      std::vector<std::thread> threads;
+      for (u32 i = 0; i < 128; i++)
+        threads.emplace_back([=] {
+          threadIdx = {i, 0, 0};
+          kernel(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale_log2);
+        });
+      for (auto &th : threads) th.join();
+    }
+}
+
+struct Case {
+  u32 batch, tq, tk, heads, hd;
+  bool bf16;
+  bool fused_qkv;  // q, k, v side by side in one [B, T, 3·D] projection (self-attention), else q apart
+};
+
+static bool run(const Case &c, std::mt19937 &rng) {
+  const u32 d = c.heads * c.hd, padded = c.hd <= 32 ? 32 : c.hd <= 64 ? 64 : c.hd <= 96 ? 96 : 128;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  // Self-attention reads q, k, v from one buffer; cross-attention q from its own and k, v from a
+  // [B, Tk, 2·D] one, as the Q-Former's projections are laid out.
+  const u32 q_rs = c.fused_qkv ? 3 * d : d, kv_rs = c.fused_qkv ? 3 * d : 2 * d;
+  std::vector<u16> qbuf((size_t)c.batch * c.tq * q_rs), kvbuf;
+  for (auto &x : qbuf) x = half_bits(c.bf16, 1.5f * normal(rng));
+  const u16 *q = qbuf.data(), *k, *v;
+  if (c.fused_qkv) {
+    k = q + d;
+    v = q + 2 * d;
+  } else {
+    kvbuf.resize((size_t)c.batch * c.tk * kv_rs);
+    for (auto &x : kvbuf) x = half_bits(c.bf16, 1.5f * normal(rng));
+    k = kvbuf.data();
+    v = kvbuf.data() + d;
+  }
+  const u32 o_rs = d;
+  std::vector<u16> out((size_t)c.batch * c.tq * o_rs, 0x7e00);  // NaN: rows left unwritten show
+  const double scale = 1.0 / std::sqrt((double)c.hd);
+  const float scale_log2 = (float)(scale * 1.4426950408889634);
+  static const Kernel kernels[2][4] = {{flash_f16_32, flash_f16_64, flash_f16_96, flash_f16_128},
+                                       {flash_bf16_32, flash_bf16_64, flash_bf16_96, flash_bf16_128}};
+  const Kernel kernel = kernels[c.bf16][padded / 32 - 1];
+  launch(kernel, c.batch * c.heads, (c.tq + 63) / 64, q, k, v, out.data(), c.tq, c.tk, c.heads, c.hd, q_rs, kv_rs,
+         o_rs, scale_log2);
+
+  double worst = 0.0;
+  std::vector<double> p(c.tk);
+  for (u32 b = 0; b < c.batch; b++)
+    for (u32 h = 0; h < c.heads; h++)
+      for (u32 i = 0; i < c.tq; i++) {
+        const u16 *qi = q + ((size_t)b * c.tq + i) * q_rs + h * c.hd;
+        double m = -INFINITY, sum = 0.0;
+        for (u32 j = 0; j < c.tk; j++) {
+          const u16 *kj = k + ((size_t)b * c.tk + j) * kv_rs + h * c.hd;
+          double s = 0.0;
+          for (u32 e = 0; e < c.hd; e++) s += (double)half_value(c.bf16, qi[e]) * half_value(c.bf16, kj[e]);
+          p[j] = s * scale;
+          m = std::max(m, p[j]);
+        }
+        for (u32 j = 0; j < c.tk; j++) sum += (p[j] = std::exp(p[j] - m));
+        for (u32 e = 0; e < c.hd; e++) {
+          double o = 0.0;
+          for (u32 j = 0; j < c.tk; j++)
+            o += p[j] / sum * half_value(c.bf16, v[((size_t)b * c.tk + j) * kv_rs + h * c.hd + e]);
+          const double got = half_value(c.bf16, out[((size_t)b * c.tq + i) * o_rs + h * c.hd + e]);
+          const double diff = std::isnan(got) ? INFINITY : std::fabs(got - o);
+          worst = std::max(worst, diff);
+        }
+      }
+  // Half-precision probabilities and output: a few units in the last place of values of order 1.
+  const double tol = c.bf16 ? 2e-2 : 3e-3;
+  const bool ok = worst <= tol;
+  std::printf("%s %-4s B=%u Tq=%u Tk=%u heads=%u hd=%u (kernel for %u): max |diff| %.3g (tolerance %.0e)%s\n",
+              c.fused_qkv ? "self " : "cross", c.bf16 ? "bf16" : "f16", c.batch, c.tq, c.tk, c.heads, c.hd, padded,
+              worst, tol, ok ? "" : "  FAILED");
+  return ok;
+}
+
+int main() {
+  std::mt19937 rng(7);
+  // The base ViT's shape (257 tokens, head size 64), ViT-g's head size 88, sequences on, off and
+  // below the 64-row tiles, every padded head size, and cross-attention (32 queries over 257 keys).
+  const Case cases[] = {
+      {2, 257, 257, 3, 64, false, true}, {2, 257, 257, 3, 64, true, true}, {1, 70, 70, 2, 88, false, true},
+      {1, 70, 70, 2, 88, true, true},    {1, 64, 64, 2, 32, false, true},  {1, 5, 5, 3, 8, true, true},
+      {1, 130, 130, 1, 128, false, true}, {1, 65, 65, 2, 16, false, true}, {2, 32, 257, 2, 64, false, false},
+      {1, 32, 100, 2, 40, true, false},
+  };
+  bool ok = true;
+  for (const Case &c : cases) ok &= run(c, rng);
+  return ok ? 0 : 1;
+}
