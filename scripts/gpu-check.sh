@@ -2,12 +2,13 @@
 # GPU check for a lent CUDA machine (x86-64, CUDA driver >= 13.0, PyTorch + transformers installed, no package
 # registries, at most 64 MiB of tree carried). Ends well inside 10 minutes. Build the binary here first:
 #
-#   eval "$(bash scripts/cuda-env.sh)"
-#   cargo build --release -p blipdex-cli --features cuda --target-dir target/cuda
-#   mkdir -p target/gpu-bin && xz -T0 -6 -c target/cuda/release/blipdex >target/gpu-bin/blipdex.xz
+#   bash scripts/gpu-build.sh     # target/gpu-bin/blipdex.xz and model-tests.xz (the model crate's CUDA tests)
 #
 # then run `bash scripts/gpu-check.sh` there with target/gpu-bin carried. Steps, each with its own time limit, so
 # one failure does not hide the others:
+#   0. flash attention (BLIPDEX_CUDA_FLASH=1, not yet the default): the kernel against candle's unfused ops (the
+#      CUDA test binary), the fixtures' f16/bf16 parity with it on (parity-flash.json), and embed b64 f16 / bf16 and
+#      ViT-g b32 f16 with and without it next to transformers (bench.jsonl, labels "... flash" / "... unfused");
 #   1. parity: `blipdex embed` of the fixtures' golden pixel values on CUDA in f32 / f16 / bf16 against transformers'
 #      f32 golden tensors (f32: every output within 1e-4; f16 1e-3 and bf16 5e-3 on the ITC scores);
 #   2. captions on CUDA in f32, token-exact against transformers (greedy, greedy with a prompt, 3-beam search);
@@ -18,7 +19,7 @@
 # Results: $OUT/gpu-check.log (everything), parity.json, captions.json, bench.jsonl (one compare.py result a line),
 # ncu-embed.txt.
 # GPU_CHECK_DEVICE=cpu runs steps 1-2 on the CPU (a dry run of this script where no GPU is at hand).
-# GPU_CHECK_STEPS picks steps (default "parity captions bench ncu vitg"); "profile" (not in the default) times each
+# GPU_CHECK_STEPS picks steps (default "flash parity captions bench ncu vitg"); "profile" (not in the default) times each
 # op of one base-size f16 batch of 64 on both sides (blipdex --profile, torch.profiler with eager attention).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ PY=${PYTHON:-python3}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 exec > >(tee -a "$OUT/gpu-check.log") 2>&1
 step() { echo "== $* ($(date +%T))"; }
-STEPS=" ${GPU_CHECK_STEPS:-parity captions bench ncu vitg} "
+STEPS=" ${GPU_CHECK_STEPS:-flash parity captions bench ncu vitg} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 status=0
 
@@ -48,9 +49,11 @@ export LD_LIBRARY_PATH=${NVLIB}:${LD_LIBRARY_PATH:-}
 ldd "$BIN" | grep -E "not found|cuda|cublas|nvrtc|curand" || true
 "$BIN" --version || { echo "blipdex does not run"; exit 1; }
 
-if want parity; then
-step "1. embed parity on $DEV"
-for dtype in f32 f16 bf16; do
+# Embeds the fixtures' golden pixel values in each dtype and compares with transformers' f32 golden tensors:
+# parity <json name> <dtype>... (writes $OUT/<json name>; 1 in status where a dtype is off).
+parity() {
+local name=$1; shift
+for dtype in "$@"; do
   for m in itm-a itm-b; do
     texts=()
     while IFS= read -r t; do texts+=(--text "$t"); done < <($PY -c "import json;print('\n'.join(json.load(open('tests/fixtures/golden/$m.json'))['texts']))")
@@ -58,13 +61,14 @@ for dtype in f32 f16 bf16; do
       "${texts[@]}" --itm --device "$DEV" --dtype "$dtype" --output "$WORK/$m-$dtype.safetensors" || status=1
   done
 done
-$PY - "$WORK" "$OUT" <<'PY' || status=1
+$PY - "$WORK" "$OUT/$name" "$@" <<'PY' || status=1
 import json, os, sys
 from safetensors.numpy import load_file
-work, out = sys.argv[1:]
+work, out, dtypes = sys.argv[1], sys.argv[2], sys.argv[3:]
 tol = {"f32": 1e-4, "f16": 1e-3, "bf16": 5e-3}
 rows, ok = [], True
-for dtype, t in tol.items():
+for dtype in dtypes:
+    t = tol[dtype]
     for m in ["itm-a", "itm-b"]:
         path = f"{work}/{m}-{dtype}.safetensors"
         if not os.path.exists(path):
@@ -80,9 +84,26 @@ for dtype, t in tol.items():
         rows.append({"model": m, "dtype": dtype, "tolerance": t, "max_abs_diff": diffs, "pass": passed})
 for r in rows:
     print(json.dumps(r))
-json.dump(rows, open(f"{out}/parity.json", "w"), indent=1)
+json.dump(rows, open(out, "w"), indent=1)
 sys.exit(0 if ok else 1)
 PY
+}
+
+if want flash && [ "$DEV" = cuda ]; then
+step "0. flash attention (BLIPDEX_CUDA_FLASH=1)"
+if [ -f target/gpu-bin/model-tests.xz ]; then
+  $PY -c "import lzma,shutil; shutil.copyfileobj(lzma.open('target/gpu-bin/model-tests.xz'), open('$WORK/model-tests','wb'))"
+  chmod +x "$WORK/model-tests"
+  timeout 120 "$WORK/model-tests" cuda_flash --nocapture --test-threads 1 || status=1
+else
+  echo "no target/gpu-bin/model-tests.xz (scripts/gpu-build.sh makes it): kernel test skipped"; status=1
+fi
+BLIPDEX_CUDA_FLASH=1 parity parity-flash.json f16 bf16
+fi
+
+if want parity; then
+step "1. embed parity on $DEV"
+parity parity.json f32 f16 bf16
 
 if ! ls "$WORK"/*-f32.safetensors >/dev/null 2>&1; then
   echo "blipdex produced no f32 embeddings on $DEV: stopping here (see the errors above)"
@@ -148,6 +169,15 @@ if [ "$DEV" = cuda ]; then
   bench "f16 embed b8 + caption + ingest" --dtype f16 --iters 10 --breakdown
   bench "f16 embed b64" --dtype f16 --iters 10 --only embed --batch-size 64 --breakdown
   bench "bf16 embed b64" --dtype bf16 --iters 10 --only embed --batch-size 64 --breakdown
+  fi
+  if want flash; then
+    # The issue's GPU target is transformers' eager attention; its default (SDPA) is in the rows above.
+    bench "f16 embed b64 unfused" --dtype f16 --iters 10 --only embed --batch-size 64 --breakdown --torch-attn eager
+    BLIPDEX_CUDA_FLASH=1 bench "f16 embed b64 flash" --dtype f16 --iters 10 --only embed --batch-size 64 --breakdown \
+      --torch-attn eager
+    BLIPDEX_CUDA_FLASH=1 bench "bf16 embed b64 flash" --dtype bf16 --iters 10 --only embed --batch-size 64 --breakdown
+    BLIPDEX_CUDA_FLASH=1 BENCH_TIMEOUT=240 bench "ViT-g f16 embed b32 flash" --dtype f16 --iters 5 --only embed \
+      --batch-size 32 --embed-model vitg-itm --breakdown
   fi
   # Where blipdex's GPU time goes: per-kernel durations (ncu, one metric: each kernel replayed once) for a
   #    base-size batch of 64, warm-up + one timed pass.

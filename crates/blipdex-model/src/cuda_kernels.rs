@@ -147,18 +147,35 @@ const MAX_BLOCKS: usize = 2048;
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 fn ptx(dev: &CudaDevice) -> Result<&'static str> {
-    let ptx = PTX.get_or_init(|| {
+    compiled(&PTX, dev, SRC, "blipdex's CUDA kernels", 0)
+}
+
+/// `src` compiled by NVRTC for the device's compute capability, once per process into `cell` (an
+/// error is kept there too: NVRTC is not retried); refused below compute capability `min_major`.
+pub(crate) fn compiled(
+    cell: &'static OnceLock<std::result::Result<String, String>>,
+    dev: &CudaDevice,
+    src: &str,
+    what: &str,
+    min_major: i32,
+) -> Result<&'static str> {
+    let ptx = cell.get_or_init(|| {
         let ctx = dev.cuda_stream().context().clone();
         let cc = |a| ctx.attribute(a).map_err(|e| e.to_string());
         let major = cc(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor = cc(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        if major < min_major {
+            return Err(format!(
+                "{what} need compute capability {min_major}.0 or newer (this GPU: {major}.{minor})"
+            ));
+        }
         let opts = CompileOptions {
             options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
             ..Default::default()
         };
-        compile_ptx_with_opts(SRC, opts)
+        compile_ptx_with_opts(src, opts)
             .map(|p| p.to_src())
-            .map_err(|e| format!("NVRTC could not compile blipdex's CUDA kernels: {e}"))
+            .map_err(|e| format!("NVRTC could not compile {what}: {e}"))
     });
     ptx.as_ref()
         .map(String::as_str)

@@ -789,8 +789,13 @@ fn widened_attention(
         .transpose()
 }
 
-/// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
+/// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection (on CUDA in f16/bf16, flash
+/// attention when `BLIPDEX_CUDA_FLASH=1`).
 pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda_flash::flash_self_attention(qkv, heads, scale)? {
+        return Ok(Some(out));
+    }
     let d = qkv.dim(D::Minus1)? / 3;
     let part = |offset| Part { src: qkv, offset };
     let spec = AttentionSpec {

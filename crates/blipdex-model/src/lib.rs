@@ -5,6 +5,8 @@ pub mod caption;
 pub mod captioner;
 pub mod config;
 #[cfg(feature = "cuda")]
+mod cuda_flash;
+#[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod image;
 pub mod kernels;

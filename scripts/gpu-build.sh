@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu-check.sh carries to a GPU machine, here (no GPU needed): the CUDA release binary and the
+# model crate's CUDA test binary (the flash attention kernel against candle's unfused ops), xz-compressed into
+# target/gpu-bin (carry it: `carry: ["target/gpu-bin"]`, ~25 MB). From scratch ~40 min on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash scripts/cuda-env.sh)"
+cargo build --release -p blipdex-cli --features cuda --target-dir target/cuda
+tests=$(cargo test --features cuda -p blipdex-model --lib --no-run --target-dir target/cuda --message-format=json 2>/dev/null \
+  | python3 -c "import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get('reason') == 'compiler-artifact' and m.get('executable') and m['target']['name'] == 'blipdex_model':
+        print(m['executable'])")
+mkdir -p target/gpu-bin
+xz -T0 -6 -c target/cuda/release/blipdex >target/gpu-bin/blipdex.xz
+strip -o target/gpu-bin/model-tests "$tests"  # 370 MB of debug info otherwise
+xz -T0 -6 -c target/gpu-bin/model-tests >target/gpu-bin/model-tests.xz
+rm target/gpu-bin/model-tests
+ls -l target/gpu-bin
