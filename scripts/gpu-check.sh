@@ -6,9 +6,10 @@
 #
 # then run `bash scripts/gpu-check.sh` there with target/gpu-bin carried. Steps, each with its own time limit, so
 # one failure does not hide the others:
-#   0. flash attention (BLIPDEX_CUDA_FLASH=1, not yet the default): the kernel against candle's unfused ops (the
-#      CUDA test binary), the fixtures' f16/bf16 parity with it on (parity-flash.json), and embed b64 f16 / bf16 and
-#      ViT-g b32 f16 with and without it next to transformers (bench.jsonl, labels "... flash" / "... unfused");
+#   0. fused attention (BLIPDEX_CUDA_FLASH=1, not yet the default): the kernels against candle's unfused ops (the
+#      CUDA test binary), the fixtures' parity with them on (parity-flash.json: f32 runs the Q-Former's kernel, f16 /
+#      bf16 the vision tower's too), and embed b64 f16 / bf16 and ViT-g b32 f16 with and without them next to
+#      transformers (bench.jsonl, labels "... flash" / "... unfused");
 #   1. parity: `blipdex embed` of the fixtures' golden pixel values on CUDA in f32 / f16 / bf16 against transformers'
 #      f32 golden tensors (f32: every output within 1e-4; f16 1e-3 and bf16 5e-3 on the ITC scores);
 #   2. captions on CUDA in f32, token-exact against transformers (greedy, greedy with a prompt, 3-beam search);
@@ -98,7 +99,7 @@ if [ -f target/gpu-bin/model-tests.xz ]; then
 else
   echo "no target/gpu-bin/model-tests.xz (scripts/gpu-build.sh makes it): kernel test skipped"; status=1
 fi
-BLIPDEX_CUDA_FLASH=1 parity parity-flash.json f16 bf16
+BLIPDEX_CUDA_FLASH=1 parity parity-flash.json f32 f16 bf16
 fi
 
 if want parity; then

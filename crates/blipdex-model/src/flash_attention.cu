@@ -1,5 +1,6 @@
 // Flash attention (FlashAttention-2's forward pass) for unmasked multi-head attention in f16 or bf16,
-// on tensor cores (mma.sync m16n8k16, sm_80 and newer). Compiled at run time with NVRTC
+// on tensor cores (mma.sync m16n8k16, sm_80 and newer), and its f32 counterpart on CUDA cores
+// (attention_f32 below, for the Q-Former, which stays in f32 as in transformers). Compiled at run time with NVRTC
 // (cuda_kernels.rs), and for the CPU with the warp instructions emulated (tests/flash_emulation.rs).
 //
 // softmax(scale · q·kᵀ) · v per (image, head) without the T × T scores ever reaching memory: q, k and
@@ -205,3 +206,118 @@ FLASH(flash_bf16_32, true, 32)
 FLASH(flash_bf16_64, true, 64)
 FLASH(flash_bf16_96, true, 96)
 FLASH(flash_bf16_128, true, 128)
+
+// f32 attention on CUDA cores, same scheme without tensor cores (exact f32 products and expf, as the
+// unfused f32 ops): a block of 4 warps takes 32 queries (8 per warp) and walks the keys in tiles of
+// 32; for the scores each lane takes one key of the tile, for P·V hd/32 output columns. The Q-Former's
+// shapes: 32 queries over 32 (self) or 257 (cross) keys, head size 64.
+#define ATT_BQ 32
+#define ATT_BK 32
+
+template <int DJ>
+__device__ __forceinline__ void attention_f32(const float *q, const float *k, const float *v, float *out, u32 tq,
+                                              u32 tk, u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs,
+                                              float scale) {
+  const int HDP = DJ * 32;
+  __shared__ __align__(16) float qs[ATT_BQ * HDP];
+  __shared__ float ks[ATT_BK * (HDP + 1)];  // + 1: the 32 lanes' rows start in distinct banks
+  __shared__ float vs[ATT_BK * HDP];
+  __shared__ __align__(16) float ps[4 * 8 * ATT_BK];  // each warp's probabilities for its 8 queries
+  const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const u32 b = blockIdx.x / heads, h = blockIdx.x % heads, q0 = blockIdx.y * ATT_BQ;
+  q += (size_t)b * tq * q_rs + (size_t)h * hd;
+  k += (size_t)b * tk * kv_rs + (size_t)h * hd;
+  v += (size_t)b * tk * kv_rs + (size_t)h * hd;
+  out += (size_t)b * tq * o_rs + (size_t)h * hd;
+  for (u32 i = threadIdx.x; i < ATT_BQ * HDP; i += blockDim.x) {
+    const u32 r = i / HDP, c = i % HDP;
+    qs[i] = (q0 + r < tq && c < hd) ? q[(size_t)(q0 + r) * q_rs + c] : 0.0f;
+  }
+  float o[8][DJ], m[8], l[8];
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    m[i] = __int_as_float(0xff800000);
+    l[i] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < DJ; j++) o[i][j] = 0.0f;
+  }
+  const float *qw = qs + warp * 8 * HDP;
+  float *pw = ps + warp * 8 * ATT_BK;
+  for (u32 k0 = 0; k0 < tk; k0 += ATT_BK) {
+    __syncthreads();  // the last tile's readers are done (and the query tile is in)
+    for (u32 i = threadIdx.x; i < ATT_BK * HDP; i += blockDim.x) {
+      const u32 r = i / HDP, c = i % HDP;
+      const bool in = k0 + r < tk && c < hd;
+      ks[r * (HDP + 1) + c] = in ? k[(size_t)(k0 + r) * kv_rs + c] : 0.0f;
+      vs[i] = in ? v[(size_t)(k0 + r) * kv_rs + c] : 0.0f;
+    }
+    __syncthreads();
+    float s[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) s[i] = 0.0f;
+    const float *kr = ks + lane * (HDP + 1);
+    // Four columns a step: the queries' (broadcast) reads as one 16-byte load each.
+    for (int c = 0; c < HDP; c += 4) {
+      const float k0c = kr[c], k1c = kr[c + 1], k2c = kr[c + 2], k3c = kr[c + 3];
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        const float4 qv = *(const float4 *)&qw[i * HDP + c];
+        s[i] = fmaf(qv.w, k3c, fmaf(qv.z, k2c, fmaf(qv.y, k1c, fmaf(qv.x, k0c, s[i]))));
+      }
+    }
+    const bool key = k0 + lane < tk;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      const float t = key ? s[i] * scale : __int_as_float(0xff800000);
+      float mx = t;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(FLASH_FULL, mx, off));
+      const float mn = fmaxf(m[i], mx);  // finite: the tile holds at least one key
+      const float c = expf(m[i] - mn), p = expf(t - mn);
+      m[i] = mn;
+      l[i] = l[i] * c + p;  // this lane's partial sum; the warp's are added at the end
+#pragma unroll
+      for (int j = 0; j < DJ; j++) o[i][j] *= c;
+      pw[i * ATT_BK + lane] = p;
+    }
+    __syncwarp();
+    for (int kk = 0; kk < ATT_BK; kk += 4) {
+      float4 pv[8];
+#pragma unroll
+      for (int i = 0; i < 8; i++) pv[i] = *(const float4 *)&pw[i * ATT_BK + kk];
+#pragma unroll
+      for (int j = 0; j < DJ; j++) {
+        const float *vc = vs + kk * HDP + lane + 32 * j;
+        const float v0 = vc[0], v1 = vc[HDP], v2 = vc[2 * HDP], v3 = vc[3 * HDP];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+          o[i][j] = fmaf(pv[i].w, v3, fmaf(pv[i].z, v2, fmaf(pv[i].y, v1, fmaf(pv[i].x, v0, o[i][j]))));
+      }
+    }
+    __syncwarp();
+  }
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    float sum = l[i];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(FLASH_FULL, sum, off);
+    const u32 row = q0 + warp * 8 + i;
+    if (row < tq) {
+      const float inv = 1.0f / sum;
+#pragma unroll
+      for (int j = 0; j < DJ; j++)
+        if (lane + 32 * j < hd) out[(size_t)row * o_rs + lane + 32 * j] = o[i][j] * inv;
+    }
+  }
+}
+
+// Launched with 128 threads, grid (B · heads, ceil(Tq / 32)); hd at most 32 · DJ.
+#define ATTENTION_F32(NAME, DJ)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(128)                                                             \
+      NAME(const float *q, const float *k, const float *v, float *out, u32 tq, u32 tk, u32 heads, u32 hd, u32 q_rs, \
+           u32 kv_rs, u32 o_rs, float scale) {                                                                  \
+    attention_f32<DJ>(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale);                                 \
+  }
+ATTENTION_F32(attention_f32_32, 1)
+ATTENTION_F32(attention_f32_64, 2)
+ATTENTION_F32(attention_f32_96, 3)

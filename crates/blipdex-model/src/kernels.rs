@@ -626,13 +626,18 @@ pub struct AttentionSpec<'a> {
 /// `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per (image, head), the Tq × Tk scores
 /// made, masked, normalized and used inside that core's cache, q, k and v read straight out of
 /// the projections (no head split copies, no batched score tensor through memory). `None`
-/// elsewhere: the caller runs the unfused ops.
+/// elsewhere: the caller runs the unfused ops. On CUDA with `BLIPDEX_CUDA_FLASH=1`, unmasked:
+/// blipdex's fused CUDA kernels (`cuda_flash`).
 pub fn fused_attention(
     q: Part<'_>,
     k: Part<'_>,
     v: Part<'_>,
     spec: AttentionSpec<'_>,
 ) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let Some(out) = crate::cuda_flash::flash_attention(q, k, v, &spec)? {
+        return Ok(Some(out));
+    }
     if [q, k, v].iter().any(|p| half_on_cpu(p.src)) {
         // Widened only where the f32 path below runs: elsewhere the copies would be wasted.
         if !sgemm::available() {
@@ -789,13 +794,8 @@ fn widened_attention(
         .transpose()
 }
 
-/// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection (on CUDA in f16/bf16, flash
-/// attention when `BLIPDEX_CUDA_FLASH=1`).
+/// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
 pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
-    if let Some(out) = crate::cuda_flash::flash_self_attention(qkv, heads, scale)? {
-        return Ok(Some(out));
-    }
     let d = qkv.dim(D::Minus1)? / 3;
     let part = |offset| Part { src: qkv, offset };
     let spec = AttentionSpec {

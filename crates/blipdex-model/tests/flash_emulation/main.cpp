@@ -25,6 +25,10 @@ typedef uint32_t u32;
 #define __shared__ static  // blocks run one at a time
 #define __align__(n) __attribute__((aligned(n)))
 
+struct __attribute__((aligned(16))) float4 {
+  float x, y, z, w;
+};
+
 struct Dim3 {
   u32 x, y, z;
 };
@@ -52,6 +56,8 @@ struct Exchange {
   u32 a[32][4], b[32][2];
 };
 static Exchange exchange[4];
+
+static void __syncwarp() { warp_sync[threadIdx.x >> 5]->arrive_and_wait(); }
 
 static float __shfl_xor_sync(u32, float v, int mask) {
   const u32 w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -112,10 +118,13 @@ template <bool BF16> struct Tc {
 
 #include "../../src/flash_attention.cu"
 
-typedef void (*Kernel)(const u16 *, const u16 *, const u16 *, u16 *, u32, u32, u32, u32, u32, u32, u32, float);
+// Both kernel families share the signature up to the element type.
+template <class T>
+using Kernel = void (*)(const T *, const T *, const T *, T *, u32, u32, u32, u32, u32, u32, u32, float);
 
-static void launch(Kernel kernel, u32 gx, u32 gy, const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq, u32 tk,
-                   u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs, float scale_log2) {
+template <class T>
+static void launch(Kernel<T> kernel, u32 gx, u32 gy, const T *q, const T *k, const T *v, T *out, u32 tq, u32 tk,
+                   u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs, float scale) {
   blockDim = {128, 1, 1};
   std::barrier<> block(128);
   std::barrier<> w0(32), w1(32), w2(32), w3(32);
@@ -131,57 +140,76 @@ static void launch(Kernel kernel, u32 gx, u32 gy, const u16 *q, const u16 *k, co
       for (u32 i = 0; i < 128; i++)
         threads.emplace_back([=] {
           threadIdx = {i, 0, 0};
-          kernel(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale_log2);
+          kernel(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale);
         });
       for (auto &th : threads) th.join();
     }
 }
 
+enum Kind { F16, BF16, F32 };
+
 struct Case {
   u32 batch, tq, tk, heads, hd;
-  bool bf16;
+  Kind kind;
   bool fused_qkv;  // q, k, v side by side in one [B, T, 3·D] projection (self-attention), else q apart
 };
 
-static bool run(const Case &c, std::mt19937 &rng) {
-  const u32 d = c.heads * c.hd, padded = c.hd <= 32 ? 32 : c.hd <= 64 ? 64 : c.hd <= 96 ? 96 : 128;
+// Elements as stored (u16 halves or f32) and their values.
+template <class T> static T store(Kind kind, float x);
+template <> u16 store<u16>(Kind kind, float x) { return half_bits(kind == BF16, x); }
+template <> float store<float>(Kind, float x) { return x; }
+static float value(Kind kind, u16 h) { return half_value(kind == BF16, h); }
+static float value(Kind, float x) { return x; }
+
+template <class T> static bool run(const Case &c, std::mt19937 &rng) {
+  if (c.fused_qkv && c.tq != c.tk) {
+    std::printf("case error: self-attention with %u queries and %u keys\n", c.tq, c.tk);
+    return false;
+  }
+  const u32 d = c.heads * c.hd;
+  // The kernel's padded head size: multiples of 32 up to 128 (halves) or 96 (f32).
+  const u32 padded = (c.hd + 31) / 32 * 32;
   std::normal_distribution<float> normal(0.0f, 1.0f);
   // Self-attention reads q, k, v from one buffer; cross-attention q from its own and k, v from a
   // [B, Tk, 2·D] one, as the Q-Former's projections are laid out.
   const u32 q_rs = c.fused_qkv ? 3 * d : d, kv_rs = c.fused_qkv ? 3 * d : 2 * d;
-  std::vector<u16> qbuf((size_t)c.batch * c.tq * q_rs), kvbuf;
-  for (auto &x : qbuf) x = half_bits(c.bf16, 1.5f * normal(rng));
-  const u16 *q = qbuf.data(), *k, *v;
+  std::vector<T> qbuf((size_t)c.batch * c.tq * q_rs), kvbuf;
+  for (auto &x : qbuf) x = store<T>(c.kind, 1.5f * normal(rng));
+  const T *q = qbuf.data(), *k, *v;
   if (c.fused_qkv) {
     k = q + d;
     v = q + 2 * d;
   } else {
     kvbuf.resize((size_t)c.batch * c.tk * kv_rs);
-    for (auto &x : kvbuf) x = half_bits(c.bf16, 1.5f * normal(rng));
+    for (auto &x : kvbuf) x = store<T>(c.kind, 1.5f * normal(rng));
     k = kvbuf.data();
     v = kvbuf.data() + d;
   }
   const u32 o_rs = d;
-  std::vector<u16> out((size_t)c.batch * c.tq * o_rs, 0x7e00);  // NaN: rows left unwritten show
+  std::vector<T> out((size_t)c.batch * c.tq * o_rs, store<T>(c.kind, NAN));  // rows left unwritten show
   const double scale = 1.0 / std::sqrt((double)c.hd);
-  const float scale_log2 = (float)(scale * 1.4426950408889634);
-  static const Kernel kernels[2][4] = {{flash_f16_32, flash_f16_64, flash_f16_96, flash_f16_128},
-                                       {flash_bf16_32, flash_bf16_64, flash_bf16_96, flash_bf16_128}};
-  const Kernel kernel = kernels[c.bf16][padded / 32 - 1];
-  launch(kernel, c.batch * c.heads, (c.tq + 63) / 64, q, k, v, out.data(), c.tq, c.tk, c.heads, c.hd, q_rs, kv_rs,
-         o_rs, scale_log2);
+  if constexpr (sizeof(T) == 2) {
+    static const Kernel<u16> kernels[2][4] = {{flash_f16_32, flash_f16_64, flash_f16_96, flash_f16_128},
+                                              {flash_bf16_32, flash_bf16_64, flash_bf16_96, flash_bf16_128}};
+    launch(kernels[c.kind == BF16][padded / 32 - 1], c.batch * c.heads, (c.tq + 63) / 64, q, k, v, out.data(), c.tq,
+           c.tk, c.heads, c.hd, q_rs, kv_rs, o_rs, (float)(scale * 1.4426950408889634));
+  } else {
+    static const Kernel<float> kernels[3] = {attention_f32_32, attention_f32_64, attention_f32_96};
+    launch(kernels[padded / 32 - 1], c.batch * c.heads, (c.tq + 31) / 32, q, k, v, out.data(), c.tq, c.tk, c.heads,
+           c.hd, q_rs, kv_rs, o_rs, (float)scale);
+  }
 
   double worst = 0.0;
   std::vector<double> p(c.tk);
   for (u32 b = 0; b < c.batch; b++)
     for (u32 h = 0; h < c.heads; h++)
       for (u32 i = 0; i < c.tq; i++) {
-        const u16 *qi = q + ((size_t)b * c.tq + i) * q_rs + h * c.hd;
+        const T *qi = q + ((size_t)b * c.tq + i) * q_rs + h * c.hd;
         double m = -INFINITY, sum = 0.0;
         for (u32 j = 0; j < c.tk; j++) {
-          const u16 *kj = k + ((size_t)b * c.tk + j) * kv_rs + h * c.hd;
+          const T *kj = k + ((size_t)b * c.tk + j) * kv_rs + h * c.hd;
           double s = 0.0;
-          for (u32 e = 0; e < c.hd; e++) s += (double)half_value(c.bf16, qi[e]) * half_value(c.bf16, kj[e]);
+          for (u32 e = 0; e < c.hd; e++) s += (double)value(c.kind, qi[e]) * value(c.kind, kj[e]);
           p[j] = s * scale;
           m = std::max(m, p[j]);
         }
@@ -189,32 +217,37 @@ static bool run(const Case &c, std::mt19937 &rng) {
         for (u32 e = 0; e < c.hd; e++) {
           double o = 0.0;
           for (u32 j = 0; j < c.tk; j++)
-            o += p[j] / sum * half_value(c.bf16, v[((size_t)b * c.tk + j) * kv_rs + h * c.hd + e]);
-          const double got = half_value(c.bf16, out[((size_t)b * c.tq + i) * o_rs + h * c.hd + e]);
+            o += p[j] / sum * value(c.kind, v[((size_t)b * c.tk + j) * kv_rs + h * c.hd + e]);
+          const double got = value(c.kind, out[((size_t)b * c.tq + i) * o_rs + h * c.hd + e]);
           const double diff = std::isnan(got) ? INFINITY : std::fabs(got - o);
           worst = std::max(worst, diff);
         }
       }
-  // Half-precision probabilities and output: a few units in the last place of values of order 1.
-  const double tol = c.bf16 ? 2e-2 : 3e-3;
+  // Half precision: its rounding of the probabilities and the output, a few units in the last place
+  // of values of order 1. f32: the unfused f32 ops' own error.
+  const double tol = c.kind == BF16 ? 2e-2 : c.kind == F16 ? 3e-3 : 1e-5;
   const bool ok = worst <= tol;
+  static const char *names[] = {"f16", "bf16", "f32"};
   std::printf("%s %-4s B=%u Tq=%u Tk=%u heads=%u hd=%u (kernel for %u): max |diff| %.3g (tolerance %.0e)%s\n",
-              c.fused_qkv ? "self " : "cross", c.bf16 ? "bf16" : "f16", c.batch, c.tq, c.tk, c.heads, c.hd, padded,
-              worst, tol, ok ? "" : "  FAILED");
+              c.fused_qkv ? "self " : "cross", names[c.kind], c.batch, c.tq, c.tk, c.heads, c.hd, padded, worst, tol,
+              ok ? "" : "  FAILED");
   return ok;
 }
 
 int main() {
   std::mt19937 rng(7);
-  // The base ViT's shape (257 tokens, head size 64), ViT-g's head size 88, sequences on, off and
-  // below the 64-row tiles, every padded head size, and cross-attention (32 queries over 257 keys).
+  // Tensor cores (f16, bf16): the base ViT's shape (257 tokens, head size 64), ViT-g's head size 88,
+  // sequences on, off and below the 64-row tiles, every padded head size, cross-attention (32
+  // queries over 257 keys). CUDA cores (f32): the Q-Former's self- and cross-attention, query
+  // counts off the 32-row tiles, head sizes 1 to 96.
   const Case cases[] = {
-      {2, 257, 257, 3, 64, false, true}, {2, 257, 257, 3, 64, true, true}, {1, 70, 70, 2, 88, false, true},
-      {1, 70, 70, 2, 88, true, true},    {1, 64, 64, 2, 32, false, true},  {1, 5, 5, 3, 8, true, true},
-      {1, 130, 130, 1, 128, false, true}, {1, 65, 65, 2, 16, false, true}, {2, 32, 257, 2, 64, false, false},
-      {1, 32, 100, 2, 40, true, false},
+      {2, 257, 257, 3, 64, F16, true},  {2, 257, 257, 3, 64, BF16, true}, {1, 70, 70, 2, 88, F16, true},
+      {1, 70, 70, 2, 88, BF16, true},   {1, 64, 64, 2, 32, F16, true},    {1, 5, 5, 3, 8, BF16, true},
+      {1, 130, 130, 1, 128, F16, true}, {1, 65, 65, 2, 16, F16, true},    {2, 32, 257, 2, 64, F16, false},
+      {1, 32, 100, 2, 40, BF16, false}, {2, 32, 32, 3, 64, F32, true},    {2, 32, 257, 2, 64, F32, false},
+      {1, 45, 70, 2, 96, F32, false},   {1, 33, 33, 3, 24, F32, true},     {1, 40, 40, 2, 1, F32, true},
   };
   bool ok = true;
-  for (const Case &c : cases) ok &= run(c, rng);
+  for (const Case &c : cases) ok &= c.kind == F32 ? run<float>(c, rng) : run<u16>(c, rng);
   return ok ? 0 : 1;
 }
