@@ -36,7 +36,7 @@ fn requested() -> bool {
     *ON.get_or_init(|| std::env::var("BLIPDEX_CUDA_FLASH").is_ok_and(|v| v == "1"))
 }
 
-/// The kernel for a dtype and head size: its name, queries per block and padded head size.
+/// The kernel for a dtype and head size: its name and queries per block.
 /// Halves: head sizes padded to 32, 64, 96 or 128 (even sizes: the kernel reads element pairs);
 /// f32: up to 96 (its shared memory holds whole rows).
 fn kernel(dtype: DType, hd: usize) -> Option<(String, usize)> {
@@ -148,13 +148,11 @@ impl FlashAttention {
         let [Some((qlo, qhi)), Some((klo, khi)), Some((vlo, vhi))] = ranges else {
             candle_core::bail!("flash attention needs contiguous q, k, v");
         };
-        let dims = [ql, kl, vl].map(|l| (l.dims(), l.start_offset()));
+        let parts = std::array::from_fn(|i| {
+            let l = inputs[i].1;
+            (l.dims(), l.start_offset(), self.offsets[i])
+        });
         let [qo, ko, vo] = self.offsets;
-        let parts = [
-            (dims[0].0, dims[0].1, qo),
-            (dims[1].0, dims[1].1, ko),
-            (dims[2].0, dims[2].1, vo),
-        ];
         if !supported(parts, qs.dtype(), self.heads, self.dim) {
             candle_core::bail!(
                 "flash attention: no kernel for {:?} q {:?}, k {:?}, v {:?} with {} heads",
