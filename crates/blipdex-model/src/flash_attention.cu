@@ -10,8 +10,8 @@
 // rounded to the input's type for the second product, as FlashAttention and PyTorch's SDPA do.
 //
 // A block of 4 warps takes 64 queries (16 per warp, held in registers as mma A fragments) and walks
-// the keys in tiles of 64 through shared memory: K row-major, V transposed, both with rows padded
-// by 8 halves so the fragment loads of a warp hit 32 distinct banks. Head sizes are padded to HDP
+// the keys in tiles of 64 through shared memory, K and V row-major with rows padded by 8 halves so
+// that a warp's fragment loads hit 32 distinct banks (V's fragments come transposed, by ldmatrix). Head sizes are padded to HDP
 // (a multiple of 16) with zeros; keys past Tk are masked, queries past Tq are not written.
 // Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
 
@@ -38,6 +38,16 @@ template <bool BF16> struct Tc;
   };
 TC(false, "f16")
 TC(true, "bf16")
+
+// Four 8×8 b16 matrices from shared memory, transposed: lane i gives the address of row i % 8 of
+// matrix i / 8 and receives in r[j] elements (2·(i % 4), i / 4) and (2·(i % 4) + 1, i / 4) of matrix j,
+// an mma B fragment when the rows are k and the columns n.
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const u16 *row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "l"(row)
+               : "memory");
+}
 #endif
 
 #define FLASH_BQ 64  // queries per block, 16 per warp
@@ -54,10 +64,9 @@ template <bool BF16, int HDP>
 __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq,
                                                 u32 tk, u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs,
                                                 float scale_log2) {
-  const int KS = HDP + 8;         // K tile row stride (halves)
-  const int VS = FLASH_BK + 8;    // transposed V tile row stride (halves)
+  const int KS = HDP + 8;  // tile row stride (halves; rows 16-byte aligned for ldmatrix)
   __shared__ __align__(16) u16 kt[FLASH_BK * KS];  // the Q tile first, then each K tile
-  __shared__ __align__(16) u16 vt[HDP * VS];
+  __shared__ __align__(16) u16 vt[FLASH_BK * KS];
   const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const u32 b = blockIdx.x / heads, h = blockIdx.x % heads, q0 = blockIdx.y * FLASH_BQ;
   q += (size_t)b * tq * q_rs + (size_t)h * hd;
@@ -93,9 +102,7 @@ __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, cons
     for (u32 i = threadIdx.x; i < FLASH_BK * HDP / 2; i += blockDim.x) {
       const u32 r = i / (HDP / 2), c = (i % (HDP / 2)) * 2;
       *(u32 *)&kt[r * KS + c] = flash_pair(k, kv_rs, k0 + r, tk, c, hd);
-      const u32 pv = flash_pair(v, kv_rs, k0 + r, tk, c, hd);
-      vt[c * VS + r] = (u16)(pv & 0xffffu);
-      vt[(c + 1) * VS + r] = (u16)(pv >> 16);
+      *(u32 *)&vt[r * KS + c] = flash_pair(v, kv_rs, k0 + r, tk, c, hd);
     }
     __syncthreads();
 
@@ -158,10 +165,14 @@ __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, cons
       const u32 pa[4] = {Tc<BF16>::pack(s[2 * kk][0], s[2 * kk][1]), Tc<BF16>::pack(s[2 * kk][2], s[2 * kk][3]),
                          Tc<BF16>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                          Tc<BF16>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      // Matrices (keys 0-7 | 8-15) × (columns dn | dn + 1) of this 16-key step: B fragments of both.
+      const u32 m = lane >> 3;
 #pragma unroll
-      for (int dn = 0; dn < HDP / 8; dn++) {
-        const u16 *col = &vt[(dn * 8 + g) * VS + kk * 16 + 2 * t];
-        Tc<BF16>::mma(o[dn], pa, *(const u32 *)col, *(const u32 *)(col + 8));
+      for (int dn = 0; dn < HDP / 8; dn += 2) {
+        u32 vb[4];
+        ldsm_x4_trans(vb, &vt[(kk * 16 + (m & 1) * 8 + (lane & 7)) * KS + (dn + (m >> 1)) * 8]);
+        Tc<BF16>::mma(o[dn], pa, vb[0], vb[1]);
+        Tc<BF16>::mma(o[dn + 1], pa, vb[2], vb[3]);
       }
     }
     __syncthreads();

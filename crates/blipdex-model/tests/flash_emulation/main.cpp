@@ -116,6 +116,23 @@ template <bool BF16> struct Tc {
   static u32 pack(float lo, float hi) { return (u32)half_bits(BF16, lo) | ((u32)half_bits(BF16, hi) << 16); }
 };
 
+// ldmatrix .x4 .trans: lane i gives row i % 8 of matrix i / 8 and receives elements
+// (2·(i % 4), i / 4) and (2·(i % 4) + 1, i / 4) of matrix j in r[j].
+static void ldsm_x4_trans(u32 (&r)[4], const u16 *row) {
+  const u32 w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  static const u16 *rows[4][32];
+  rows[w][lane] = row;
+  warp_sync[w]->arrive_and_wait();
+  const u32 g = lane >> 2, t = lane & 3;
+  u32 out[4];
+  for (int j = 0; j < 4; j++) {
+    const u16 *const *m = rows[w] + 8 * j;  // the matrix's 8 row addresses
+    out[j] = (u32)m[2 * t][g] | ((u32)m[2 * t + 1][g] << 16);
+  }
+  warp_sync[w]->arrive_and_wait();
+  std::memcpy(r, out, sizeof out);
+}
+
 #include "../../src/flash_attention.cu"
 
 // Both kernel families share the signature up to the element type.
