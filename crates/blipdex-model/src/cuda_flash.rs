@@ -195,9 +195,19 @@ impl FlashAttention {
         let (q_rs, kv_rs, o_rs) = (u(wq), u(wk), u(self.dim));
         builder.arg(&tq32).arg(&tk32).arg(&heads).arg(&hd32);
         builder.arg(&q_rs).arg(&kv_rs).arg(&o_rs).arg(&scale);
+        // The half kernels load 16-byte chunks where every row of q, k and v starts on one.
+        let vec = u32::from(
+            [qlo + qo, klo + ko, vlo + vo, wq, wk, hd]
+                .iter()
+                .all(|x| x.is_multiple_of(8)),
+        );
+        if qs.dtype() != DType::F32 {
+            builder.arg(&vec);
+        }
         // SAFETY: each part's reads stay within its B·T rows of its width (offset + dim ≤ width,
         // checked in `supported`), writes within out; half-precision pairs are 4-byte aligned
-        // (even offsets and widths).
+        // (even offsets and widths), chunks 16-byte aligned where vec (offsets and widths
+        // multiples of 8 on candle's 256-byte aligned allocations).
         unsafe { builder.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -282,7 +292,8 @@ mod tests {
         let dev = Device::new_cuda(0)?;
         // (dtype, batch, Tq, Tk, heads, head size, self-attention): the base ViT (257 tokens,
         // head size 64), ViT-g's head size 88, off-tile and tiny sequences, every padded head
-        // size; the Q-Former's f32 self- (32 queries) and cross-attention (over 257 keys).
+        // size, both load widths; the Q-Former's f32 self- (32 queries) and cross-attention (over
+        // 257 keys).
         let cases = [
             (
                 DType::F16,
@@ -298,6 +309,7 @@ mod tests {
             (DType::BF16, 1, 5, 5, 3, 8, true),
             (DType::F16, 2, 130, 130, 1, 128, true),
             (DType::BF16, 3, 65, 65, 4, 32, true),
+            (DType::F16, 1, 65, 65, 2, 12, true), // element pairs, not 16-byte chunks
             (DType::F16, 2, 32, 257, 2, 64, false),
             (DType::F32, 2, 32, 32, 3, 64, true),
             (DType::F32, 2, 32, 257, 2, 64, false),

@@ -50,8 +50,9 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const u16 *row) {
 }
 #endif
 
-#define FLASH_BQ 64  // queries per block, 16 per warp
-#define FLASH_BK 64  // keys per tile
+#define FLASH_THREADS 128  // 4 warps a block (both kernel families)
+#define FLASH_BQ 64        // queries per block, 16 per warp
+#define FLASH_BK 64        // keys per tile
 #define FLASH_FULL 0xffffffffu
 
 // Elements (row, col) and (row, col + 1) of a [n, hd] matrix with row stride rs, zero outside it
@@ -60,10 +61,33 @@ __device__ __forceinline__ u32 flash_pair(const u16 *src, u32 rs, u32 row, u32 n
   return (row < n && col < hd) ? *(const u32 *)(src + (size_t)row * rs + col) : 0u;
 }
 
+// Rows r0..r0 + 63 of a [n, hd] matrix with row stride rs into a tile of row stride HDP + 8, zero
+// outside the matrix: in 16-byte chunks where hd, rs and src are multiples of 8 elements (vec), else
+// in element pairs.
+template <int HDP>
+__device__ __forceinline__ void flash_tile(u16 *tile, const u16 *src, u32 rs, u32 r0, u32 n, u32 hd, bool vec) {
+  const int KS = HDP + 8;
+  if (vec) {
+#pragma unroll 4
+    for (int j = 0; j < 64 * HDP / 8 / FLASH_THREADS; j++) {
+      const u32 i = threadIdx.x + j * FLASH_THREADS, r = i / (HDP / 8), c = (i % (HDP / 8)) * 8;
+      uint4 x = {0u, 0u, 0u, 0u};
+      if (r0 + r < n && c < hd) x = *(const uint4 *)(src + (size_t)(r0 + r) * rs + c);
+      *(uint4 *)&tile[r * KS + c] = x;
+    }
+  } else {
+#pragma unroll 4
+    for (int j = 0; j < 64 * HDP / 2 / FLASH_THREADS; j++) {
+      const u32 i = threadIdx.x + j * FLASH_THREADS, r = i / (HDP / 2), c = (i % (HDP / 2)) * 2;
+      *(u32 *)&tile[r * KS + c] = flash_pair(src, rs, r0 + r, n, c, hd);
+    }
+  }
+}
+
 template <bool BF16, int HDP>
 __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq,
                                                 u32 tk, u32 heads, u32 hd, u32 q_rs, u32 kv_rs, u32 o_rs,
-                                                float scale_log2) {
+                                                float scale_log2, bool vec) {
   const int KS = HDP + 8;  // tile row stride (halves; rows 16-byte aligned for ldmatrix)
   __shared__ __align__(16) u16 kt[FLASH_BK * KS];  // the Q tile first, then each K tile
   __shared__ __align__(16) u16 vt[FLASH_BK * KS];
@@ -74,10 +98,7 @@ __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, cons
   v += (size_t)b * tk * kv_rs + (size_t)h * hd;
   out += (size_t)b * tq * o_rs + (size_t)h * hd;
 
-  for (u32 i = threadIdx.x; i < FLASH_BQ * HDP / 2; i += blockDim.x) {
-    const u32 r = i / (HDP / 2), c = (i % (HDP / 2)) * 2;
-    *(u32 *)&kt[r * KS + c] = flash_pair(q, q_rs, q0 + r, tq, c, hd);
-  }
+  flash_tile<HDP>(kt, q, q_rs, q0, tq, hd, vec);
   __syncthreads();
   u32 qa[HDP / 16][4];
   const u32 qr = warp * 16 + g;
@@ -99,11 +120,8 @@ __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, cons
   float m0 = __int_as_float(0xff800000), m1 = m0, l0 = 0.0f, l1 = 0.0f;
 
   for (u32 k0 = 0; k0 < tk; k0 += FLASH_BK) {
-    for (u32 i = threadIdx.x; i < FLASH_BK * HDP / 2; i += blockDim.x) {
-      const u32 r = i / (HDP / 2), c = (i % (HDP / 2)) * 2;
-      *(u32 *)&kt[r * KS + c] = flash_pair(k, kv_rs, k0 + r, tk, c, hd);
-      *(u32 *)&vt[r * KS + c] = flash_pair(v, kv_rs, k0 + r, tk, c, hd);
-    }
+    flash_tile<HDP>(kt, k, kv_rs, k0, tk, hd, vec);
+    flash_tile<HDP>(vt, v, kv_rs, k0, tk, hd, vec);
     __syncthreads();
 
     float s[FLASH_BK / 8][4];
@@ -195,12 +213,13 @@ __device__ __forceinline__ void flash_attention(const u16 *q, const u16 *k, cons
 }
 
 // Launched with 128 threads, grid (B · heads, ceil(Tq / 64)). q, k, v, out and the row strides
-// even (u32 loads of element pairs), hd even and at most HDP.
+// even (u32 loads of element pairs), hd even and at most HDP; vec: q, k, v, hd and the row strides
+// multiples of 8 elements (16-byte loads).
 #define FLASH(NAME, BF16, HDP)                                                                             \
-  extern "C" __global__ void __launch_bounds__(128)                                                       \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                             \
       NAME(const u16 *q, const u16 *k, const u16 *v, u16 *out, u32 tq, u32 tk, u32 heads, u32 hd, u32 q_rs, \
-           u32 kv_rs, u32 o_rs, float scale_log2) {                                                       \
-    flash_attention<BF16, HDP>(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale_log2);            \
+           u32 kv_rs, u32 o_rs, float scale_log2, u32 vec) {                                              \
+    flash_attention<BF16, HDP>(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale_log2, vec != 0);  \
   }
 FLASH(flash_f16_32, false, 32)
 FLASH(flash_f16_64, false, 64)
@@ -233,7 +252,7 @@ __device__ __forceinline__ void attention_f32(const float *q, const float *k, co
   k += (size_t)b * tk * kv_rs + (size_t)h * hd;
   v += (size_t)b * tk * kv_rs + (size_t)h * hd;
   out += (size_t)b * tq * o_rs + (size_t)h * hd;
-  for (u32 i = threadIdx.x; i < ATT_BQ * HDP; i += blockDim.x) {
+  for (u32 i = threadIdx.x; i < ATT_BQ * HDP; i += FLASH_THREADS) {
     const u32 r = i / HDP, c = i % HDP;
     qs[i] = (q0 + r < tq && c < hd) ? q[(size_t)(q0 + r) * q_rs + c] : 0.0f;
   }
@@ -249,7 +268,7 @@ __device__ __forceinline__ void attention_f32(const float *q, const float *k, co
   float *pw = ps + warp * 8 * ATT_BK;
   for (u32 k0 = 0; k0 < tk; k0 += ATT_BK) {
     __syncthreads();  // the last tile's readers are done (and the query tile is in)
-    for (u32 i = threadIdx.x; i < ATT_BK * HDP; i += blockDim.x) {
+    for (u32 i = threadIdx.x; i < ATT_BK * HDP; i += FLASH_THREADS) {
       const u32 r = i / HDP, c = i % HDP;
       const bool in = k0 + r < tk && c < hd;
       ks[r * (HDP + 1) + c] = in ? k[(size_t)(k0 + r) * kv_rs + c] : 0.0f;
@@ -317,7 +336,7 @@ __device__ __forceinline__ void attention_f32(const float *q, const float *k, co
 
 // Launched with 128 threads, grid (B · heads, ceil(Tq / 32)); hd at most 32 · DJ.
 #define ATTENTION_F32(NAME, DJ)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(128)                                                             \
+  extern "C" __global__ void __launch_bounds__(FLASH_THREADS)                                                   \
       NAME(const float *q, const float *k, const float *v, float *out, u32 tq, u32 tk, u32 heads, u32 hd, u32 q_rs, \
            u32 kv_rs, u32 o_rs, float scale) {                                                                  \
     attention_f32<DJ>(q, k, v, out, tq, tk, heads, hd, q_rs, kv_rs, o_rs, scale);                                 \
