@@ -258,7 +258,8 @@ impl candle_core::CustomOp3 for FlashAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use crate::kernels::tests::max_abs_diff;
+    use candle_core::Device;
 
     /// `[B, T, heads·hd]` → `[B, heads, T, hd]`.
     fn split(x: &Tensor, heads: usize) -> Result<Tensor> {
@@ -274,14 +275,6 @@ mod tests {
         let (q, k, v) = (split(q, heads)?, split(k, heads)?, split(v, heads)?);
         let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
         p.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, d))
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-            .abs()?
-            .flatten_all()?
-            .max(D::Minus1)?
-            .to_scalar::<f32>()
     }
 
     /// The kernels on a GPU against candle's unfused ops in f32 on the same inputs (for halves,
@@ -345,8 +338,8 @@ mod tests {
             };
             let got = qsrc.apply_op3_no_bwd(&kvsrc, &kvsrc, &op)?;
             assert_eq!((got.dims(), got.dtype()), (want.dims(), dtype));
-            let e_flash = max_abs_diff(&got, &want)?;
-            let e_unfused = max_abs_diff(&unfused(&q, &k, &v, heads, scale)?, &want)?;
+            let e_flash = max_abs_diff(&f32s(&got)?, &want)?;
+            let e_unfused = max_abs_diff(&f32s(&unfused(&q, &k, &v, heads, scale)?)?, &want)?;
             let case = format!("{dtype:?} b={b} tq={tq} tk={tk} heads={heads} hd={hd}");
             println!("{case}: fused {e_flash:.2e}, unfused {e_unfused:.2e}");
             // As the emulated kernels' test: halves a few units in the last place of outputs of

@@ -1339,7 +1339,7 @@ fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::IndexOp;
 
@@ -1397,7 +1397,8 @@ mod tests {
         }
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    /// Largest |a − b| of two f32 tensors (also `cuda_flash`'s tests').
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
