@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Builds what scripts/gpu-check.sh carries to a GPU machine, here (no GPU needed): the CUDA release binary and the
+# Builds what scripts/gpu-check.sh carries to a GPU machine, here (no GPU needed): the CUDA release binary (with the
+# fused attention kernels, `--features flash-attn`, which implies cuda) and the
 # model crate's CUDA test binary (the flash attention kernel against candle's unfused ops), xz-compressed into
 # target/gpu-bin (carry it: `carry: ["target/gpu-bin"]`, ~25 MB). From scratch ~40 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/cuda-env.sh)"
-cargo build --release -p blipdex-cli --features cuda --target-dir target/cuda
-tests=$(cargo test --features cuda -p blipdex-model --lib --no-run --target-dir target/cuda --message-format=json 2>/dev/null \
+cargo build --release -p blipdex-cli --features flash-attn --target-dir target/cuda
+tests=$(cargo test --features flash-attn -p blipdex-model --lib --no-run --target-dir target/cuda --message-format=json 2>/dev/null \
   | python3 -c "import json,sys
 for l in sys.stdin:
     m = json.loads(l)

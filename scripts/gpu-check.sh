@@ -6,7 +6,8 @@
 #
 # then run `bash scripts/gpu-check.sh` there with target/gpu-bin carried. Steps, each with its own time limit, so
 # one failure does not hide the others:
-#   0. fused attention (BLIPDEX_CUDA_FLASH=1, not yet the default): the kernels against candle's unfused ops (the
+#   0. fused attention (the binary is built with --features flash-attn; BLIPDEX_CUDA_FLASH=1 here, 0 in every other
+#      step, so that those measure the unfused path as before): the kernels against candle's unfused ops (the
 #      CUDA test binary), the fixtures' parity with them on (parity-flash.json: f32 runs the Q-Former's kernel, f16 /
 #      bf16 the vision tower's too), and embed b64 f16 / bf16 and ViT-g b32 f16 with and without them next to
 #      transformers (bench.jsonl, labels "... flash" / "... unfused");
@@ -49,6 +50,8 @@ NVLIB=$($PY -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 
 export LD_LIBRARY_PATH=${NVLIB}:${LD_LIBRARY_PATH:-}
 ldd "$BIN" | grep -E "not found|cuda|cublas|nvrtc|curand" || true
 "$BIN" --version || { echo "blipdex does not run"; exit 1; }
+# The fused attention kernels only where a step asks for them (BLIPDEX_CUDA_FLASH=1).
+export BLIPDEX_CUDA_FLASH=0
 
 # Embeds the fixtures' golden pixel values in each dtype and compares with transformers' f32 golden tensors:
 # parity <json name> <dtype>... (writes $OUT/<json name>; 1 in status where a dtype is off).

@@ -4,8 +4,9 @@
 //! (whose 257-wide score rows get cuBLAS's unaligned sm75 kernels on an H100 in f16), the softmax
 //! and the head merge copy.
 //!
-//! Opt-in (`BLIPDEX_CUDA_FLASH=1`) until it has been measured on a GPU: the kernels' code is tested
-//! on the CPU with the warp instructions emulated (tests/flash_emulation.rs), and on a GPU by this
+//! Behind the `flash-attn` feature until it has been measured on a GPU (then on by default in such
+//! a build; `BLIPDEX_CUDA_FLASH=0` turns it off, for comparisons): the kernels' code is tested on
+//! the CPU with the warp instructions emulated (tests/flash_emulation.rs), and on a GPU by this
 //! module's test against candle's unfused ops (`scripts/gpu-check.sh` runs it).
 // Kernel launches are unsafe by nature; the block says why it holds.
 #![allow(unsafe_code)]
@@ -30,10 +31,10 @@ fn ptx(dev: &CudaDevice) -> Result<&'static str> {
     crate::cuda_kernels::compiled(&PTX, dev, SRC, "blipdex's flash attention kernels", 8)
 }
 
-/// Whether `BLIPDEX_CUDA_FLASH=1` asks for the fused kernels.
+/// Whether the fused kernels are wanted: yes unless `BLIPDEX_CUDA_FLASH=0`.
 fn requested() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BLIPDEX_CUDA_FLASH").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("BLIPDEX_CUDA_FLASH").map_or(true, |v| v != "0"))
 }
 
 /// The kernel for a dtype and head size: its name and queries per block.
@@ -279,7 +280,7 @@ mod tests {
 
     /// The kernels on a GPU against candle's unfused ops in f32 on the same inputs (for halves,
     /// next to candle's unfused half-precision ops, the path blipdex takes without them). Built
-    /// only with `--features cuda`, and then needs a CUDA device of sm_80 or newer.
+    /// only with `--features flash-attn`, and then needs a CUDA device of sm_80 or newer.
     #[test]
     fn flash_attention_matches_unfused_ops() -> anyhow::Result<()> {
         let dev = Device::new_cuda(0)?;

@@ -626,15 +626,15 @@ pub struct AttentionSpec<'a> {
 /// `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per (image, head), the Tq × Tk scores
 /// made, masked, normalized and used inside that core's cache, q, k and v read straight out of
 /// the projections (no head split copies, no batched score tensor through memory). `None`
-/// elsewhere: the caller runs the unfused ops. On CUDA with `BLIPDEX_CUDA_FLASH=1`, unmasked:
-/// blipdex's fused CUDA kernels (`cuda_flash`).
+/// elsewhere: the caller runs the unfused ops. On CUDA, built with `--features flash-attn`,
+/// unmasked: blipdex's fused CUDA kernels (`cuda_flash`).
 pub fn fused_attention(
     q: Part<'_>,
     k: Part<'_>,
     v: Part<'_>,
     spec: AttentionSpec<'_>,
 ) -> Result<Option<Tensor>> {
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "flash-attn")]
     if let Some(out) = crate::cuda_flash::flash_attention(q, k, v, &spec)? {
         return Ok(Some(out));
     }

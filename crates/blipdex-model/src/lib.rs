@@ -4,7 +4,7 @@ pub mod blip2;
 pub mod caption;
 pub mod captioner;
 pub mod config;
-#[cfg(feature = "cuda")]
+#[cfg(feature = "flash-attn")]
 mod cuda_flash;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
