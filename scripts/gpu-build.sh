@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds what scripts/gpu-check.sh carries to a GPU machine, here (no GPU needed): the CUDA release binary (with the
-# fused attention kernels, `--features flash-attn`, which implies cuda) and the
-# model crate's CUDA test binary (the flash attention kernel against candle's unfused ops), xz-compressed into
-# target/gpu-bin (carry it: `carry: ["target/gpu-bin"]`, ~25 MB). From scratch ~40 min on 2 cores.
+# Builds what scripts/gpu-check.sh carries to a GPU machine, here (no GPU needed): the CUDA release binary with the
+# fused attention kernels (`--features flash-attn`, which implies cuda) and the model crate's CUDA test binary (the
+# kernels against candle's unfused ops), xz-compressed into target/gpu-bin (carry it: `carry: ["target/gpu-bin"]`,
+# ~21 MB). From scratch ~40 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/cuda-env.sh)"
