@@ -1,7 +1,7 @@
-//! `blipdex bench search`: exact and HNSW search on a seeded synthetic index of BLIP-2-shaped
+//! `blipdex bench search`: exact and ANN search on a seeded synthetic index of BLIP-2-shaped
 //! embeddings (clustered 32x256 unit vectors; see `blipdex_store::synth`). Builds the index
-//! (in commits, as ingest does), then searches it in a fresh process so the reported RSS is what a
-//! reader opening that index uses. Prints one JSON object (pretty unless --json).
+//! (in commits of ingest's default size), then searches it in a fresh process so the reported
+//! memory is what a reader opening that index uses. Prints one JSON object (pretty unless --json).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use blipdex_store::synth::{recall, Synth};
-use blipdex_store::{Batch, Dtype, HnswParams, Store, StoreOptions};
+use blipdex_store::{AnnSearch, Batch, Dtype, HnswParams, Store, StoreOptions};
 use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
@@ -43,18 +43,26 @@ pub struct SearchBench {
     pub m: usize,
     #[arg(long, env = "BLIPDEX_BENCH_EF_CONSTRUCTION", default_value_t = HnswParams::default().ef_construction)]
     pub ef_construction: usize,
-    /// Search breadths to measure.
+    /// Candidate images rescored exactly per query, to measure.
     #[arg(
         long,
         env = "BLIPDEX_BENCH_EF",
         value_delimiter = ',',
-        default_value = "64,128,192,256"
+        default_value = "64,128,192"
     )]
     pub ef: Vec<usize>,
+    /// Index lists probed per query, to measure (every ef with every nprobe).
+    #[arg(
+        long,
+        env = "BLIPDEX_BENCH_NPROBE",
+        value_delimiter = ',',
+        default_value = "16,32,64"
+    )]
+    pub nprobe: Vec<usize>,
     #[arg(long, env = "BLIPDEX_BENCH_K", default_value_t = 10)]
     pub k: usize,
-    /// Images per commit while building.
-    #[arg(long, env = "BLIPDEX_BENCH_BATCH", default_value_t = 10_000)]
+    /// Images per commit while building (ingest's default `commit_every`).
+    #[arg(long, env = "BLIPDEX_BENCH_BATCH", default_value_t = 256)]
     pub batch: usize,
     /// f32 or f16 embeddings on disk.
     #[arg(long, env = "BLIPDEX_BENCH_DTYPE", default_value = "f32")]
@@ -161,20 +169,19 @@ fn search(
     build_stats: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
     let (n, nq, e, k) = (a.images, a.queries, a.e, a.k);
-    let rss_before_open = rss_kib("VmRSS:");
-    let t = Instant::now();
-    let store = Store::open_readonly(dir)?;
-    let open_s = t.elapsed().as_secs_f64();
-    let rss_open = rss_kib("VmRSS:");
-    ensure!(
-        store.ann_info().reloaded_rows == n,
-        "the HNSW dump was not reloaded"
-    );
-
     let ts: Vec<f32> = (0..nq as u64)
         .into_par_iter()
         .flat_map_iter(|i| synth.text(i))
         .collect();
+    let anon_before_open = rss_kib("RssAnon:");
+    let t = Instant::now();
+    let store = Store::open_readonly(dir)?;
+    let open_s = t.elapsed().as_secs_f64();
+    store.search_ann(&ts[..e], k, blipdex_store::DEFAULT_EF)?;
+    let first_answer_s = t.elapsed().as_secs_f64();
+    let anon_open = rss_kib("RssAnon:");
+    ensure!(store.len() == n, "the index holds {} images, not {n}", store.len());
+    let info = store.ann_info();
     let ids = |h: &[blipdex_store::Hit]| h.iter().map(|x| x.image_id).collect::<Vec<_>>();
     let cached: Option<Vec<Vec<u64>>> = a
         .truth_file
@@ -205,15 +212,20 @@ fn search(
     let exact_single_ms = t.elapsed().as_secs_f64() * 1e3 / single as f64;
 
     let mut ann = Vec::new();
-    for &ef in &a.ef {
+    for (&nprobe, &ef) in a
+        .nprobe
+        .iter()
+        .flat_map(|p| a.ef.iter().map(move |f| (p, f)))
+    {
+        let s = AnnSearch { ef, nprobe };
         // Throughput: all cores, queries spread by rayon; latency measured per query meanwhile.
         let t = Instant::now();
         let res = ts
             .par_chunks_exact(e)
             .map(|t1| {
-                let s = Instant::now();
-                let r = store.search_ann(t1, k, ef)?;
-                Ok((r, s.elapsed().as_secs_f64() * 1e3))
+                let t0 = Instant::now();
+                let r = store.search_ann_with(t1, k, s)?;
+                Ok((r, t0.elapsed().as_secs_f64() * 1e3))
             })
             .collect::<blipdex_core::Result<Vec<_>>>()?;
         let wall = t.elapsed().as_secs_f64();
@@ -222,9 +234,9 @@ fn search(
         // Single-thread latency, unloaded.
         let mut lat1 = Vec::new();
         for t1 in ts.chunks_exact(e).take(200) {
-            let s = Instant::now();
-            store.search_ann(t1, k, ef)?;
-            lat1.push(s.elapsed().as_secs_f64() * 1e3);
+            let t0 = Instant::now();
+            store.search_ann_with(t1, k, s)?;
+            lat1.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         lat1.sort_by(f64::total_cmp);
         let rec: f64 = res
@@ -234,6 +246,7 @@ fn search(
             .sum::<f64>()
             / nq as f64;
         let row = json!({
+            "nprobe": nprobe,
             "ef": ef,
             "recall_at_k": rec,
             "qps": nq as f64 / wall,
@@ -256,12 +269,14 @@ fn search(
         "dtype": dtype.to_string(),
         "threads": rayon::current_num_threads(),
         "synthetic": {"centres": synth.n_centres(), "image_noise": synth.image_noise, "query_noise": synth.query_noise, "text_noise": synth.text_noise, "aspects": synth.aspects},
-        "hnsw": {"m": p.max_nb_connection, "ef_construction": p.ef_construction, "vectors_per_image": p.vectors_per_image},
+        "index": {"vectors_per_image": p.vectors_per_image, "coarse_hnsw_m": p.max_nb_connection, "coarse_hnsw_ef_construction": p.ef_construction, "lists": info.lists, "segments": info.segments, "entries": info.points, "trained_rows": info.trained_rows},
         "build": build_stats,
         "open_readonly_s": open_s,
+        "open_to_first_answer_s": first_answer_s,
         "ram": {
-            "reader_bytes_per_image": (rss_open.saturating_sub(rss_before_open)) as f64 * 1024.0 / n as f64,
-            "embeddings_bytes_per_image": a.q * e * 4,
+            "reader_anon_bytes_per_image_at_open": (anon_open.saturating_sub(anon_before_open)) as f64 * 1024.0 / n as f64,
+            "reader_anon_bytes_per_image_after_queries": (rss_kib("RssAnon:").saturating_sub(anon_before_open)) as f64 * 1024.0 / n as f64,
+            "reader_rss_mib_incl_page_cache_of_maps": rss_kib("VmRSS:") as f64 / 1024.0,
             "reader_peak_rss_mib": rss_kib("VmHWM:") as f64 / 1024.0,
         },
         "exact": {"batch_qps": exact_batch_qps, "single_query_ms": exact_single_ms},
@@ -278,14 +293,16 @@ fn build(
     params: HnswParams,
 ) -> anyhow::Result<serde_json::Value> {
     let (q, e) = (synth.q, synth.e);
-    let rss_start = rss_kib("VmRSS:");
+    let anon_start = rss_kib("RssAnon:");
     let mut store = Store::create_or_open(
         dir,
         StoreOptions::new("bench/synthetic", q, e)
             .with_dtype(dtype)
             .with_hnsw(params),
     )?;
-    let (mut t_gen, mut t_data, mut t_insert, mut t_dump) = (0.0, 0.0, 0.0, 0.0);
+    let (mut t_gen, mut t_data, mut t_insert, mut t_merge) = (0.0, 0.0, 0.0, 0.0);
+    let (mut slowest_commit, mut commits) = (0f64, 0usize);
+    let mut anon_peak = 0;
     let started = Instant::now();
     for start in (0..n).step_by(batch) {
         let t = Instant::now();
@@ -298,43 +315,60 @@ fn build(
         for r in recs {
             b.add(r);
         }
+        let t = Instant::now();
         let info = store.commit(b)?;
+        slowest_commit = slowest_commit.max(t.elapsed().as_secs_f64());
+        commits += 1;
         t_data += info.timings.data.as_secs_f64();
         t_insert += info.timings.index_insert.as_secs_f64();
-        t_dump += info.timings.index_dump.as_secs_f64();
-        eprintln!(
-            "committed {} images, generation {}: {:?}",
-            (start + batch).min(n),
-            info.generation,
-            info.timings
-        );
+        t_merge += info.timings.index_merge.as_secs_f64();
+        let done = (start + batch).min(n);
+        if commits % 256 == 0 || done == n {
+            anon_peak = anon_peak.max(rss_kib("RssAnon:"));
+            eprintln!(
+                "committed {done} images, generation {}: index {:.1} s insert + {:.1} s merge/retrain, data {:.1} s",
+                info.generation, t_insert, t_merge, t_data
+            );
+        }
     }
     let seconds = started.elapsed().as_secs_f64() - t_gen;
-    let writer_rss = rss_kib("VmRSS:");
+    let writer_anon = rss_kib("RssAnon:");
     drop(store);
     let mut disk: HashMap<&str, u64> = HashMap::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let kind = if name.starts_with("shard-") {
+        let kind = if name.ends_with(".parquet") {
             "parquet"
-        } else if name.starts_with("hnsw-") {
-            "hnsw"
+        } else if name.ends_with(".rows") {
+            "rows"
+        } else if name.starts_with("ivf-") {
+            "ivf"
         } else {
             "other"
         };
         *disk.entry(kind).or_default() += entry.metadata()?.len();
     }
+    let per = |k: &str| *disk.get(k).unwrap_or(&0) as f64 / n as f64;
+    let index_s = t_insert + t_merge;
     Ok(json!({
         "seconds": seconds,
-        "parquet_and_manifest_s": t_data,
-        "hnsw_insert_s": t_insert,
-        "hnsw_dump_s": t_dump,
-        "commits": n.div_ceil(batch),
-        "writer_rss_mib": (writer_rss.saturating_sub(rss_start)) as f64 / 1024.0,
+        "images_per_s": n as f64 / seconds,
+        "data_s": t_data,
+        "index_insert_s": t_insert,
+        "index_merge_and_retrain_s": t_merge,
+        "index_images_per_s": n as f64 / index_s.max(1e-9),
+        "index_share_of_wall": index_s / seconds,
+        "commits": commits,
+        "slowest_commit_s": slowest_commit,
+        "writer_anon_bytes_per_image_end": (writer_anon.saturating_sub(anon_start)) as f64 * 1024.0 / n as f64,
+        "writer_anon_bytes_per_image_peak": (anon_peak.max(writer_anon).saturating_sub(anon_start)) as f64 * 1024.0 / n as f64,
         "disk_bytes_per_image": {
-            "parquet": *disk.get("parquet").unwrap_or(&0) as f64 / n as f64,
-            "hnsw": *disk.get("hnsw").unwrap_or(&0) as f64 / n as f64,
+            "parquet": per("parquet"),
+            "rows": per("rows"),
+            "ivf": per("ivf"),
+            "other": per("other"),
+            "total": per("parquet") + per("rows") + per("ivf") + per("other"),
         },
     }))
 }

@@ -258,7 +258,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
                     summary.unchanged += 1;
                 } else if row.paths.contains(&p) {
                     // Same bytes, new mtime (touched/copied over): refresh metadata, keep embeddings.
-                    let embeds = store.embeds(id).map(<[f32]>::to_vec).unwrap_or_default();
+                    let embeds = store.embeds(id).unwrap_or_default();
                     let mut rec = record(&d.entry, &d.hash, width, height, embeds);
                     rec.paths = row.paths.clone();
                     rec.path = row.path.clone();
@@ -491,7 +491,7 @@ impl Round {
 /// Removes vision-cache entries of images no longer live. Best effort: a leftover entry only
 /// costs disk space (entries are content-addressed, never wrong).
 fn collect_cache_garbage(dir: &Path, store: &Store) {
-    let live: HashSet<&str> = store.iter().map(|r| r.content_hash.as_str()).collect();
+    let live: HashSet<String> = store.iter().map(|r| r.content_hash).collect();
     let Ok(subdirs) = std::fs::read_dir(dir) else {
         return;
     };

@@ -495,7 +495,7 @@ impl Engine {
             .into_iter()
             .filter_map(|id| {
                 let c = store.embeds(id)?;
-                let s = image_similarity(embeds, c, e);
+                let s = image_similarity(embeds, &c, e);
                 p.keeps(store, id, s).then_some((id, s))
             })
             .collect();

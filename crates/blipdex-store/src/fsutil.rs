@@ -21,11 +21,6 @@ pub(crate) fn tmp_path(dir: &Path, final_name: &str) -> PathBuf {
     dir.join(format!("{TMP_PREFIX}{}-{final_name}", std::process::id()))
 }
 
-pub(crate) fn fsync_file(path: &Path) -> Result<()> {
-    let f = File::open(path).map_err(|e| write_err(path, e))?;
-    f.sync_all().map_err(|e| write_err(path, e))
-}
-
 /// Makes renames and unlinks in `dir` durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     // Directories cannot be opened for fsync on every platform; where they cannot, renames are
@@ -75,4 +70,16 @@ pub(crate) fn replace_atomic(dir: &Path, final_name: &str, bytes: &[u8]) -> Resu
         f.write_all(bytes).map_err(|e| write_err(&tmp_target, e))
     })?;
     fsync_dir(dir)
+}
+
+/// Maps a committed file read-only.
+#[allow(unsafe_code)]
+pub(crate) fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the store maps only files that were fsynced and renamed into place before a
+    // manifest named them, and it never writes, truncates or renames over such a file: a
+    // committed name is never reused (new files get new generation numbers), and a file is
+    // deleted only once no manifest names it (unlinking keeps a live mapping valid on unix).
+    // Another program truncating the file underneath would break this, as it would for any
+    // mapped database file.
+    unsafe { memmap2::Mmap::map(file) }
 }

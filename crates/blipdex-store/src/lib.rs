@@ -170,10 +170,11 @@
 //! signal), the true top-10 is a random draw from the whole cluster, every member must be a
 //! candidate, and at 100k (100 per cluster) m = 1 reached 0.974 at ef = 400 (560 qps).
 
-mod ann;
 mod fsutil;
+mod ivf;
 mod kernels;
 mod manifest;
+mod rows;
 mod search;
 mod shard;
 mod state;
@@ -181,9 +182,9 @@ mod store;
 pub mod synth;
 mod types;
 
-pub use ann::{AnnInfo, DotDist};
+pub use ivf::DotDist;
 pub use store::{content_hash_bytes, content_hash_file, Batch, Store};
 pub use types::{
-    CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow, StoreOptions,
-    DEFAULT_EF,
+    AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord,
+    ImageRow, StoreOptions, DEFAULT_EF, DEFAULT_NPROBE,
 };

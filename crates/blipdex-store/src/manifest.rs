@@ -6,11 +6,19 @@ use blipdex_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::ivf::IvfRef;
+use crate::rows::rows_name;
 use crate::types::{Dtype, HnswParams};
 
 pub(crate) const MANIFEST: &str = "manifest.json";
 pub(crate) const FORMAT: &str = "blipdex-store";
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// v2: memory-mapped row files beside the shards and an IVF index; v1 (all rows decoded into
+/// RAM, an hnsw_rs dump over per-image vectors) is upgraded by a writable open.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_V1: u32 = 1;
+/// Largest Q and E a manifest may declare (BLIP-2: 32 x 256), so that a damaged manifest cannot
+/// make the store allocate absurd amounts.
+const MAX_DIM: usize = 1 << 16;
 
 /// One committed Parquet file (image shard or patch file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +63,12 @@ pub(crate) struct Manifest {
     pub shards: Vec<FileRef>,
     pub patches: Vec<FileRef>,
     pub hnsw_params: HnswParams,
+    /// v1 only: the hnsw_rs dump (deleted by the upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hnsw: Option<HnswDump>,
+    /// The IVF index over every row (None only while the store has no rows).
+    #[serde(default)]
+    pub ivf: Option<IvfRef>,
 }
 
 impl Manifest {
@@ -80,7 +93,13 @@ impl Manifest {
             patches: Vec::new(),
             hnsw_params: hnsw,
             hnsw: None,
+            ivf: None,
         }
+    }
+
+    /// The row file of every shard, in manifest order.
+    pub fn rows_files(&self) -> Vec<String> {
+        self.shards.iter().map(|f| rows_name(&f.file)).collect()
     }
 
     /// Every file name the manifest keeps alive.
@@ -91,10 +110,41 @@ impl Manifest {
             .chain(&self.patches)
             .map(|f| f.file.clone())
             .collect();
+        // Row files count as referenced for v1 manifests too, so an interrupted upgrade keeps
+        // the ones it already built.
+        v.extend(self.rows_files());
         if let Some(h) = &self.hnsw {
             v.extend(h.files());
         }
+        if let Some(i) = &self.ivf {
+            v.extend(i.files());
+        }
         v
+    }
+
+    /// Every name the manifest holds must be a plain file name of the store's own kinds, so
+    /// that a damaged or hostile manifest can never make the store read or delete a file
+    /// outside its directory.
+    fn check_names(&self, dir: &Path) -> Result<()> {
+        for name in self.referenced_files() {
+            let plain = !name.is_empty()
+                && name != "."
+                && name != ".."
+                && !name.contains(['/', '\\', '\0'])
+                && ["shard-", "patch-", "hnsw-", "ivf-"]
+                    .iter()
+                    .any(|p| name.starts_with(p));
+            if !plain {
+                return Err(Error::store(
+                    dir,
+                    format!(
+                        "corrupt {MANIFEST}: {name:?} is not a file name of this index \
+                         (restore the manifest from a backup or re-ingest)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads `dir/manifest.json`; `Ok(None)` when there is none.
@@ -107,7 +157,9 @@ impl Manifest {
         };
         let m: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::store(dir, format!("corrupt {MANIFEST}: {e}")))?;
-        if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+        if m.format != FORMAT
+            || !(m.format_version == FORMAT_VERSION || m.format_version == FORMAT_V1)
+        {
             return Err(Error::store(
                 dir,
                 format!(
@@ -116,14 +168,22 @@ impl Manifest {
                 ),
             ));
         }
-        if m.num_query == 0 || m.dim == 0 {
-            return Err(Error::store(dir, format!("{MANIFEST} has zero dimensions")));
+        if m.num_query == 0 || m.dim == 0 || m.num_query > MAX_DIM || m.dim > MAX_DIM {
+            return Err(Error::store(
+                dir,
+                format!(
+                    "corrupt {MANIFEST}: embedding shape {}x{} (each must be 1..={MAX_DIM})",
+                    m.num_query, m.dim
+                ),
+            ));
         }
+        m.check_names(dir)?;
         Ok(Some(m))
     }
 
     /// Atomically replaces the manifest (the commit point).
     pub fn write(&self, dir: &Path) -> Result<()> {
+        debug_assert_eq!(self.format_version, FORMAT_VERSION);
         let bytes = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::store(dir, format!("cannot serialize manifest: {e}")))?;
         fsutil::replace_atomic(dir, MANIFEST, &bytes)

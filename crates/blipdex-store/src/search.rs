@@ -82,10 +82,11 @@ impl TopK {
     }
 }
 
-fn hit(state: &State, row: usize, t: &[f32]) -> Hit {
-    let (score, query) = max_sim(state.row_embeds(row), t);
+fn hit(state: &State, row: usize, t: &[f32], buf: &mut Vec<f32>) -> Hit {
+    let v = state.vectors(row);
+    let (score, query) = max_sim(v.as_f32(buf), t);
     Hit {
-        image_id: state.row_image[row],
+        image_id: state.row_image(row),
         score,
         query,
     }
@@ -99,16 +100,17 @@ pub(crate) fn exact(state: &State, t: &[f32], k: usize) -> Vec<Hit> {
     (0..rows.div_ceil(ROW_CHUNK))
         .into_par_iter()
         .fold(
-            || TopK::new(k),
-            |mut top, c| {
+            || (TopK::new(k), Vec::new()),
+            |(mut top, mut buf), c| {
                 for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
-                    if state.row_live[r] {
-                        top.push(hit(state, r, t));
+                    if state.is_live(r) {
+                        top.push(hit(state, r, t, &mut buf));
                     }
                 }
-                top
+                (top, buf)
             },
         )
+        .map(|(top, _)| top)
         .reduce(|| TopK::new(k), TopK::merge)
         .into_sorted()
 }
@@ -127,18 +129,27 @@ pub(crate) fn exact_batch(state: &State, ts: &[f32], k: usize) -> Vec<Vec<Hit>> 
         let tops = (0..rows.div_ceil(ROW_CHUNK))
             .into_par_iter()
             .fold(
-                || vec![TopK::new(k); qn],
-                |mut tops, c| {
+                || (vec![TopK::new(k); qn], Vec::new()),
+                |(mut tops, mut buf), c| {
                     for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
-                        if state.row_live[r] {
+                        if state.is_live(r) {
+                            let id = state.row_image(r);
+                            let v = state.vectors(r);
+                            let v = v.as_f32(&mut buf);
                             for (i, t) in block.chunks_exact(e).enumerate() {
-                                tops[i].push(hit(state, r, t));
+                                let (score, query) = max_sim(v, t);
+                                tops[i].push(Hit {
+                                    image_id: id,
+                                    score,
+                                    query,
+                                });
                             }
                         }
                     }
-                    tops
+                    (tops, buf)
                 },
             )
+            .map(|(tops, _)| tops)
             .reduce(
                 || vec![TopK::new(k); qn],
                 |a, b| a.into_iter().zip(b).map(|(x, y)| x.merge(y)).collect(),
@@ -149,10 +160,11 @@ pub(crate) fn exact_batch(state: &State, ts: &[f32], k: usize) -> Vec<Vec<Hit>> 
 }
 
 /// Exact max-sim over candidate rows (already filtered to live ones).
-pub(crate) fn rescore(state: &State, rows: &[usize], t: &[f32], k: usize) -> Vec<Hit> {
+pub(crate) fn rescore(state: &State, rows: &[u32], t: &[f32], k: usize) -> Vec<Hit> {
     let mut top = TopK::new(k);
+    let mut buf = Vec::new();
     for &r in rows {
-        top.push(hit(state, r, t));
+        top.push(hit(state, r as usize, t, &mut buf));
     }
     top.into_sorted()
 }

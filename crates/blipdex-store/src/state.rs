@@ -1,122 +1,310 @@
-//! The in-memory view of a committed store: the replay of every shard and patch file in commit
-//! order. Row `r` is the r-th row over all shards in manifest order (superseded rows included);
-//! the ANN graph and the embedding matrix are indexed by it.
+//! The committed state: the replay of every shard (through its mapped row file) and patch file
+//! in commit order. Row `r` is the r-th row over all shards in replay order (superseded rows
+//! included); the IVF entries and the live bitmap are indexed by it.
+//!
+//! What stays in RAM is small and fixed per image: the image-id -> row map (4 bytes per id),
+//! one live bit per row, the patched fields of images changed since their row was written, and,
+//! once a writer asks for them, the path and content-hash lookups. Rows, strings and vectors are
+//! read from the mapped row files on demand.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
+use blipdex_core::{Error, Result};
+
+use crate::rows::{RowsFile, Vectors};
 use crate::shard::Patch;
 use crate::types::ImageRow;
 
-pub(crate) struct Entry {
-    pub row: usize,
-    pub meta: ImageRow,
+const NO_ROW: u32 = u32::MAX;
+
+/// An image's mutable fields as the latest patch left them.
+struct Mutable {
+    path: String,
+    paths: Vec<String>,
+    caption: Option<String>,
+    deleted: bool,
+}
+
+/// Live images by content hash and by path (built on first use: readers rarely need them).
+#[derive(Default)]
+struct Lookups {
+    by_hash: HashMap<[u8; 32], u64>,
+    by_path: HashMap<String, u64>,
 }
 
 pub(crate) struct State {
+    dir: PathBuf,
     pub q: usize,
     pub e: usize,
-    /// Row -> image id.
-    pub row_image: Vec<u64>,
-    /// Row-major `[row][q][e]` f32 (filled by the loader, extended by commits).
-    pub embeds: Vec<f32>,
-    /// True when the row is its image's current row and the image is not deleted.
-    pub row_live: Vec<bool>,
-    /// Every image ever committed (deleted ones too), with its current row.
-    pub images: HashMap<u64, Entry>,
-    /// Live images only.
-    pub by_hash: HashMap<String, u64>,
-    /// Every path of every live image.
-    pub by_path: HashMap<String, u64>,
+    files: Vec<RowsFile>,
+    /// First row of each file, then the total.
+    starts: Vec<usize>,
+    /// Image id -> its current row (`NO_ROW`: never committed).
+    id_row: Vec<u32>,
+    overlay: HashMap<u64, Mutable>,
+    live_bits: Vec<u64>,
     pub live: usize,
+    lookups: OnceLock<Lookups>,
+}
+
+pub(crate) fn hash_key(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 impl State {
-    pub fn new(q: usize, e: usize, expected_rows: usize) -> Self {
+    pub fn new(dir: &Path, q: usize, e: usize) -> Self {
         Self {
+            dir: dir.to_path_buf(),
             q,
             e,
-            row_image: Vec::with_capacity(expected_rows),
-            embeds: Vec::new(),
-            row_live: Vec::with_capacity(expected_rows),
-            images: HashMap::with_capacity(expected_rows),
-            by_hash: HashMap::with_capacity(expected_rows),
-            by_path: HashMap::with_capacity(expected_rows),
+            files: Vec::new(),
+            starts: vec![0],
+            id_row: Vec::new(),
+            overlay: HashMap::new(),
+            live_bits: Vec::new(),
             live: 0,
+            lookups: OnceLock::new(),
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.row_image.len()
+        self.starts.last().copied().unwrap_or(0)
     }
 
-    pub fn row_embeds(&self, row: usize) -> &[f32] {
-        let qe = self.q * self.e;
-        &self.embeds[row * qe..(row + 1) * qe]
+    fn locate(&self, row: usize) -> (&RowsFile, usize) {
+        let f = self.starts.partition_point(|&s| s <= row) - 1;
+        (&self.files[f], row - self.starts[f])
     }
 
-    fn unindex(&mut self, id: u64) {
-        let Some(old) = self.images.get(&id) else {
-            return;
-        };
-        if old.meta.deleted {
-            return;
+    pub fn row_image(&self, row: usize) -> u64 {
+        let (f, i) = self.locate(row);
+        f.id(i)
+    }
+
+    pub fn vectors(&self, row: usize) -> Vectors<'_> {
+        let (f, i) = self.locate(row);
+        f.vectors(i)
+    }
+
+    pub fn is_live(&self, row: usize) -> bool {
+        self.live_bits
+            .get(row / 64)
+            .is_some_and(|w| w >> (row % 64) & 1 == 1)
+    }
+
+    fn set_live(&mut self, row: usize, on: bool) {
+        let w = &mut self.live_bits[row / 64];
+        if on {
+            *w |= 1 << (row % 64);
+        } else {
+            *w &= !(1 << (row % 64));
         }
-        self.row_live[old.row] = false;
-        self.live -= 1;
-        if self.by_hash.get(&old.meta.content_hash) == Some(&id) {
-            self.by_hash.remove(&old.meta.content_hash);
+    }
+
+    pub fn current_row(&self, id: u64) -> Option<usize> {
+        match self.id_row.get(usize::try_from(id).ok()?) {
+            Some(&r) if r != NO_ROW => Some(r as usize),
+            _ => None,
         }
-        for p in &old.meta.paths {
-            if self.by_path.get(p) == Some(&id) {
-                self.by_path.remove(p);
+    }
+
+    fn deleted(&self, id: u64, row: usize) -> bool {
+        match self.overlay.get(&id) {
+            Some(m) => m.deleted,
+            None => {
+                let (f, i) = self.locate(row);
+                f.committed_deleted(i)
             }
         }
     }
 
-    fn index(&mut self, id: u64) {
-        let Some(cur) = self.images.get(&id) else {
-            return;
+    /// An image's current metadata, deleted images included.
+    pub fn meta(&self, id: u64) -> Result<Option<ImageRow>> {
+        let Some(row) = self.current_row(id) else {
+            return Ok(None);
         };
-        if cur.meta.deleted {
-            return;
+        let (f, i) = self.locate(row);
+        let mut m = f.row(i)?;
+        if let Some(o) = self.overlay.get(&id) {
+            m.path.clone_from(&o.path);
+            m.paths.clone_from(&o.paths);
+            m.caption.clone_from(&o.caption);
+            m.deleted = o.deleted;
         }
-        self.row_live[cur.row] = true;
-        self.live += 1;
-        self.by_hash.insert(cur.meta.content_hash.clone(), id);
-        for p in &cur.meta.paths {
-            self.by_path.insert(p.clone(), id);
+        Ok(Some(m))
+    }
+
+    fn paths_of(&self, id: u64, row: usize) -> Result<Vec<String>> {
+        match self.overlay.get(&id) {
+            Some(m) => Ok(m.paths.clone()),
+            None => {
+                let (f, i) = self.locate(row);
+                Ok(f.fields(i)?.paths)
+            }
         }
     }
 
-    /// Appends a row whose embeddings are already at the end of `self.embeds`; it becomes the
-    /// image's current row (superseding any earlier one).
-    pub fn push_row(&mut self, meta: ImageRow) {
-        let id = meta.image_id;
-        let row = self.row_image.len();
-        self.row_image.push(id);
-        self.row_live.push(false);
-        self.unindex(id);
-        self.images.insert(id, Entry { row, meta });
-        self.index(id);
+    fn hash_of(&self, row: usize) -> [u8; 32] {
+        let (f, i) = self.locate(row);
+        f.content_hash(i)
+    }
+
+    /// Takes a live image out of the live set (bit, count, lookups).
+    fn unindex(&mut self, id: u64) -> Result<()> {
+        let Some(row) = self.current_row(id) else {
+            return Ok(());
+        };
+        if !self.is_live(row) {
+            return Ok(());
+        }
+        self.set_live(row, false);
+        self.live -= 1;
+        if self.lookups.get().is_some() {
+            let hash = self.hash_of(row);
+            let paths = self.paths_of(id, row)?;
+            if let Some(l) = self.lookups.get_mut() {
+                if l.by_hash.get(&hash) == Some(&id) {
+                    l.by_hash.remove(&hash);
+                }
+                for p in &paths {
+                    if l.by_path.get(p) == Some(&id) {
+                        l.by_path.remove(p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn index(&mut self, id: u64) -> Result<()> {
+        let Some(row) = self.current_row(id) else {
+            return Ok(());
+        };
+        if self.deleted(id, row) {
+            return Ok(());
+        }
+        self.set_live(row, true);
+        self.live += 1;
+        if self.lookups.get().is_some() {
+            let hash = self.hash_of(row);
+            let paths = self.paths_of(id, row)?;
+            if let Some(l) = self.lookups.get_mut() {
+                l.by_hash.insert(hash, id);
+                for p in paths {
+                    l.by_path.insert(p, id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a mapped row file: each row becomes its image's current row (superseding any
+    /// earlier one, and any patch of it), with the fields it was committed with.
+    pub fn push_file(&mut self, file: RowsFile, next_image_id: u64) -> Result<()> {
+        let base = self.rows();
+        let total = base + file.rows();
+        if total >= NO_ROW as usize {
+            return Err(Error::store(
+                &self.dir,
+                format!("{}: more than {} rows in one index", file.name, NO_ROW - 1),
+            ));
+        }
+        for i in 0..file.rows() {
+            let id = file.id(i);
+            if id >= next_image_id {
+                return Err(Error::store(
+                    &self.dir,
+                    format!(
+                        "{} holds image id {id} >= the manifest's next id {next_image_id}",
+                        file.name
+                    ),
+                ));
+            }
+        }
+        self.live_bits.resize(total.div_ceil(64), 0);
+        self.starts.push(total);
+        self.files.push(file);
+        let f = self.files.len() - 1;
+        for i in 0..self.files[f].rows() {
+            let id = self.files[f].id(i);
+            self.unindex(id)?;
+            self.overlay.remove(&id);
+            let slot = id as usize;
+            if slot >= self.id_row.len() {
+                self.id_row.resize(slot + 1, NO_ROW);
+            }
+            self.id_row[slot] = (base + i) as u32;
+            self.index(id)?;
+        }
+        Ok(())
     }
 
     /// Applies a patch; false when it names an image no shard holds (a corrupt store).
-    pub fn apply_patch(&mut self, p: &Patch) -> bool {
-        if !self.images.contains_key(&p.image_id) {
-            return false;
+    pub fn apply_patch(&mut self, p: &Patch) -> Result<bool> {
+        if self.current_row(p.image_id).is_none() {
+            return Ok(false);
         }
-        self.unindex(p.image_id);
-        if let Some(entry) = self.images.get_mut(&p.image_id) {
-            entry.meta.path.clone_from(&p.path);
-            entry.meta.paths.clone_from(&p.paths);
-            entry.meta.caption.clone_from(&p.caption);
-            entry.meta.deleted = p.deleted;
-        }
-        self.index(p.image_id);
-        true
+        self.unindex(p.image_id)?;
+        self.overlay.insert(
+            p.image_id,
+            Mutable {
+                path: p.path.clone(),
+                paths: p.paths.clone(),
+                caption: p.caption.clone(),
+                deleted: p.deleted,
+            },
+        );
+        self.index(p.image_id)?;
+        Ok(true)
     }
 
-    pub fn meta(&self, id: u64) -> Option<&ImageRow> {
-        self.images.get(&id).map(|e| &e.meta)
+    fn lookups(&self) -> Result<&Lookups> {
+        if let Some(l) = self.lookups.get() {
+            return Ok(l);
+        }
+        let mut l = Lookups::default();
+        for row in 0..self.rows() {
+            if !self.is_live(row) {
+                continue;
+            }
+            let id = self.row_image(row);
+            l.by_hash.insert(self.hash_of(row), id);
+            for p in self.paths_of(id, row)? {
+                l.by_path.insert(p, id);
+            }
+        }
+        Ok(self.lookups.get_or_init(|| l))
+    }
+
+    /// Builds the path and hash lookups now (a writer needs them for every commit).
+    pub fn build_lookups(&self) -> Result<()> {
+        self.lookups().map(|_| ())
+    }
+
+    /// The live image with these bytes (lowercase hex BLAKE3).
+    pub fn by_hash(&self, hex: &str) -> Result<Option<u64>> {
+        let Some(k) = hash_key(hex) else {
+            return Ok(None);
+        };
+        Ok(self.lookups()?.by_hash.get(&k).copied())
+    }
+
+    /// The live image `path` belongs to.
+    pub fn by_path(&self, path: &str) -> Result<Option<u64>> {
+        Ok(self.lookups()?.by_path.get(path).copied())
+    }
+
+    /// Rows of the live images, in replay order.
+    pub fn live_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.rows()).filter(|&r| self.is_live(r))
     }
 }

@@ -9,23 +9,26 @@ use blipdex_core::{Error, Result};
 use fs2::FileExt;
 use rayon::prelude::*;
 
-use crate::ann::{Ann, AnnInfo};
 use crate::fsutil::{self, TMP_PREFIX};
-use crate::manifest::{FileRef, HnswDump, Manifest, MANIFEST};
+use crate::ivf::{self, Coarse, Entries, Ivf, IvfRef, Segment};
+use crate::manifest::{FileRef, Manifest, FORMAT_V1, FORMAT_VERSION, MANIFEST};
+use crate::rows::{self, rows_name, RowsFile};
 use crate::search;
 use crate::shard::{self, Layout, Patch};
 use crate::state::State;
 use crate::types::{
-    CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow, StoreOptions,
+    AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord,
+    ImageRow, StoreOptions,
 };
 
 const LOCK: &str = "LOCK";
-/// Prefixes of the files the manifest owns; unreferenced ones are orphans.
-const OWNED_PREFIXES: [&str; 3] = ["shard-", "patch-", "hnsw-"];
+/// Prefixes of the files the manifest owns; unreferenced ones are orphans (`hnsw-`: v1 dumps).
+const OWNED_PREFIXES: [&str; 4] = ["shard-", "patch-", "ivf-", "hnsw-"];
 /// How far an embedding's squared norm may be from 1 (f16 round trips and model numerics stay
 /// well inside; an unnormalized vector does not).
 const NORM_TOLERANCE: f32 = 0.02;
-/// Rows per shard written by [`Store::compact`].
+/// Rows per shard written by [`Store::compact`] and by the upgrade of nothing (shards keep
+/// their sizes there).
 const COMPACT_SHARD_ROWS: usize = 16384;
 
 /// A change to the store, applied atomically by [`Store::commit`]. Operations apply in call order.
@@ -89,20 +92,32 @@ impl Batch {
     }
 }
 
+
 /// An index directory opened for reading (and, from [`Store::create_or_open`], writing).
 ///
-/// Everything committed is held in memory: metadata, the f32 embeddings (Q*E*4 bytes per row)
-/// and the HNSW graph. Searching takes `&self` and is safe from many threads.
+/// Opening maps the row files and the index segments and reads only each row's image id and
+/// deleted flag: what stays in RAM is a few bytes per image (see `state`), the IVF centroids
+/// and their hnsw_rs graph. Searching takes `&self` and is safe from many threads.
 pub struct Store {
     dir: PathBuf,
     manifest: Manifest,
     state: State,
-    ann: Ann,
+    ivf: Option<Ivf>,
     /// Held (flock) while writable; dropping the store releases it, so does a crash.
     lock: Option<File>,
     /// Set when a manifest write failed in a way that leaves its outcome unknown; the store
     /// must be reopened before it commits again.
     poisoned: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("generation", &self.manifest.generation)
+            .field("rows", &self.state.rows())
+            .finish()
+    }
 }
 
 fn now_ns() -> i64 {
@@ -160,8 +175,10 @@ fn is_hex_hash(s: &str) -> bool {
 
 impl Store {
     /// Opens `dir` for writing, creating the directory and an empty store if needed. Takes the
-    /// directory's writer lock, checks the model fingerprint and shape, and deletes files no
-    /// committed manifest references (leftovers of an interrupted commit).
+    /// directory's writer lock, checks the model fingerprint and shape, deletes files no
+    /// committed manifest references (leftovers of an interrupted commit), rebuilds derived
+    /// files that are missing or damaged from the Parquet shards, and upgrades a v1 store in
+    /// place (one atomic manifest write; an interrupted upgrade resumes at the next open).
     pub fn create_or_open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         validate_options(&dir, &options)?;
@@ -210,19 +227,43 @@ impl Store {
             }
         };
         remove_orphans(&dir, &manifest)?;
-        let (state, ann) = load(&dir, &manifest)?;
+        let upgrading = manifest.format_version == FORMAT_V1;
+        if upgrading {
+            tracing::info!(
+                "upgrading index {} from store format v1 to v{FORMAT_VERSION} (row files and \
+                 the IVF index are built from the Parquet shards once)",
+                dir.display()
+            );
+        }
+        for (f, name) in manifest.shards.iter().zip(manifest.rows_files()) {
+            if let Err(e) = open_rows(&dir, &manifest, f) {
+                if !upgrading {
+                    tracing::warn!("{e}; rebuilding {name} from {}", f.file);
+                }
+                rebuild_rows(&dir, &manifest, f)?;
+            }
+        }
         let mut store = Self {
+            state: load_state(&dir, &manifest)?,
             dir,
             manifest,
-            state,
-            ann,
+            ivf: None,
             lock: Some(lock),
             poisoned: false,
         };
-        if !store.index_persisted() {
-            // The dump lagged (a failed or interrupted dump): persist the caught-up graph now
-            // so the next start-up does not insert those rows again.
-            store.persist_index();
+        let ivf_ok = !upgrading
+            && match open_ivf(&store.dir, &store.manifest) {
+                Ok(ivf) => {
+                    store.ivf = ivf;
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; rebuilding the IVF index from the row files");
+                    false
+                }
+            };
+        if !ivf_ok || (store.ivf.is_none() && store.state.rows() > 0) {
+            store.rebuild_index()?;
         }
         Ok(store)
     }
@@ -236,13 +277,30 @@ impl Store {
         loop {
             let manifest = Manifest::read(&dir)?
                 .ok_or_else(|| Error::store(&dir, format!("no {MANIFEST}: not a blipdex index")))?;
-            match load(&dir, &manifest) {
-                Ok((state, ann)) => {
+            if manifest.format_version == FORMAT_V1 {
+                return Err(Error::store(
+                    &dir,
+                    format!(
+                        "written by an earlier blipdex (store format v1); upgrade it once with \
+                         `blipdex index upgrade --index {}` (any `blipdex ingest` into it \
+                         upgrades it too)",
+                        dir.display()
+                    ),
+                ));
+            }
+            let opened = manifest
+                .shards
+                .iter()
+                .try_for_each(|f| open_rows(&dir, &manifest, f).map(drop))
+                .and_then(|()| load_state(&dir, &manifest))
+                .and_then(|state| Ok((state, open_ivf(&dir, &manifest)?)));
+            match opened {
+                Ok((state, ivf)) => {
                     return Ok(Self {
                         dir,
                         manifest,
                         state,
-                        ann,
+                        ivf,
                         lock: None,
                         poisoned: false,
                     })
@@ -321,42 +379,44 @@ impl Store {
         self.manifest.next_image_id
     }
 
-    /// An image's current metadata, deleted images included.
-    pub fn get(&self, image_id: u64) -> Option<&ImageRow> {
-        self.state.meta(image_id)
+    fn logged<T>(&self, r: Result<Option<T>>) -> Option<T> {
+        r.unwrap_or_else(|e| {
+            tracing::error!("index {}: {e}", self.dir.display());
+            None
+        })
     }
 
-    /// An image's Q*E embeddings (`[Q][E]`, f32), deleted images included.
-    pub fn embeds(&self, image_id: u64) -> Option<&[f32]> {
-        let e = self.state.images.get(&image_id)?;
-        Some(self.state.row_embeds(e.row))
+    /// An image's current metadata, deleted images included. (A damaged row file is logged
+    /// and reads as absent.)
+    pub fn get(&self, image_id: u64) -> Option<ImageRow> {
+        self.logged(self.state.meta(image_id))
+    }
+
+    /// An image's Q*E embeddings (`[Q][E]`, as f32), deleted images included: exactly the
+    /// values of its Parquet row (f16 stores widen them).
+    pub fn embeds(&self, image_id: u64) -> Option<Vec<f32>> {
+        let row = self.state.current_row(image_id)?;
+        Some(self.state.vectors(row).to_vec())
     }
 
     /// The live image with these bytes.
-    pub fn by_content_hash(&self, content_hash: &str) -> Option<&ImageRow> {
-        self.state
-            .by_hash
-            .get(content_hash)
-            .and_then(|id| self.state.meta(*id))
+    pub fn by_content_hash(&self, content_hash: &str) -> Option<ImageRow> {
+        let id = self.logged(self.state.by_hash(content_hash))?;
+        self.get(id)
     }
 
     /// The live image that `path` belongs to. For incremental ingest a file is unchanged when
     /// this returns a row whose `path` is it and whose `file_size` and `mtime_ns` match.
-    pub fn by_path(&self, path: &str) -> Option<&ImageRow> {
-        self.state
-            .by_path
-            .get(path)
-            .and_then(|id| self.state.meta(*id))
+    pub fn by_path(&self, path: &str) -> Option<ImageRow> {
+        let id = self.logged(self.state.by_path(path))?;
+        self.get(id)
     }
 
     /// Live images in commit order.
-    pub fn iter(&self) -> impl Iterator<Item = &ImageRow> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = ImageRow> + '_ {
         self.state
-            .row_live
-            .iter()
-            .enumerate()
-            .filter(|(_, live)| **live)
-            .filter_map(|(r, _)| self.state.meta(self.state.row_image[r]))
+            .live_rows()
+            .filter_map(|r| self.get(self.state.row_image(r)))
     }
 
     fn check_query(&self, t: &[f32]) -> Result<()> {
@@ -393,25 +453,50 @@ impl Store {
         Ok(search::exact_batch(&self.state, ts, k))
     }
 
-    /// Approximate top-k: the HNSW graph yields the `max(ef, k)` nearest graph points among
-    /// live images, their images are rescored exactly (max over all Q vectors) and the best k
-    /// returned. Scores are exact; only membership is approximate. Larger `ef` = better recall.
+    /// Approximate top-k with the default number of probed lists: see
+    /// [`Store::search_ann_with`]; `ef` is the number of candidate images rescored exactly.
     pub fn search_ann(&self, t: &[f32], k: usize, ef: usize) -> Result<Vec<Hit>> {
+        self.search_ann_with(
+            t,
+            k,
+            AnnSearch {
+                ef,
+                ..AnnSearch::default()
+            },
+        )
+    }
+
+    /// Approximate top-k: the IVF index scores every live entry of the `nprobe` lists nearest
+    /// to `t`, the best `max(ef, k)` images are rescored exactly (max over all Q vectors, read
+    /// from the row files) and the best k returned. Scores are exact; only membership is
+    /// approximate. Larger `ef` and `nprobe` = better recall.
+    pub fn search_ann_with(&self, t: &[f32], k: usize, s: AnnSearch) -> Result<Vec<Hit>> {
         self.check_query(t)?;
         if k == 0 || self.state.live == 0 {
             return Ok(Vec::new());
         }
-        let live = &self.state.row_live;
-        let keep = |r: usize| live.get(r).copied().unwrap_or(false);
-        let rows = self
-            .ann
-            .candidates(t, ef.max(k), k.min(self.state.live), &keep);
-        Ok(search::rescore(&self.state, &rows, t, k))
+        let Some(ivf) = &self.ivf else {
+            return Ok(search::exact(&self.state, t, k));
+        };
+        let rows = self.state.rows();
+        let keep = |r: usize| r < rows && self.state.is_live(r);
+        let cand = ivf.candidates(t, s.nprobe, s.ef.max(k), &keep);
+        Ok(search::rescore(&self.state, &cand, t, k))
     }
 
-    /// What the HNSW graph holds and how much of it came from the dump at open.
+    /// What the ANN index holds.
     pub fn ann_info(&self) -> AnnInfo {
-        self.ann.info()
+        let (lists, entries, segments) = self.ivf.as_ref().map_or((0, 0, 0), |i| {
+            (i.coarse.nlist(), i.entries(), i.segments.len())
+        });
+        AnnInfo {
+            rows: self.state.rows(),
+            points: entries,
+            vectors_per_image: self.manifest.hnsw_params.vectors_per_image,
+            lists,
+            segments,
+            trained_rows: self.manifest.ivf.as_ref().map_or(0, |i| i.trained_rows as usize),
+        }
     }
 
     fn layout(&self) -> Layout<'_> {
@@ -435,16 +520,18 @@ impl Store {
     }
 
     /// Applies `batch` atomically: after a crash at any point the store holds either none or
-    /// all of it. Returns the ids of the added images. Adds HNSW points for new rows and dumps
-    /// the graph (so the cost of a commit grows with the index; commit in batches).
+    /// all of it. Returns the ids of the added images. The commit writes the new rows' Parquet
+    /// shard, their row file and one index segment (cost proportional to the batch, plus the
+    /// occasional segment merge or retraining, see `ivf`), then the manifest.
     pub fn commit(&mut self, batch: Batch) -> Result<CommitInfo> {
         self.check_writable()?;
         let started = Instant::now();
         let mut timings = CommitTimings::default();
         let now = now_ns();
+        self.state.build_lookups()?;
         let plan = Plan::run(&self.state, &self.manifest, batch, now)?;
         let ids = plan.ids.clone();
-        let (rows, mut embeds, patches) = plan.finish(&self.state, now);
+        let (rows, mut embeds, patches) = plan.finish(&self.state, now)?;
         if self.manifest.dtype == Dtype::F16 {
             // Hold in memory exactly what the file holds, so results do not change on reopen.
             for x in &mut embeds {
@@ -455,12 +542,12 @@ impl Store {
             return Ok(CommitInfo {
                 generation: self.manifest.generation,
                 ids,
-                index_persisted: self.index_persisted(),
+                index_persisted: true,
                 timings,
             });
         }
 
-        // 1. Data files under fresh names, fsynced, renamed; then the manifest (commit point).
+        // 1. Data files under fresh names, fsynced, renamed.
         let generation = self.manifest.generation + 1;
         let mut next = self.manifest.clone();
         next.generation = generation;
@@ -469,12 +556,24 @@ impl Store {
             .next_image_id
             .max(rows.iter().map(|r| r.image_id + 1).max().unwrap_or(0));
         let mut written = Vec::new();
+        let base = self.state.rows();
         let result = (|| {
             let layout = self.layout();
             if !rows.is_empty() {
                 let name = format!("shard-{generation:010}.parquet");
                 shard::write_shard(&self.dir, &name, &layout, &rows, &embeds)?;
                 written.push(name.clone());
+                let rname = rows_name(&name);
+                rows::write(
+                    &self.dir,
+                    &rname,
+                    layout.dtype,
+                    layout.num_query,
+                    layout.dim,
+                    &rows,
+                    &embeds,
+                )?;
+                written.push(rname);
                 next.shards.push(FileRef {
                     file: name,
                     generation,
@@ -492,12 +591,35 @@ impl Store {
                     rows: patches.len() as u64,
                 });
             }
+            timings.data = started.elapsed();
+            // 2. The index entries of the new rows (a new segment, merges, or retraining).
+            if !rows.is_empty() {
+                let added = &embeds;
+                let qe = self.state.q * self.state.e;
+                let vectors = |r: usize| {
+                    if r >= base {
+                        added[(r - base) * qe..(r - base + 1) * qe].to_vec()
+                    } else {
+                        self.state.vectors(r).to_vec()
+                    }
+                };
+                self.index_rows(
+                    &mut next,
+                    base,
+                    base + rows.len(),
+                    &vectors,
+                    &mut written,
+                    &mut timings,
+                )?;
+            }
             fsutil::fsync_dir(&self.dir)
         })();
         if let Err(e) = result {
             self.remove_files(&written);
             return Err(e);
         }
+        let replaced = replaced_files(&self.manifest, &next);
+        // 3. The manifest: the commit point.
         if let Err(e) = self.write_manifest(next) {
             if !self.poisoned {
                 self.remove_files(&written);
@@ -505,33 +627,178 @@ impl Store {
             return Err(e);
         }
 
-        // 2. The same change in memory, in replay order (rows, then patches).
-        let added = !rows.is_empty();
-        self.state.embeds.extend_from_slice(&embeds);
-        for r in rows {
-            self.state.push_row(r);
+        // 4. The same change in memory, in replay order (rows, then patches), then the index.
+        let applied = (|| {
+            if let Some(f) = self.manifest.shards.last().filter(|f| f.generation == generation) {
+                let file = open_rows(&self.dir, &self.manifest, f)?;
+                self.state.push_file(file, self.manifest.next_image_id)?;
+            }
+            for p in &patches {
+                self.state.apply_patch(p)?;
+            }
+            self.reopen_ivf()
+        })();
+        if let Err(e) = applied {
+            // The commit stands on disk; this process's view is stale.
+            self.poisoned = true;
+            return Err(e);
         }
-        for p in &patches {
-            self.state.apply_patch(p);
-        }
-
-        // 3. The index: insert the new rows, dump, point the manifest at the dump.
-        timings.data = started.elapsed();
-        if added {
-            let t = Instant::now();
-            self.ann
-                .catch_up(&self.state.embeds, self.state.q, self.state.e);
-            timings.index_insert = t.elapsed();
-            let t = Instant::now();
-            self.persist_index();
-            timings.index_dump = t.elapsed();
-        }
+        self.remove_files(&replaced);
         Ok(CommitInfo {
             generation: self.manifest.generation,
             ids,
-            index_persisted: self.index_persisted(),
+            index_persisted: true,
             timings,
         })
+    }
+
+    /// Writes the index entries of rows `start..end` into `next`: a new segment, then merges;
+    /// or, when the centroids are missing or the index outgrew them, new centroids and the
+    /// entries of every row.
+    fn index_rows(
+        &self,
+        next: &mut Manifest,
+        start: usize,
+        end: usize,
+        vectors: &(dyn Fn(usize) -> Vec<f32> + Sync),
+        written: &mut Vec<String>,
+        timings: &mut CommitTimings,
+    ) -> Result<()> {
+        let (q, e) = (self.state.q, self.state.e);
+        let m = next.hnsw_params.vectors_per_image;
+        let g = next.generation;
+        let retrain = match &next.ivf {
+            None => true,
+            Some(i) => end as u64 >= ivf::RETRAIN_GROWTH * i.trained_rows.max(1),
+        };
+        let t = Instant::now();
+        if retrain {
+            let r = build_index(&self.dir, next, end, vectors, written)?;
+            next.ivf = Some(r);
+            timings.index_merge += t.elapsed();
+            return Ok(());
+        }
+        let (Some(cur), Some(open)) = (next.ivf.clone(), self.ivf.as_ref()) else {
+            return Err(Error::store(&self.dir, "index state lost; reopen the store"));
+        };
+        let entries = ivf::entries_for(start..end, q, e, m, &open.coarse, vectors);
+        let name = format!("ivf-{g:010}-0.seg");
+        let seg = ivf::write_segment(
+            &self.dir,
+            &name,
+            e,
+            cur.nlist,
+            cur.centroids_generation,
+            (start as u64, end as u64),
+            &entries,
+        )?;
+        written.push(name);
+        let mut segs = cur.segments.clone();
+        segs.push(seg);
+        timings.index_insert += t.elapsed();
+        let t = Instant::now();
+        let tail = ivf::merge_tail(&segs);
+        if tail > 0 {
+            // Merge the newest size class: the new segment is in `entries`, the others mapped.
+            let first = segs.len() - tail;
+            let mapped: Vec<&Segment> = open.segments[first.min(open.segments.len())..]
+                .iter()
+                .collect();
+            let mut all = ivf::merged_entries(&mapped);
+            all.lists.extend(entries.lists);
+            all.rows.extend(entries.rows);
+            all.scales.extend(entries.scales);
+            all.codes.extend(entries.codes);
+            let name = format!("ivf-{g:010}-1.seg");
+            let merged = ivf::write_segment(
+                &self.dir,
+                &name,
+                e,
+                cur.nlist,
+                cur.centroids_generation,
+                (segs[first].row_start, end as u64),
+                &all,
+            )?;
+            written.push(name);
+            segs.truncate(first);
+            segs.push(merged);
+        }
+        timings.index_merge += t.elapsed();
+        next.ivf = Some(IvfRef {
+            segments: segs,
+            ..cur
+        });
+        Ok(())
+    }
+
+    /// Rebuilds the whole IVF index (new centroids, every row's entries) in one commit.
+    fn rebuild_index(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let mut next = self.manifest.clone();
+        next.generation += 1;
+        next.format_version = FORMAT_VERSION;
+        next.hnsw = None;
+        let mut written = Vec::new();
+        let rows = self.state.rows();
+        let state = &self.state;
+        let vectors = |r: usize| state.vectors(r).to_vec();
+        let built = if rows == 0 {
+            Ok(None)
+        } else {
+            build_index(&self.dir, &next, rows, &vectors, &mut written).map(Some)
+        };
+        let built = built.and_then(|b| fsutil::fsync_dir(&self.dir).map(|()| b));
+        match built {
+            Ok(b) => next.ivf = b,
+            Err(e) => {
+                self.remove_files(&written);
+                return Err(e);
+            }
+        }
+        let replaced = replaced_files(&self.manifest, &next);
+        if let Err(e) = self.write_manifest(next) {
+            if !self.poisoned {
+                self.remove_files(&written);
+            }
+            return Err(e);
+        }
+        self.reopen_ivf()?;
+        self.remove_files(&replaced);
+        Ok(())
+    }
+
+    /// Maps the manifest's IVF files, keeping the coarse quantizer and the segments already
+    /// mapped when the centroids did not change.
+    fn reopen_ivf(&mut self) -> Result<()> {
+        let Some(r) = self.manifest.ivf.clone() else {
+            self.ivf = None;
+            return Ok(());
+        };
+        match self.ivf.take() {
+            Some(old) if old.centroids_generation == r.centroids_generation => {
+                let mut by_name: HashMap<String, Segment> = old
+                    .refs
+                    .into_iter()
+                    .map(|s| s.file)
+                    .zip(old.segments)
+                    .collect();
+                let mut segments = Vec::with_capacity(r.segments.len());
+                for s in &r.segments {
+                    segments.push(match by_name.remove(&s.file) {
+                        Some(seg) => seg,
+                        None => Segment::open(&self.dir, s, self.state.e, &r)?,
+                    });
+                }
+                self.ivf = Some(Ivf {
+                    coarse: old.coarse,
+                    segments,
+                    refs: r.segments.clone(),
+                    centroids_generation: r.centroids_generation,
+                });
+            }
+            _ => self.ivf = open_ivf(&self.dir, &self.manifest)?,
+        }
+        Ok(())
     }
 
     /// Marks images deleted in one commit (unknown ids are an error, nothing is committed).
@@ -551,88 +818,90 @@ impl Store {
     }
 
     /// Rewrites the store as fresh shards holding only the live images (patches applied,
-    /// superseded and deleted rows dropped, ids kept) and rebuilds the HNSW graph. Needs the
-    /// graph's build time; run it when many rows are dead.
+    /// superseded and deleted rows dropped, ids kept) and rebuilds the index over them.
     pub fn compact(&mut self) -> Result<CommitInfo> {
         self.check_writable()?;
         let started = Instant::now();
-        let q = self.state.q;
-        let e = self.state.e;
-        let live_rows: Vec<usize> = (0..self.state.rows())
-            .filter(|&r| self.state.row_live[r])
-            .collect();
+        let (q, e) = (self.state.q, self.state.e);
+        let live: Vec<usize> = self.state.live_rows().collect();
         let generation = self.manifest.generation + 1;
         let mut next = self.manifest.clone();
         next.generation = generation;
         next.shards.clear();
         next.patches.clear();
-        next.rows = live_rows.len() as u64;
-        next.hnsw = None;
-        let mut state = State::new(q, e, live_rows.len());
-        state.embeds.reserve_exact(live_rows.len() * q * e);
+        next.rows = live.len() as u64;
+        next.ivf = None;
         let mut written = Vec::new();
+        let mut timings = CommitTimings::default();
         let result = (|| {
             let layout = self.layout();
-            for (i, chunk) in live_rows.chunks(COMPACT_SHARD_ROWS).enumerate() {
-                let rows: Vec<ImageRow> = chunk
-                    .iter()
-                    .filter_map(|&r| self.state.meta(self.state.row_image[r]).cloned())
-                    .collect();
+            for (i, chunk) in live.chunks(COMPACT_SHARD_ROWS).enumerate() {
+                let mut rows = Vec::with_capacity(chunk.len());
                 let mut embeds = Vec::with_capacity(chunk.len() * q * e);
                 for &r in chunk {
-                    embeds.extend_from_slice(self.state.row_embeds(r));
+                    let id = self.state.row_image(r);
+                    let meta = self.state.meta(id)?.ok_or_else(|| {
+                        Error::store(&self.dir, format!("image {id} vanished during compaction"))
+                    })?;
+                    rows.push(meta);
+                    embeds.extend(self.state.vectors(r).to_vec());
                 }
                 let name = format!("shard-{generation:010}-{i:05}.parquet");
                 shard::write_shard(&self.dir, &name, &layout, &rows, &embeds)?;
                 written.push(name.clone());
+                let rname = rows_name(&name);
+                rows::write(&self.dir, &rname, layout.dtype, q, e, &rows, &embeds)?;
+                written.push(rname);
                 next.shards.push(FileRef {
                     file: name,
                     generation,
                     rows: rows.len() as u64,
                 });
-                state.embeds.extend_from_slice(&embeds);
-                for r in rows {
-                    state.push_row(r);
-                }
             }
+            timings.data = started.elapsed();
+            let t = Instant::now();
+            if !live.is_empty() {
+                let state = &self.state;
+                let vectors = |r: usize| state.vectors(live[r]).to_vec();
+                next.ivf = Some(build_index(
+                    &self.dir,
+                    &next,
+                    live.len(),
+                    &vectors,
+                    &mut written,
+                )?);
+            }
+            timings.index_insert = t.elapsed();
             fsutil::fsync_dir(&self.dir)
         })();
         if let Err(e) = result {
             self.remove_files(&written);
             return Err(e);
         }
-        let data = started.elapsed();
-        let t = Instant::now();
-        let mut ann = Ann::new(&next.hnsw_params, state.rows());
-        ann.catch_up(&state.embeds, q, e);
-        let index_insert = t.elapsed();
-        let old_files = self.manifest.referenced_files();
+        let replaced = replaced_files(&self.manifest, &next);
         if let Err(e) = self.write_manifest(next) {
             if !self.poisoned {
                 self.remove_files(&written);
             }
             return Err(e);
         }
-        self.state = state;
-        self.ann = ann;
-        self.remove_files(&old_files);
-        let t = Instant::now();
-        self.persist_index();
+        let reloaded = load_state(&self.dir, &self.manifest).and_then(|s| {
+            self.state = s;
+            self.state.build_lookups()?;
+            self.ivf = None;
+            self.reopen_ivf()
+        });
+        if let Err(e) = reloaded {
+            self.poisoned = true;
+            return Err(e);
+        }
+        self.remove_files(&replaced);
         Ok(CommitInfo {
             generation: self.manifest.generation,
             ids: Vec::new(),
-            index_persisted: self.index_persisted(),
-            timings: CommitTimings {
-                data,
-                index_insert,
-                index_dump: t.elapsed(),
-            },
+            index_persisted: true,
+            timings,
         })
-    }
-
-    fn index_persisted(&self) -> bool {
-        let rows = self.state.rows() as u64;
-        rows == 0 || self.manifest.hnsw.as_ref().is_some_and(|h| h.rows == rows)
     }
 
     /// Writes `next` as the manifest. On failure, works out whether it got renamed into place
@@ -660,47 +929,6 @@ impl Store {
         }
     }
 
-    /// Dumps the in-memory graph and records it in a new manifest; failures only cost a
-    /// catch-up at the next open, so they are logged rather than returned.
-    fn persist_index(&mut self) {
-        if self.state.rows() == 0 || self.check_writable().is_err() {
-            return;
-        }
-        let generation = self.manifest.generation + 1;
-        let base = format!("hnsw-{generation:010}");
-        let name = match self.ann.dump(&self.dir, &base) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("{e}; the next open catches the index up from the shards");
-                self.remove_files(
-                    &HnswDump {
-                        basename: base,
-                        rows: 0,
-                    }
-                    .files(),
-                );
-                return;
-            }
-        };
-        let dump = HnswDump {
-            basename: name,
-            rows: self.ann.rows() as u64,
-        };
-        let mut next = self.manifest.clone();
-        next.generation = generation;
-        let old = next.hnsw.replace(dump.clone());
-        if let Err(e) = fsutil::fsync_dir(&self.dir).and_then(|()| self.write_manifest(next)) {
-            tracing::warn!("{e}; the next open catches the index up from the shards");
-            if !self.poisoned && self.manifest.hnsw.as_ref() != Some(&dump) {
-                self.remove_files(&dump.files());
-            }
-            return;
-        }
-        if let Some(old) = old {
-            self.remove_files(&old.files());
-        }
-    }
-
     fn remove_files(&self, names: &[String]) {
         for n in names {
             let _ = fs::remove_file(self.dir.join(n));
@@ -716,6 +944,15 @@ fn layout(m: &Manifest) -> Layout<'_> {
         dim: m.dim,
         dtype: m.dtype,
     }
+}
+
+/// Files `old` references that `new` does not (deleted once `new` is committed).
+fn replaced_files(old: &Manifest, new: &Manifest) -> Vec<String> {
+    let keep: std::collections::HashSet<String> = new.referenced_files().into_iter().collect();
+    old.referenced_files()
+        .into_iter()
+        .filter(|f| !keep.contains(f))
+        .collect()
 }
 
 /// Deletes temp files and owned files the manifest does not reference.
@@ -743,10 +980,46 @@ fn remove_orphans(dir: &Path, m: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Replays the manifest's files into memory and brings the graph up to date.
-fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
-    let layout = layout(m);
+fn open_rows(dir: &Path, m: &Manifest, f: &FileRef) -> Result<RowsFile> {
+    RowsFile::open(
+        dir,
+        &rows_name(&f.file),
+        m.dtype,
+        m.num_query,
+        m.dim,
+        f.rows,
+    )
+}
+
+/// Writes a shard's row file anew from its Parquet rows (upgrade, or repair of a damaged one).
+fn rebuild_rows(dir: &Path, m: &Manifest, f: &FileRef) -> Result<()> {
     let qe = m.num_query * m.dim;
+    let n = usize::try_from(f.rows)
+        .ok()
+        .filter(|n| n.checked_mul(qe).is_some_and(|x| x < 1 << 40))
+        .ok_or_else(|| Error::store(dir, format!("corrupt {MANIFEST}: {} rows in {}", f.rows, f.file)))?;
+    let mut embeds = vec![0f32; n * qe];
+    let rows = shard::read_shard(&dir.join(&f.file), &layout(m), &mut embeds)?;
+    if rows.len() != n {
+        return Err(Error::store(
+            dir,
+            format!("{} has {} rows, the manifest says {n}", f.file, rows.len()),
+        ));
+    }
+    rows::write(
+        dir,
+        &rows_name(&f.file),
+        m.dtype,
+        m.num_query,
+        m.dim,
+        &rows,
+        &embeds,
+    )?;
+    fsutil::fsync_dir(dir)
+}
+
+/// Replays the manifest's row files and patches (maps files; reads ids, flags and patches).
+fn load_state(dir: &Path, m: &Manifest) -> Result<State> {
     if m.shards.iter().map(|f| f.rows).sum::<u64>() != m.rows {
         return Err(Error::store(
             dir,
@@ -755,8 +1028,6 @@ fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
     }
     // Replay order: by generation, a commit's shard before its patch (stable sorts keep the
     // manifest's order within a generation).
-    let mut shards: Vec<&FileRef> = m.shards.iter().collect();
-    shards.sort_by_key(|f| f.generation);
     let mut events: Vec<(u64, u8, &FileRef)> = m
         .shards
         .iter()
@@ -764,60 +1035,13 @@ fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
         .chain(m.patches.iter().map(|f| (f.generation, 1u8, f)))
         .collect();
     events.sort_by_key(|(g, kind, _)| (*g, *kind));
-
-    // Decode shards in parallel, each straight into its slice of the embedding matrix (Parquet
-    // list decoding is the slow part of start-up; no second copy of the matrix).
-    let mut embeds = vec![0f32; m.rows as usize * qe];
-    let mut slices = Vec::with_capacity(shards.len());
-    let mut rest = embeds.as_mut_slice();
-    for f in &shards {
-        let (a, b) = rest.split_at_mut(f.rows as usize * qe);
-        slices.push(a);
-        rest = b;
-    }
-    let metas: Vec<Result<Vec<ImageRow>>> = shards
-        .par_iter()
-        .zip(slices)
-        .map(|(f, out)| {
-            let rows = shard::read_shard(&dir.join(&f.file), &layout, out)?;
-            if rows.len() as u64 != f.rows {
-                return Err(Error::store(
-                    dir,
-                    format!(
-                        "{} has {} rows, the manifest says {}",
-                        f.file,
-                        rows.len(),
-                        f.rows
-                    ),
-                ));
-            }
-            Ok(rows)
-        })
-        .collect();
-
-    let mut state = State::new(m.num_query, m.dim, m.rows as usize);
-    state.embeds = embeds;
-    let mut metas = metas.into_iter();
+    let mut state = State::new(dir, m.num_query, m.dim);
     for (_, kind, f) in events {
         if kind == 0 {
-            let rows = metas
-                .next()
-                .ok_or_else(|| Error::store(dir, "shard bookkeeping mismatch"))??;
-            for r in rows {
-                if r.image_id >= m.next_image_id {
-                    return Err(Error::store(
-                        dir,
-                        format!(
-                            "{} holds image id {} >= next id {}",
-                            f.file, r.image_id, m.next_image_id
-                        ),
-                    ));
-                }
-                state.push_row(r);
-            }
+            state.push_file(open_rows(dir, m, f)?, m.next_image_id)?;
         } else {
-            for p in shard::read_patch(&dir.join(&f.file), &layout)? {
-                if !state.apply_patch(&p) {
+            for p in shard::read_patch(&dir.join(&f.file), &layout(m))? {
+                if !state.apply_patch(&p)? {
                     return Err(Error::store(
                         dir,
                         format!("{} patches unknown image {}", f.file, p.image_id),
@@ -836,26 +1060,99 @@ fn load(dir: &Path, m: &Manifest) -> Result<(State, Ann)> {
             ),
         ));
     }
-    let params = m.hnsw_params;
-    let mut ann = match &m.hnsw {
-        Some(d) if d.rows <= m.rows => {
-            match Ann::load(dir, &d.basename, &params, d.rows as usize) {
-                Ok(a) => a,
-                Err(e) => {
-                    // A commit may have replaced the dump after we read the manifest: then let
-                    // the caller reopen at the new generation instead of rebuilding.
-                    if Manifest::read(dir)?.map(|x| x.generation) != Some(m.generation) {
-                        return Err(e);
-                    }
-                    tracing::warn!("{e}; rebuilding the HNSW graph from the shards");
-                    Ann::new(&params, state.rows())
-                }
-            }
-        }
-        _ => Ann::new(&params, state.rows()),
+    Ok(state)
+}
+
+/// Maps the manifest's IVF index, checking that it covers exactly the committed rows.
+fn open_ivf(dir: &Path, m: &Manifest) -> Result<Option<Ivf>> {
+    let Some(r) = &m.ivf else {
+        return if m.rows == 0 {
+            Ok(None)
+        } else {
+            Err(Error::store(dir, format!("{MANIFEST} names no index for its rows")))
+        };
     };
-    ann.catch_up(&state.embeds, state.q, state.e);
-    Ok((state, ann))
+    let bad = |why: String| Error::store(dir, format!("corrupt {MANIFEST}: {why}"));
+    if r.nlist == 0 || r.nlist > 1 << 16 {
+        return Err(bad(format!("{} index lists", r.nlist)));
+    }
+    let mut at = 0;
+    for s in &r.segments {
+        if s.row_start != at || s.row_end < s.row_start || s.entries > 1 << 40 {
+            return Err(bad(format!("index segment {} does not follow row {at}", s.file)));
+        }
+        at = s.row_end;
+    }
+    if at != m.rows {
+        return Err(bad(format!(
+            "the index covers {at} rows, the shards hold {}",
+            m.rows
+        )));
+    }
+    let c = ivf::read_centroids(dir, &r.centroids, m.dim, r.nlist)?;
+    let coarse = Coarse::new(c, m.dim, &m.hnsw_params);
+    let segments = r
+        .segments
+        .iter()
+        .map(|s| Segment::open(dir, s, m.dim, r))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(Ivf {
+        coarse,
+        segments,
+        refs: r.segments.clone(),
+        centroids_generation: r.centroids_generation,
+    }))
+}
+
+/// Trains centroids on a sample of rows `0..rows` and writes every row's entries, as of
+/// `next.generation`.
+fn build_index(
+    dir: &Path,
+    next: &Manifest,
+    rows: usize,
+    vectors: &(dyn Fn(usize) -> Vec<f32> + Sync),
+    written: &mut Vec<String>,
+) -> Result<IvfRef> {
+    let (q, e) = (next.num_query, next.dim);
+    let m = next.hnsw_params.vectors_per_image.clamp(1, q);
+    let g = next.generation;
+    let reps = rows * m;
+    let nlist = ivf::nlist_for(reps as u64);
+    let want = (nlist * ivf::SAMPLE_PER_LIST).min(ivf::MAX_SAMPLE).min(reps);
+    let sample_rows = want.div_ceil(m).clamp(1, rows);
+    let samples: Vec<f32> = (0..sample_rows)
+        .into_par_iter()
+        .flat_map_iter(|i| ivf::representatives(&vectors(i * rows / sample_rows), q, e, m))
+        .collect();
+    let centroids = ivf::train(&samples, e, nlist, &next.hnsw_params);
+    let nlist = centroids.len() / e;
+    let cname = format!("ivf-{g:010}.centroids");
+    ivf::write_centroids(dir, &cname, e, &centroids)?;
+    written.push(cname.clone());
+    let coarse = Coarse::new(centroids, e, &next.hnsw_params);
+    let mut segments = Vec::new();
+    for (i, start) in (0..rows).step_by(ivf::REBUILD_CHUNK_ROWS).enumerate() {
+        let end = (start + ivf::REBUILD_CHUNK_ROWS).min(rows);
+        let entries: Entries = ivf::entries_for(start..end, q, e, m, &coarse, vectors);
+        let name = format!("ivf-{g:010}-r{i:04}.seg");
+        segments.push(ivf::write_segment(
+            dir,
+            &name,
+            e,
+            nlist,
+            g,
+            (start as u64, end as u64),
+            &entries,
+        )?);
+        written.push(name);
+    }
+    Ok(IvfRef {
+        centroids: cname,
+        centroids_generation: g,
+        nlist,
+        trained_rows: rows as u64,
+        segments,
+    })
 }
 
 /// Works out a batch against the committed state without touching it.
@@ -894,41 +1191,41 @@ impl<'s> Plan<'s> {
                 Op::AddPath(id, path) => {
                     let mut meta = p.live(id, i)?;
                     if !meta.paths.contains(&path) {
-                        p.take_path(&path, id);
+                        p.take_path(&path, id)?;
                         meta = p.live(id, i)?;
                         meta.paths.push(path);
-                        p.put(meta);
+                        p.put(meta)?;
                     }
                 }
                 Op::RemovePath(path) => {
-                    if let Some(owner) = p.owner_of_path(&path) {
-                        p.release_path(owner, &path);
+                    if let Some(owner) = p.owner_of_path(&path)? {
+                        p.release_path(owner, &path)?;
                     }
                 }
                 Op::Delete(id) => {
                     let mut meta = p.known(id, i)?;
                     meta.deleted = true;
-                    p.put(meta);
+                    p.put(meta)?;
                 }
                 Op::SetCaption(id, caption) => {
                     let mut meta = p.known(id, i)?;
                     meta.caption = caption;
-                    p.put(meta);
+                    p.put(meta)?;
                 }
             }
         }
         Ok(p)
     }
 
-    fn get(&self, id: u64) -> Option<ImageRow> {
-        self.meta
-            .get(&id)
-            .cloned()
-            .or_else(|| self.st.meta(id).cloned())
+    fn get(&self, id: u64) -> Result<Option<ImageRow>> {
+        match self.meta.get(&id) {
+            Some(m) => Ok(Some(m.clone())),
+            None => self.st.meta(id),
+        }
     }
 
     fn known(&self, id: u64, op: usize) -> Result<ImageRow> {
-        self.get(id).ok_or_else(|| {
+        self.get(id)?.ok_or_else(|| {
             Error::InvalidArgument(format!("batch operation {op}: no image with id {id}"))
         })
     }
@@ -943,30 +1240,30 @@ impl<'s> Plan<'s> {
         Ok(m)
     }
 
-    fn owner_of_path(&self, p: &str) -> Option<u64> {
+    fn owner_of_path(&self, p: &str) -> Result<Option<u64>> {
         match self.path.get(p) {
-            Some(v) => *v,
-            None => self.st.by_path.get(p).copied(),
+            Some(v) => Ok(*v),
+            None => self.st.by_path(p),
         }
     }
 
-    fn owner_of_hash(&self, h: &str) -> Option<u64> {
+    fn owner_of_hash(&self, h: &str) -> Result<Option<u64>> {
         match self.hash.get(h) {
-            Some(v) => *v,
-            None => self.st.by_hash.get(h).copied(),
+            Some(v) => Ok(*v),
+            None => self.st.by_hash(h),
         }
     }
 
     /// Records `new` as the image's state, keeping the lookup overlay in step.
-    fn put(&mut self, new: ImageRow) {
+    fn put(&mut self, new: ImageRow) -> Result<()> {
         let id = new.image_id;
-        if let Some(old) = self.get(id) {
+        if let Some(old) = self.get(id)? {
             if !old.deleted {
-                if self.owner_of_hash(&old.content_hash) == Some(id) {
+                if self.owner_of_hash(&old.content_hash)? == Some(id) {
                     self.hash.insert(old.content_hash.clone(), None);
                 }
                 for p in &old.paths {
-                    if self.owner_of_path(p) == Some(id) {
+                    if self.owner_of_path(p)? == Some(id) {
                         self.path.insert(p.clone(), None);
                     }
                 }
@@ -979,11 +1276,12 @@ impl<'s> Plan<'s> {
             }
         }
         self.meta.insert(id, new);
+        Ok(())
     }
 
-    fn release_path(&mut self, owner: u64, p: &str) {
-        let Some(mut m) = self.get(owner) else {
-            return;
+    fn release_path(&mut self, owner: u64, p: &str) -> Result<()> {
+        let Some(mut m) = self.get(owner)? else {
+            return Ok(());
         };
         m.paths.retain(|x| x != p);
         if m.paths.is_empty() {
@@ -991,16 +1289,17 @@ impl<'s> Plan<'s> {
         } else if m.path == p {
             m.path.clone_from(&m.paths[0]);
         }
-        self.put(m);
+        self.put(m)
     }
 
     /// Takes `p` from whichever other live image holds it.
-    fn take_path(&mut self, p: &str, new_owner: u64) {
-        if let Some(owner) = self.owner_of_path(p) {
+    fn take_path(&mut self, p: &str, new_owner: u64) -> Result<()> {
+        if let Some(owner) = self.owner_of_path(p)? {
             if owner != new_owner {
-                self.release_path(owner, p);
+                self.release_path(owner, p)?;
             }
         }
+        Ok(())
     }
 
     fn add(&mut self, rec: ImageRecord, now: i64, op: usize) -> Result<()> {
@@ -1042,9 +1341,9 @@ impl<'s> Plan<'s> {
                 paths.push(p.clone());
             }
         }
-        let (id, caption) = match self.owner_of_hash(&rec.content_hash) {
+        let (id, caption) = match self.owner_of_hash(&rec.content_hash)? {
             Some(id) => {
-                let old = self.get(id);
+                let old = self.get(id)?;
                 if let Some(old) = &old {
                     for p in &old.paths {
                         if !paths.contains(p) {
@@ -1061,7 +1360,7 @@ impl<'s> Plan<'s> {
             }
         };
         for p in &paths {
-            self.take_path(p, id);
+            self.take_path(p, id)?;
         }
         self.put(ImageRow {
             image_id: id,
@@ -1075,7 +1374,7 @@ impl<'s> Plan<'s> {
             caption,
             deleted: false,
             ingested_at_ns: now,
-        });
+        })?;
         if !self.new_embeds.contains_key(&id) {
             self.new_rows.push(id);
         }
@@ -1085,7 +1384,7 @@ impl<'s> Plan<'s> {
     }
 
     /// New shard rows (with their embeddings) and patches for images that only changed.
-    fn finish(mut self, st: &State, now: i64) -> (Vec<ImageRow>, Vec<f32>, Vec<Patch>) {
+    fn finish(mut self, st: &State, now: i64) -> Result<(Vec<ImageRow>, Vec<f32>, Vec<Patch>)> {
         let mut rows = Vec::with_capacity(self.new_rows.len());
         let mut embeds = Vec::with_capacity(self.new_rows.len() * self.q * self.e);
         for id in &self.new_rows {
@@ -1094,17 +1393,20 @@ impl<'s> Plan<'s> {
                 embeds.extend_from_slice(e);
             }
         }
-        let mut patches: Vec<Patch> = self
-            .meta
-            .into_values()
-            .filter(|m| {
-                st.meta(m.image_id).is_none_or(|old| {
-                    old.path != m.path
-                        || old.paths != m.paths
-                        || old.caption != m.caption
-                        || old.deleted != m.deleted
-                })
-            })
+        let mut changed = Vec::with_capacity(self.meta.len());
+        for m in self.meta.into_values() {
+            let differs = st.meta(m.image_id)?.is_none_or(|old| {
+                old.path != m.path
+                    || old.paths != m.paths
+                    || old.caption != m.caption
+                    || old.deleted != m.deleted
+            });
+            if differs {
+                changed.push(m);
+            }
+        }
+        let mut patches: Vec<Patch> = changed
+            .into_iter()
             .map(|m| Patch {
                 image_id: m.image_id,
                 path: m.path,
@@ -1115,6 +1417,6 @@ impl<'s> Plan<'s> {
             })
             .collect();
         patches.sort_by_key(|p| p.image_id);
-        (rows, embeds, patches)
+        Ok((rows, embeds, patches))
     }
 }

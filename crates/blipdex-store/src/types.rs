@@ -21,15 +21,16 @@ impl std::fmt::Display for Dtype {
     }
 }
 
-/// Parameters of the HNSW index. Fixed when the store is created (the graph on disk was built
-/// with them); later opens use the values recorded in the manifest.
+/// Parameters of the ANN index: how many vectors stand for an image, and the hnsw_rs graph over
+/// the IVF list centroids (the coarse quantizer). Fixed when the store is created; later opens
+/// use the values recorded in the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HnswParams {
     /// Graph degree M (hnsw_rs `max_nb_connection`; layer 0 keeps 2M). At most 256.
     pub max_nb_connection: usize,
     /// Beam width while inserting.
     pub ef_construction: usize,
-    /// How many vectors per image go into the graph: 1 = the normalized mean of the Q query
+    /// How many vectors per image go into the index: 1 = the normalized mean of the Q query
     /// vectors, Q = every query vector, in between = that many k-means centroids of them
     /// (clamped to Q). Candidates are always rescored exactly (max over all Q), so this trades
     /// index size and build time against how far the graph's ordering is from the max-sim
@@ -49,9 +50,46 @@ impl Default for HnswParams {
     }
 }
 
-/// A search beam for [`crate::Store::search_ann`] that gave recall@10 >= 0.99 at 100k images
-/// with the default [`HnswParams`] (see the crate docs).
+/// Images rescored exactly per query by [`crate::Store::search_ann`] (see the crate docs for
+/// the recall it gives).
 pub const DEFAULT_EF: usize = 192;
+
+/// Index lists probed per query by default.
+pub const DEFAULT_NPROBE: usize = 32;
+
+/// How hard [`crate::Store::search_ann_with`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnSearch {
+    /// Candidate images rescored exactly (at least k).
+    pub ef: usize,
+    /// Index lists whose entries are scored.
+    pub nprobe: usize,
+}
+
+impl Default for AnnSearch {
+    fn default() -> Self {
+        Self {
+            ef: DEFAULT_EF,
+            nprobe: DEFAULT_NPROBE,
+        }
+    }
+}
+
+/// What the ANN index holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnInfo {
+    /// Rows covered (superseded and deleted rows too; they are filtered at query time).
+    pub rows: usize,
+    /// Index entries: rows * vectors_per_image.
+    pub points: usize,
+    pub vectors_per_image: usize,
+    /// IVF lists (centroids).
+    pub lists: usize,
+    /// Segment files a query visits.
+    pub segments: usize,
+    /// Rows the centroids were trained on.
+    pub trained_rows: usize,
+}
 
 /// How to create or open a writable store.
 #[derive(Debug, Clone)]
@@ -144,10 +182,11 @@ pub struct Hit {
 pub struct CommitTimings {
     /// Planning, writing and fsyncing the Parquet files and the manifest.
     pub data: std::time::Duration,
-    /// Inserting the new rows into the HNSW graph.
+    /// Computing, assigning and writing the new rows' index entries (one segment).
     pub index_insert: std::time::Duration,
-    /// Dumping the graph (hnsw_rs `file_dump`, fsync, manifest).
-    pub index_dump: std::time::Duration,
+    /// Index maintenance: merging segments, or retraining the centroids and rebuilding every
+    /// row's entries (see the crate docs for how often).
+    pub index_merge: std::time::Duration,
 }
 
 /// What [`crate::Store::commit`] did.
@@ -157,8 +196,7 @@ pub struct CommitInfo {
     pub generation: u64,
     /// One id per [`crate::Batch::add`], in call order.
     pub ids: Vec<u64>,
-    /// False when the data was committed but writing the HNSW dump failed; the next commit or
-    /// open catches the index up from the Parquet rows, so nothing is lost.
+    /// Always true since store format v2, where the index is part of every commit.
     pub index_persisted: bool,
     pub timings: CommitTimings,
 }

@@ -45,7 +45,7 @@ fn assert_same_contents(a: &Store, b: &Store) {
     assert_eq!(a.len(), b.len());
     assert_eq!(a.generation(), b.generation());
     for row in a.iter() {
-        assert_eq!(Some(row), b.get(row.image_id));
+        assert_eq!(Some(&row), b.get(row.image_id).as_ref());
         assert_eq!(a.embeds(row.image_id), b.embeds(row.image_id));
     }
 }
@@ -74,7 +74,7 @@ fn commit_reopen_round_trip() {
         );
         assert_eq!(row.mtime_ns, rec.mtime_ns);
         assert!(!row.deleted);
-        assert_eq!(store.embeds(i).unwrap(), rec.embeds.as_slice());
+        assert_eq!(store.embeds(i).unwrap(), rec.embeds);
         assert_eq!(
             store.by_content_hash(&rec.content_hash).unwrap().image_id,
             i
@@ -90,9 +90,10 @@ fn commit_reopen_round_trip() {
     let rw = Store::create_or_open(dir.path(), opts()).unwrap();
     assert_same_contents(&ro, &rw);
     assert_eq!(rw.next_image_id(), 50);
-    // Everything the dump covers was reloaded, nothing rebuilt.
-    assert_eq!(rw.ann_info().reloaded_rows, 50);
-    assert_eq!(rw.ann_info().rows, 50);
+    // The index covers every row: m entries each, in the segments the manifest names.
+    let info = rw.ann_info();
+    assert_eq!((info.rows, info.points), (50, 50 * info.vectors_per_image));
+    assert_eq!(info, ro.ann_info());
 }
 
 #[test]
@@ -115,7 +116,7 @@ fn parquet_shard_reads_back_with_arrow_reader() {
         store.commit(b).unwrap();
         let shard = files(dir.path())
             .into_iter()
-            .find(|f| f.starts_with("shard-"))
+            .find(|f| f.starts_with("shard-") && f.ends_with(".parquet"))
             .unwrap();
 
         let builder =
@@ -248,6 +249,9 @@ fn orphans_are_ignored_then_cleaned() {
     )
     .unwrap();
     fs::write(dir.path().join("hnsw-0000000099.hnsw.graph"), b"junk").unwrap();
+    fs::write(dir.path().join("shard-0000000099.rows"), b"junk").unwrap();
+    fs::write(dir.path().join("ivf-0000000099-0.seg"), b"junk").unwrap();
+    fs::write(dir.path().join("ivf-0000000099.centroids"), b"junk").unwrap();
     fs::write(dir.path().join("patch-0000000099.parquet"), b"junk").unwrap();
     fs::write(dir.path().join("notes.txt"), b"not ours").unwrap();
 
@@ -270,68 +274,113 @@ fn orphans_are_ignored_then_cleaned() {
 }
 
 #[test]
-fn crash_between_data_commit_and_index_dump_catches_up() {
+fn damaged_derived_files_are_named_by_readers_and_rebuilt_by_writers() {
     let dir = tempfile::tempdir().unwrap();
     let s = synth();
     let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
     add_range(&mut store, &s, 0..30);
-    let old_manifest = fs::read(dir.path().join("manifest.json")).unwrap();
-    let old_dump: Vec<(String, Vec<u8>)> = files(dir.path())
-        .into_iter()
-        .filter(|f| f.starts_with("hnsw-"))
-        .map(|f| (f.clone(), fs::read(dir.path().join(&f)).unwrap()))
-        .collect();
     add_range(&mut store, &s, 30..50);
     let t = s.text(1);
     let want = store.search_exact(&t, 5).unwrap();
+    let want_ann = store.search_ann(&t, 5, 64).unwrap();
     drop(store);
-
-    // Rewind to the state after step 2 of the second commit: data manifest written, graph
-    // dump still the old one.
-    let old: serde_json::Value = serde_json::from_slice(&old_manifest).unwrap();
-    let mut cur: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
-    cur["hnsw"] = old["hnsw"].clone();
-    fs::write(
-        dir.path().join("manifest.json"),
-        serde_json::to_vec(&cur).unwrap(),
-    )
-    .unwrap();
-    for (f, bytes) in old_dump {
-        fs::write(dir.path().join(f), bytes).unwrap();
+    let named = |suffix: &str| -> Vec<String> {
+        let mut v: Vec<String> = files(dir.path())
+            .into_iter()
+            .filter(|f| f.ends_with(suffix))
+            .collect();
+        v.sort();
+        v
+    };
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage)> = vec![
+        (".rows", Box::new(|p: &Path| {
+            let b = fs::read(p).unwrap();
+            fs::write(p, &b[..b.len() - 100]).unwrap();
+        })),
+        (".rows", Box::new(|p: &Path| fs::remove_file(p).unwrap())),
+        (".rows", Box::new(|p: &Path| fs::write(p, b"foreign bytes").unwrap())),
+        (".seg", Box::new(|p: &Path| {
+            let b = fs::read(p).unwrap();
+            fs::write(p, &b[..b.len() / 2]).unwrap();
+        })),
+        (".seg", Box::new(|p: &Path| fs::write(p, vec![0u8; 4096]).unwrap())),
+        (".centroids", Box::new(|p: &Path| fs::remove_file(p).unwrap())),
+    ];
+    for (suffix, damage) in cases {
+        let name = named(suffix).pop().unwrap();
+        let saved = fs::read(dir.path().join(&name)).unwrap();
+        damage(&dir.path().join(&name));
+        // A reader cannot repair (it holds no lock): a clear error naming the file, no panic.
+        let err = Store::open_readonly(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&name), "{err}");
+        // A writer rebuilds what is derived from the Parquet shards.
+        drop(Store::create_or_open(dir.path(), opts()).unwrap());
+        let ro = Store::open_readonly(dir.path()).unwrap();
+        assert_eq!(ro.len(), 50);
+        assert_eq!(ro.search_exact(&t, 5).unwrap(), want);
+        if name.ends_with(".rows") {
+            assert_eq!(fs::read(dir.path().join(&name)).unwrap(), saved);
+            assert_eq!(ro.search_ann(&t, 5, 64).unwrap(), want_ann);
+        } else {
+            assert_eq!(ro.search_ann(&t, 5, 64).unwrap(), want);
+        }
     }
-
-    let ro = Store::open_readonly(dir.path()).unwrap();
-    assert_eq!(ro.len(), 50);
-    assert_eq!(ro.ann_info().reloaded_rows, 30);
-    assert_eq!(ro.ann_info().rows, 50);
-    assert_eq!(ro.search_ann(&t, 5, 64).unwrap(), want);
-    drop(ro);
-    // A writer persists the caught-up graph so the next start reloads everything.
-    drop(Store::create_or_open(dir.path(), opts()).unwrap());
-    let ro = Store::open_readonly(dir.path()).unwrap();
-    assert_eq!(ro.ann_info().reloaded_rows, 50);
 }
 
 #[test]
-fn corrupt_dump_is_rebuilt_not_fatal() {
+fn manifest_names_and_shapes_are_validated() {
     let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
     let s = synth();
     let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
-    add_range(&mut store, &s, 0..30);
+    add_range(&mut store, &s, 0..10);
     drop(store);
-    for f in files(dir.path()) {
-        if f.ends_with(".hnsw.graph") {
-            fs::write(dir.path().join(f), b"garbage").unwrap();
+    let good = fs::read(dir.path().join("manifest.json")).unwrap();
+    let victim = outside.path().join("precious.parquet");
+    fs::write(&victim, b"keep me").unwrap();
+    let rel = format!("../{}/precious.parquet", outside.path().file_name().unwrap().to_string_lossy());
+    // (edit, whether a writer can repair it: index files are derived, so a writer rebuilds
+    // them; names outside the directory and impossible shapes are refused by everyone)
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let edits: Vec<(Edit, bool)> = vec![
+        (Box::new(move |m| m["shards"][0]["file"] = rel.clone().into()), false),
+        (Box::new(|m| m["ivf"]["segments"][0]["file"] = "/etc/passwd".into()), false),
+        (Box::new(|m| m["ivf"]["centroids"] = "..".into()), false),
+        (Box::new(|m| m["dim"] = 1_000_000_000u64.into()), false),
+        (Box::new(|m| m["shards"][0]["rows"] = 1u64.into()), false),
+        (Box::new(|m| m["ivf"]["nlist"] = 4_000_000_000u64.into()), true),
+        (Box::new(|m| m["ivf"]["segments"][0]["entries"] = 1u64.into()), true),
+    ];
+    for (i, (edit, repairable)) in edits.iter().enumerate() {
+        let mut m: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        edit(&mut m);
+        fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        let ro = Store::open_readonly(dir.path()).unwrap_err().to_string();
+        assert!(
+            ro.contains("manifest") || ro.contains("ivf-") || ro.contains("shard-"),
+            "case {i}: {ro}"
+        );
+        let rw = Store::create_or_open(dir.path(), opts());
+        assert_eq!(rw.is_ok(), *repairable, "case {i}");
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me", "case {i}");
+        if *repairable {
+            drop(rw);
+            assert_eq!(Store::open_readonly(dir.path()).unwrap().len(), 10);
+            add_range(&mut Store::create_or_open(dir.path(), opts()).unwrap(), &s, 10..12);
+            break;
         }
+        fs::write(dir.path().join("manifest.json"), &good).unwrap();
+        assert_eq!(Store::open_readonly(dir.path()).unwrap().len(), 10);
     }
-    let ro = Store::open_readonly(dir.path()).unwrap();
-    assert_eq!(ro.ann_info().reloaded_rows, 0);
-    assert_eq!(ro.ann_info().rows, 30);
-    assert_eq!(
-        ro.search_ann(&s.text(0), 3, 64).unwrap(),
-        ro.search_exact(&s.text(0), 3).unwrap()
-    );
+    // The last case is repaired in a new generation; check the other repairable one too.
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    (edits[6].0)(&mut m);
+    fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    assert!(Store::open_readonly(dir.path()).is_err());
+    drop(Store::create_or_open(dir.path(), opts()).unwrap());
+    assert_eq!(Store::open_readonly(dir.path()).unwrap().len(), 12);
 }
 
 /// Child half of `kill9_leaves_whole_commits`: commits until killed.
@@ -640,7 +689,7 @@ fn bad_records_commit_nothing() {
 }
 
 #[test]
-fn hnsw_dump_reload_gives_identical_results() {
+fn reopen_gives_identical_results() {
     let dir = tempfile::tempdir().unwrap();
     let s = synth();
     let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
@@ -653,7 +702,7 @@ fn hnsw_dump_reload_gives_identical_results() {
         .collect();
     drop(store);
     let ro = Store::open_readonly(dir.path()).unwrap();
-    assert_eq!(ro.ann_info().reloaded_rows, 1000);
+    assert_eq!(ro.ann_info().rows, 1000);
     let after: Vec<_> = queries
         .iter()
         .map(|t| ro.search_ann(t, 10, 40).unwrap())
@@ -688,7 +737,7 @@ fn compact_drops_dead_rows_and_keeps_ids() {
     assert_eq!(store.total_rows(), 210);
     let t = s.text(3);
     let before = store.search_exact(&t, 20).unwrap();
-    let rows: Vec<_> = store.iter().cloned().collect();
+    let rows: Vec<_> = store.iter().collect();
 
     store.compact().unwrap();
     assert_eq!(store.total_rows(), 150);
@@ -696,19 +745,21 @@ fn compact_drops_dead_rows_and_keeps_ids() {
     assert_eq!(store.search_ann(&t, 20, 300).unwrap(), before);
     let shards: Vec<_> = files(dir.path())
         .into_iter()
-        .filter(|f| f.starts_with("shard-") || f.starts_with("patch-"))
+        .filter(|f| f.ends_with(".parquet"))
         .collect();
     assert_eq!(shards.len(), 1, "{shards:?}");
     drop(store);
     let ro = Store::open_readonly(dir.path()).unwrap();
-    assert_eq!(ro.iter().cloned().collect::<Vec<_>>(), rows);
+    assert_eq!(ro.iter().collect::<Vec<_>>(), rows);
     assert_eq!(ro.get(7).unwrap().caption.as_deref(), Some("seven"));
     assert!(
         ro.get(120).is_none(),
         "deleted rows are gone after compaction"
     );
     assert_eq!(ro.next_image_id(), 200);
-    assert_eq!(ro.ann_info().reloaded_rows, 150);
+    let info = ro.ann_info();
+    assert_eq!((info.rows, info.trained_rows), (150, 150));
+    assert_eq!(info.points, 150 * info.vectors_per_image);
 }
 
 #[test]

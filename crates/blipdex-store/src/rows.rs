@@ -1,0 +1,445 @@
+//! Row files (`shard-<gen>.rows`): the memory-mapped twin of one Parquet shard.
+//!
+//! Parquet is the source of truth, but decoding it is what made start-up slow (every embedding
+//! of every shard was decoded into RAM at open). A row file holds the same rows in fixed-width,
+//! little-endian sections that a reader maps and indexes without decoding anything: opening an
+//! index maps these files and reads only their `image_id` and `flags` sections. Row files are
+//! derived: a writable open rebuilds a missing or damaged one from its shard.
+//!
+//! ```text
+//! header (128 bytes)   magic "BLPXROWS", version, dtype (0 f32, 1 f16), Q, E, rows,
+//!                      the offset of each section below, the file length
+//! ids      [rows] u64  image_id
+//! flags    [rows] u8   bit 0: deleted (as committed; patches override)
+//! fixed    [rows] 64 B width u32, height u32, file_size u64, mtime i64, ingested_at i64,
+//!                      content hash (32 bytes of BLAKE3)
+//! str_off  [rows+1] u64, offsets into `strings`
+//! strings  per row: path, paths, caption (u32 lengths, UTF-8 bytes)
+//! vectors  [rows][Q][E] f32 or f16, in the store's dtype (the Parquet column's values)
+//! ```
+//!
+//! Sections start on 64-byte boundaries, so the vectors are read in place as `&[f32]`/`&[f16]`.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use blipdex_core::{Error, Result};
+use memmap2::Mmap;
+
+use crate::fsutil;
+use crate::types::{Dtype, ImageRow};
+
+#[cfg(target_endian = "big")]
+compile_error!("blipdex row and index files are little-endian and mapped in place");
+
+const MAGIC: &[u8; 8] = b"BLPXROWS";
+const VERSION: u32 = 1;
+const HEADER: usize = 128;
+const FIXED: usize = 64;
+pub(crate) const ALIGN: usize = 64;
+/// Flag bit: the row was committed deleted.
+const DELETED: u8 = 1;
+
+pub(crate) fn align(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// The row file that belongs to a shard (`shard-X.parquet` -> `shard-X.rows`).
+pub(crate) fn rows_name(shard: &str) -> String {
+    let stem = shard.strip_suffix(".parquet").unwrap_or(shard);
+    format!("{stem}.rows")
+}
+
+/// An image's values as the row file stores them (the mutable ones as committed).
+pub(crate) struct RowFields {
+    pub path: String,
+    pub paths: Vec<String>,
+    pub caption: Option<String>,
+}
+
+fn hash_bytes(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = hex
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    out
+}
+
+pub(crate) fn hash_hex(b: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for x in b {
+        s.push(HEX[(x >> 4) as usize] as char);
+        s.push(HEX[(x & 15) as usize] as char);
+    }
+    s
+}
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+struct Offsets {
+    ids: usize,
+    flags: usize,
+    fixed: usize,
+    str_off: usize,
+    strings: usize,
+    strings_len: usize,
+    vectors: usize,
+    len: usize,
+}
+
+fn offsets(rows: usize, strings_len: usize, vec_bytes: usize) -> Offsets {
+    let ids = HEADER;
+    let flags = align(ids + rows * 8);
+    let fixed = align(flags + rows);
+    let str_off = align(fixed + rows * FIXED);
+    let strings = align(str_off + (rows + 1) * 8);
+    let vectors = align(strings + strings_len);
+    Offsets {
+        ids,
+        flags,
+        fixed,
+        str_off,
+        strings,
+        strings_len,
+        vectors,
+        len: vectors + vec_bytes,
+    }
+}
+
+fn elem_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 => 2,
+    }
+}
+
+/// Writes `rows` and their `embeds` (rows * Q * E values) durably as `dir/name`.
+pub(crate) fn write(
+    dir: &Path,
+    name: &str,
+    dtype: Dtype,
+    q: usize,
+    e: usize,
+    rows: &[ImageRow],
+    embeds: &[f32],
+) -> Result<()> {
+    let qe = q * e;
+    debug_assert_eq!(embeds.len(), rows.len() * qe);
+    let mut strings = Vec::new();
+    let mut str_off = Vec::with_capacity(rows.len() + 1);
+    for r in rows {
+        str_off.push(strings.len() as u64);
+        put_str(&mut strings, &r.path);
+        strings.extend_from_slice(&(r.paths.len() as u32).to_le_bytes());
+        for p in &r.paths {
+            put_str(&mut strings, p);
+        }
+        match &r.caption {
+            Some(c) => {
+                strings.push(1);
+                put_str(&mut strings, c);
+            }
+            None => strings.push(0),
+        }
+    }
+    str_off.push(strings.len() as u64);
+    let o = offsets(rows.len(), strings.len(), embeds.len() * elem_bytes(dtype));
+    let target = dir.join(name);
+    let err = |e: std::io::Error| fsutil::write_err(&target, e);
+    fsutil::write_durable(dir, name, |f| {
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let mut pos = 0usize;
+        let pad_to = |w: &mut BufWriter<&mut File>, pos: &mut usize, at: usize| {
+            let zeros = [0u8; ALIGN];
+            w.write_all(&zeros[..at - *pos])?;
+            *pos = at;
+            Ok::<(), std::io::Error>(())
+        };
+        let mut h = Vec::with_capacity(HEADER);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&VERSION.to_le_bytes());
+        h.extend_from_slice(&(if dtype == Dtype::F16 { 1u32 } else { 0 }).to_le_bytes());
+        h.extend_from_slice(&(q as u32).to_le_bytes());
+        h.extend_from_slice(&(e as u32).to_le_bytes());
+        for v in [
+            rows.len(),
+            o.ids,
+            o.flags,
+            o.fixed,
+            o.str_off,
+            o.strings,
+            o.strings_len,
+            o.vectors,
+            o.len,
+        ] {
+            h.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+        h.resize(HEADER, 0);
+        w.write_all(&h).map_err(err)?;
+        pos += HEADER;
+        for r in rows {
+            w.write_all(&r.image_id.to_le_bytes()).map_err(err)?;
+        }
+        pos += rows.len() * 8;
+        pad_to(&mut w, &mut pos, o.flags).map_err(err)?;
+        let flags: Vec<u8> = rows
+            .iter()
+            .map(|r| if r.deleted { DELETED } else { 0 })
+            .collect();
+        w.write_all(&flags).map_err(err)?;
+        pos += rows.len();
+        pad_to(&mut w, &mut pos, o.fixed).map_err(err)?;
+        for r in rows {
+            let mut b = [0u8; FIXED];
+            b[0..4].copy_from_slice(&r.width.to_le_bytes());
+            b[4..8].copy_from_slice(&r.height.to_le_bytes());
+            b[8..16].copy_from_slice(&r.file_size.to_le_bytes());
+            b[16..24].copy_from_slice(&r.mtime_ns.to_le_bytes());
+            b[24..32].copy_from_slice(&r.ingested_at_ns.to_le_bytes());
+            b[32..64].copy_from_slice(&hash_bytes(&r.content_hash));
+            w.write_all(&b).map_err(err)?;
+        }
+        pos += rows.len() * FIXED;
+        pad_to(&mut w, &mut pos, o.str_off).map_err(err)?;
+        for v in &str_off {
+            w.write_all(&v.to_le_bytes()).map_err(err)?;
+        }
+        pos += str_off.len() * 8;
+        pad_to(&mut w, &mut pos, o.strings).map_err(err)?;
+        w.write_all(&strings).map_err(err)?;
+        pos += strings.len();
+        pad_to(&mut w, &mut pos, o.vectors).map_err(err)?;
+        match dtype {
+            Dtype::F32 => {
+                for c in embeds.chunks(1 << 16) {
+                    w.write_all(bytemuck::cast_slice(c)).map_err(err)?;
+                }
+            }
+            Dtype::F16 => {
+                let mut buf = vec![half::f16::ZERO; 1 << 16];
+                for c in embeds.chunks(1 << 16) {
+                    let out = &mut buf[..c.len()];
+                    for (o, x) in out.iter_mut().zip(c) {
+                        *o = half::f16::from_f32(*x);
+                    }
+                    w.write_all(bytemuck::cast_slice(out)).map_err(err)?;
+                }
+            }
+        }
+        w.flush().map_err(err)?;
+        Ok(())
+    })
+}
+
+/// Reads the length-prefixed records of the strings section.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (x, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(x)
+    }
+
+    fn u32(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let n = self.u32()?;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+/// One mapped row file.
+pub(crate) struct RowsFile {
+    pub name: String,
+    dir: std::path::PathBuf,
+    map: Mmap,
+    rows: usize,
+    dtype: Dtype,
+    qe: usize,
+    o: Offsets,
+}
+
+/// An image's vectors as stored.
+pub(crate) enum Vectors<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl Vectors<'_> {
+    /// As f32: borrowed when stored as f32, else widened into `buf`.
+    pub fn as_f32<'b>(&'b self, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        match self {
+            Vectors::F32(v) => v,
+            Vectors::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                buf.resize(v.len(), 0.0);
+                v.convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<f32> {
+        let mut buf = Vec::new();
+        self.as_f32(&mut buf).to_vec()
+    }
+}
+
+impl RowsFile {
+    /// Maps `dir/name` and checks it against what the manifest says it holds.
+    pub fn open(dir: &Path, name: &str, dtype: Dtype, q: usize, e: usize, rows: u64) -> Result<Self> {
+        let path = dir.join(name);
+        let bad = |r: String| Error::store(dir, format!("{name}: {r}"));
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let map = fsutil::map(&file).map_err(|e| Error::io(&path, e))?;
+        if map.len() < HEADER || &map[..8] != MAGIC {
+            return Err(bad("not a blipdex row file (bad magic or truncated)".into()));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(map[i..i + 4].try_into().unwrap_or_default());
+        let u64_at = |i: usize| u64::from_le_bytes(map[i..i + 8].try_into().unwrap_or_default());
+        if u32_at(8) != VERSION {
+            return Err(bad(format!("row file version {}, this build reads {VERSION}", u32_at(8))));
+        }
+        let file_dtype = if u32_at(12) == 1 { Dtype::F16 } else { Dtype::F32 };
+        if file_dtype != dtype || u32_at(16) as usize != q || u32_at(20) as usize != e {
+            return Err(bad(format!(
+                "holds {}x{} {} vectors, the manifest says {q}x{e} {dtype}",
+                u32_at(16),
+                u32_at(20),
+                file_dtype
+            )));
+        }
+        let n = u64_at(24);
+        if n != rows {
+            return Err(bad(format!("holds {n} rows, the manifest says {rows}")));
+        }
+        let rows = rows as usize;
+        let strings_len = u64_at(24 + 6 * 8) as usize;
+        let want = offsets(rows, strings_len, rows * q * e * elem_bytes(dtype));
+        let stored = [
+            want.ids, want.flags, want.fixed, want.str_off, want.strings, want.strings_len,
+            want.vectors, want.len,
+        ];
+        for (i, w) in stored.iter().enumerate() {
+            if u64_at(32 + i * 8) != *w as u64 {
+                return Err(bad("inconsistent section offsets (corrupt file)".into()));
+            }
+        }
+        if map.len() != want.len {
+            return Err(bad(format!(
+                "is {} bytes, its header says {} (truncated or overwritten)",
+                map.len(),
+                want.len
+            )));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            dir: dir.to_path_buf(),
+            map,
+            rows,
+            dtype,
+            qe: q * e,
+            o: want,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn u64_at(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.map[at..at + 8].try_into().unwrap_or_default())
+    }
+
+    pub fn id(&self, i: usize) -> u64 {
+        self.u64_at(self.o.ids + i * 8)
+    }
+
+    pub fn committed_deleted(&self, i: usize) -> bool {
+        self.map[self.o.flags + i] & DELETED != 0
+    }
+
+    pub fn content_hash(&self, i: usize) -> [u8; 32] {
+        let at = self.o.fixed + i * FIXED + 32;
+        self.map[at..at + 32].try_into().unwrap_or_default()
+    }
+
+    fn bad(&self, r: &str) -> Error {
+        Error::store(&self.dir, format!("{}: {r} (corrupt row file)", self.name))
+    }
+
+    /// The row's path, paths and caption as committed.
+    pub fn fields(&self, i: usize) -> Result<RowFields> {
+        let a = self.u64_at(self.o.str_off + i * 8) as usize;
+        let b = self.u64_at(self.o.str_off + (i + 1) * 8) as usize;
+        if a > b || b > self.o.strings_len {
+            return Err(self.bad("string offsets out of range"));
+        }
+        let mut c = Cursor(&self.map[self.o.strings + a..self.o.strings + b]);
+        let bad = || self.bad("string record overruns its row or is not UTF-8");
+        let path = c.string().ok_or_else(bad)?;
+        let n = c.u32().ok_or_else(bad)?;
+        let mut paths = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            paths.push(c.string().ok_or_else(bad)?);
+        }
+        let caption = match c.take(1).ok_or_else(bad)?[0] {
+            0 => None,
+            _ => Some(c.string().ok_or_else(bad)?),
+        };
+        Ok(RowFields {
+            path,
+            paths,
+            caption,
+        })
+    }
+
+    /// The whole row as committed.
+    pub fn row(&self, i: usize) -> Result<ImageRow> {
+        let f = self.fields(i)?;
+        let at = self.o.fixed + i * FIXED;
+        let m = &self.map[at..at + FIXED];
+        let u32_at = |j: usize| u32::from_le_bytes(m[j..j + 4].try_into().unwrap_or_default());
+        let u64_at = |j: usize| u64::from_le_bytes(m[j..j + 8].try_into().unwrap_or_default());
+        Ok(ImageRow {
+            image_id: self.id(i),
+            path: f.path,
+            paths: f.paths,
+            content_hash: hash_hex(&self.content_hash(i)),
+            width: u32_at(0),
+            height: u32_at(4),
+            file_size: u64_at(8),
+            mtime_ns: u64_at(16) as i64,
+            caption: f.caption,
+            deleted: self.committed_deleted(i),
+            ingested_at_ns: u64_at(24) as i64,
+        })
+    }
+
+    pub fn vectors(&self, i: usize) -> Vectors<'_> {
+        match self.dtype {
+            Dtype::F32 => {
+                let at = self.o.vectors + i * self.qe * 4;
+                Vectors::F32(bytemuck::cast_slice(&self.map[at..at + self.qe * 4]))
+            }
+            Dtype::F16 => {
+                let at = self.o.vectors + i * self.qe * 2;
+                Vectors::F16(bytemuck::cast_slice(&self.map[at..at + self.qe * 2]))
+            }
+        }
+    }
+}
