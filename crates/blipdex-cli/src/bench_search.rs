@@ -180,7 +180,11 @@ fn search(
     store.search_ann(&ts[..e], k, blipdex_store::DEFAULT_EF)?;
     let first_answer_s = t.elapsed().as_secs_f64();
     let anon_open = rss_kib("RssAnon:");
-    ensure!(store.len() == n, "the index holds {} images, not {n}", store.len());
+    ensure!(
+        store.len() == n,
+        "the index holds {} images, not {n}",
+        store.len()
+    );
     let info = store.ann_info();
     let ids = |h: &[blipdex_store::Hit]| h.iter().map(|x| x.image_id).collect::<Vec<_>>();
     let cached: Option<Vec<Vec<u64>>> = a

@@ -5,6 +5,7 @@ mod bench;
 mod bench_search;
 mod caption;
 mod embed;
+mod index;
 mod ingest;
 mod search;
 mod serve;
@@ -38,6 +39,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// gRPC retrieval service over an index (search, rerank, captions, health, metrics).
     Serve(serve::ServeArgs),
+    /// Index maintenance: upgrade an index written by an earlier blipdex, compact, inspect.
+    Index(index::IndexArgs),
 }
 
 /// A forward pass allocates and frees tensors of tens of MB by the hundred. glibc hands such
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Search(args) => search::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Index(args) => index::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -214,7 +214,11 @@ pub(crate) fn train(samples: &[f32], e: usize, nlist: usize, params: &HnswParams
     let n = samples.len() / e;
     let nlist = nlist.clamp(1, n.max(1));
     let mut centroids: Vec<f32> = (0..nlist)
-        .flat_map(|i| samples[(i * n / nlist) * e..(i * n / nlist + 1) * e].iter().copied())
+        .flat_map(|i| {
+            samples[(i * n / nlist) * e..(i * n / nlist + 1) * e]
+                .iter()
+                .copied()
+        })
         .collect();
     for _ in 0..TRAIN_ITERS {
         let coarse = Coarse::new(centroids.clone(), e, params);
@@ -263,7 +267,8 @@ pub(crate) fn write_centroids(dir: &Path, name: &str, e: usize, centroids: &[f32
     bytes.extend_from_slice(bytemuck::cast_slice(centroids));
     let target = dir.join(name);
     fsutil::write_durable(dir, name, |f| {
-        f.write_all(&bytes).map_err(|e| fsutil::write_err(&target, e))
+        f.write_all(&bytes)
+            .map_err(|e| fsutil::write_err(&target, e))
     })
 }
 
@@ -302,6 +307,10 @@ pub(crate) struct Entries {
 impl Entries {
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    pub fn append(&mut self, o: Entries) {
+        self.extend(o);
     }
 
     fn extend(&mut self, o: Entries) {
@@ -564,7 +573,10 @@ impl Segment {
         let offs = self.offsets();
         let mut lists = Vec::with_capacity(self.n());
         for l in 0..self.nlist {
-            lists.extend(std::iter::repeat_n(l as u32, (offs[l + 1] - offs[l]) as usize));
+            lists.extend(std::iter::repeat_n(
+                l as u32,
+                (offs[l + 1] - offs[l]) as usize,
+            ));
         }
         Entries {
             lists,

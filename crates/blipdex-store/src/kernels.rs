@@ -99,8 +99,12 @@ mod tests {
     #[test]
     fn dot_i8_is_exact_and_quantization_bounded() {
         for len in [1usize, 31, 32, 33, 256, 300] {
-            let a: Vec<i8> = (0..len).map(|i| ((i * 37 % 255) as i32 - 127) as i8).collect();
-            let b: Vec<i8> = (0..len).map(|i| ((i * 91 % 255) as i32 - 127) as i8).collect();
+            let a: Vec<i8> = (0..len)
+                .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
+                .collect();
+            let b: Vec<i8> = (0..len)
+                .map(|i| ((i * 91 % 255) as i32 - 127) as i8)
+                .collect();
             let naive: i32 = a.iter().zip(&b).map(|(x, y)| *x as i32 * *y as i32).sum();
             assert_eq!(dot_i8(&a, &b), naive, "len {len}");
         }

@@ -185,6 +185,6 @@ mod types;
 pub use ivf::DotDist;
 pub use store::{content_hash_bytes, content_hash_file, Batch, Store};
 pub use types::{
-    AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord,
-    ImageRow, StoreOptions, DEFAULT_EF, DEFAULT_NPROBE,
+    AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,
+    StoreOptions, DEFAULT_EF, DEFAULT_NPROBE,
 };

@@ -301,7 +301,14 @@ impl Vectors<'_> {
 
 impl RowsFile {
     /// Maps `dir/name` and checks it against what the manifest says it holds.
-    pub fn open(dir: &Path, name: &str, dtype: Dtype, q: usize, e: usize, rows: u64) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        dtype: Dtype,
+        q: usize,
+        e: usize,
+        rows: u64,
+    ) -> Result<Self> {
         let path = dir.join(name);
         let bad = |r: String| Error::store(dir, format!("{name}: {r}"));
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -312,9 +319,16 @@ impl RowsFile {
         let u32_at = |i: usize| u32::from_le_bytes(map[i..i + 4].try_into().unwrap_or_default());
         let u64_at = |i: usize| u64::from_le_bytes(map[i..i + 8].try_into().unwrap_or_default());
         if u32_at(8) != VERSION {
-            return Err(bad(format!("row file version {}, this build reads {VERSION}", u32_at(8))));
+            return Err(bad(format!(
+                "row file version {}, this build reads {VERSION}",
+                u32_at(8)
+            )));
         }
-        let file_dtype = if u32_at(12) == 1 { Dtype::F16 } else { Dtype::F32 };
+        let file_dtype = if u32_at(12) == 1 {
+            Dtype::F16
+        } else {
+            Dtype::F32
+        };
         if file_dtype != dtype || u32_at(16) as usize != q || u32_at(20) as usize != e {
             return Err(bad(format!(
                 "holds {}x{} {} vectors, the manifest says {q}x{e} {dtype}",
@@ -331,8 +345,14 @@ impl RowsFile {
         let strings_len = u64_at(24 + 6 * 8) as usize;
         let want = offsets(rows, strings_len, rows * q * e * elem_bytes(dtype));
         let stored = [
-            want.ids, want.flags, want.fixed, want.str_off, want.strings, want.strings_len,
-            want.vectors, want.len,
+            want.ids,
+            want.flags,
+            want.fixed,
+            want.str_off,
+            want.strings,
+            want.strings_len,
+            want.vectors,
+            want.len,
         ];
         for (i, w) in stored.iter().enumerate() {
             if u64_at(32 + i * 8) != *w as u64 {

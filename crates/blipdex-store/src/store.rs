@@ -10,15 +10,15 @@ use fs2::FileExt;
 use rayon::prelude::*;
 
 use crate::fsutil::{self, TMP_PREFIX};
-use crate::ivf::{self, Coarse, Entries, Ivf, IvfRef, Segment};
+use crate::ivf::{self, Coarse, Entries, Ivf, IvfRef, Segment, SegmentRef};
 use crate::manifest::{FileRef, Manifest, FORMAT_V1, FORMAT_VERSION, MANIFEST};
 use crate::rows::{self, rows_name, RowsFile};
 use crate::search;
 use crate::shard::{self, Layout, Patch};
 use crate::state::State;
 use crate::types::{
-    AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord,
-    ImageRow, StoreOptions,
+    AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,
+    StoreOptions,
 };
 
 const LOCK: &str = "LOCK";
@@ -91,7 +91,6 @@ impl Batch {
         self.ops.len()
     }
 }
-
 
 /// An index directory opened for reading (and, from [`Store::create_or_open`], writing).
 ///
@@ -266,6 +265,26 @@ impl Store {
             store.rebuild_index()?;
         }
         Ok(store)
+    }
+
+    /// Opens an existing store for writing with the model and shape its manifest records (for
+    /// maintenance: upgrade, compaction); never creates one.
+    pub fn open_writable(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let m = Manifest::read(dir)?
+            .ok_or_else(|| Error::store(dir, format!("no {MANIFEST}: not a blipdex index")))?;
+        let options = StoreOptions::new(&m.model_fingerprint, m.num_query, m.dim)
+            .with_dtype(m.dtype)
+            .with_hnsw(m.hnsw_params);
+        Self::create_or_open(dir, options)
+    }
+
+    /// The store format version of the index in `dir` (2 for this build; 1 needs an upgrade).
+    pub fn read_format_version(dir: impl AsRef<Path>) -> Result<u32> {
+        let dir = dir.as_ref();
+        Manifest::read(dir)?
+            .map(|m| m.format_version)
+            .ok_or_else(|| Error::store(dir, format!("no {MANIFEST}: not a blipdex index")))
     }
 
     /// Opens the committed state of `dir` for reading only (no lock, no cleanup; a writer may
@@ -495,7 +514,11 @@ impl Store {
             vectors_per_image: self.manifest.hnsw_params.vectors_per_image,
             lists,
             segments,
-            trained_rows: self.manifest.ivf.as_ref().map_or(0, |i| i.trained_rows as usize),
+            trained_rows: self
+                .manifest
+                .ivf
+                .as_ref()
+                .map_or(0, |i| i.trained_rows as usize),
         }
     }
 
@@ -629,7 +652,12 @@ impl Store {
 
         // 4. The same change in memory, in replay order (rows, then patches), then the index.
         let applied = (|| {
-            if let Some(f) = self.manifest.shards.last().filter(|f| f.generation == generation) {
+            if let Some(f) = self
+                .manifest
+                .shards
+                .last()
+                .filter(|f| f.generation == generation)
+            {
                 let file = open_rows(&self.dir, &self.manifest, f)?;
                 self.state.push_file(file, self.manifest.next_image_id)?;
             }
@@ -679,51 +707,65 @@ impl Store {
             return Ok(());
         }
         let (Some(cur), Some(open)) = (next.ivf.clone(), self.ivf.as_ref()) else {
-            return Err(Error::store(&self.dir, "index state lost; reopen the store"));
+            return Err(Error::store(
+                &self.dir,
+                "index state lost; reopen the store",
+            ));
         };
-        let entries = ivf::entries_for(start..end, q, e, m, &open.coarse, vectors);
-        let name = format!("ivf-{g:010}-0.seg");
-        let seg = ivf::write_segment(
+        let mut entries = ivf::entries_for(start..end, q, e, m, &open.coarse, vectors);
+        timings.index_insert += t.elapsed();
+        let t = Instant::now();
+        // The new entries form one segment; if that completes a size class, the class merges
+        // into it, which may complete the next class, and so on (all in one written segment).
+        let n_old = cur.segments.len();
+        let mut segs = cur.segments.clone();
+        segs.push(SegmentRef {
+            file: format!("ivf-{g:010}-0.seg"),
+            row_start: start as u64,
+            row_end: end as u64,
+            entries: entries.len() as u64,
+        });
+        let mut first = n_old;
+        loop {
+            let tail = ivf::merge_tail(&segs);
+            if tail == 0 {
+                break;
+            }
+            let f = segs.len() - tail;
+            let merged = SegmentRef {
+                file: format!("ivf-{g:010}-0.seg"),
+                row_start: segs[f].row_start,
+                row_end: end as u64,
+                entries: segs[f..].iter().map(|x| x.entries).sum(),
+            };
+            segs.truncate(f);
+            segs.push(merged);
+            first = first.min(f);
+        }
+        let merging = first < n_old;
+        if merging {
+            let mapped: Vec<&Segment> = open.segments[first..].iter().collect();
+            let mut all = ivf::merged_entries(&mapped);
+            all.append(entries);
+            entries = all;
+        }
+        let last = segs.len() - 1;
+        segs[last] = ivf::write_segment(
             &self.dir,
-            &name,
+            &segs[last].file.clone(),
             e,
             cur.nlist,
             cur.centroids_generation,
-            (start as u64, end as u64),
+            (segs[last].row_start, end as u64),
             &entries,
         )?;
-        written.push(name);
-        let mut segs = cur.segments.clone();
-        segs.push(seg);
-        timings.index_insert += t.elapsed();
-        let t = Instant::now();
-        let tail = ivf::merge_tail(&segs);
+        written.push(segs[last].file.clone());
+        let tail = usize::from(merging);
         if tail > 0 {
-            // Merge the newest size class: the new segment is in `entries`, the others mapped.
-            let first = segs.len() - tail;
-            let mapped: Vec<&Segment> = open.segments[first.min(open.segments.len())..]
-                .iter()
-                .collect();
-            let mut all = ivf::merged_entries(&mapped);
-            all.lists.extend(entries.lists);
-            all.rows.extend(entries.rows);
-            all.scales.extend(entries.scales);
-            all.codes.extend(entries.codes);
-            let name = format!("ivf-{g:010}-1.seg");
-            let merged = ivf::write_segment(
-                &self.dir,
-                &name,
-                e,
-                cur.nlist,
-                cur.centroids_generation,
-                (segs[first].row_start, end as u64),
-                &all,
-            )?;
-            written.push(name);
-            segs.truncate(first);
-            segs.push(merged);
+            timings.index_merge += t.elapsed();
+        } else {
+            timings.index_insert += t.elapsed();
         }
-        timings.index_merge += t.elapsed();
         next.ivf = Some(IvfRef {
             segments: segs,
             ..cur
@@ -997,7 +1039,12 @@ fn rebuild_rows(dir: &Path, m: &Manifest, f: &FileRef) -> Result<()> {
     let n = usize::try_from(f.rows)
         .ok()
         .filter(|n| n.checked_mul(qe).is_some_and(|x| x < 1 << 40))
-        .ok_or_else(|| Error::store(dir, format!("corrupt {MANIFEST}: {} rows in {}", f.rows, f.file)))?;
+        .ok_or_else(|| {
+            Error::store(
+                dir,
+                format!("corrupt {MANIFEST}: {} rows in {}", f.rows, f.file),
+            )
+        })?;
     let mut embeds = vec![0f32; n * qe];
     let rows = shard::read_shard(&dir.join(&f.file), &layout(m), &mut embeds)?;
     if rows.len() != n {
@@ -1069,7 +1116,10 @@ fn open_ivf(dir: &Path, m: &Manifest) -> Result<Option<Ivf>> {
         return if m.rows == 0 {
             Ok(None)
         } else {
-            Err(Error::store(dir, format!("{MANIFEST} names no index for its rows")))
+            Err(Error::store(
+                dir,
+                format!("{MANIFEST} names no index for its rows"),
+            ))
         };
     };
     let bad = |why: String| Error::store(dir, format!("corrupt {MANIFEST}: {why}"));
@@ -1079,7 +1129,10 @@ fn open_ivf(dir: &Path, m: &Manifest) -> Result<Option<Ivf>> {
     let mut at = 0;
     for s in &r.segments {
         if s.row_start != at || s.row_end < s.row_start || s.entries > 1 << 40 {
-            return Err(bad(format!("index segment {} does not follow row {at}", s.file)));
+            return Err(bad(format!(
+                "index segment {} does not follow row {at}",
+                s.file
+            )));
         }
         at = s.row_end;
     }
@@ -1118,7 +1171,9 @@ fn build_index(
     let g = next.generation;
     let reps = rows * m;
     let nlist = ivf::nlist_for(reps as u64);
-    let want = (nlist * ivf::SAMPLE_PER_LIST).min(ivf::MAX_SAMPLE).min(reps);
+    let want = (nlist * ivf::SAMPLE_PER_LIST)
+        .min(ivf::MAX_SAMPLE)
+        .min(reps);
     let sample_rows = want.div_ceil(m).clamp(1, rows);
     let samples: Vec<f32> = (0..sample_rows)
         .into_par_iter()

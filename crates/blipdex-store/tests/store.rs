@@ -294,18 +294,33 @@ fn damaged_derived_files_are_named_by_readers_and_rebuilt_by_writers() {
     };
     type Damage = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Damage)> = vec![
-        (".rows", Box::new(|p: &Path| {
-            let b = fs::read(p).unwrap();
-            fs::write(p, &b[..b.len() - 100]).unwrap();
-        })),
+        (
+            ".rows",
+            Box::new(|p: &Path| {
+                let b = fs::read(p).unwrap();
+                fs::write(p, &b[..b.len() - 100]).unwrap();
+            }),
+        ),
         (".rows", Box::new(|p: &Path| fs::remove_file(p).unwrap())),
-        (".rows", Box::new(|p: &Path| fs::write(p, b"foreign bytes").unwrap())),
-        (".seg", Box::new(|p: &Path| {
-            let b = fs::read(p).unwrap();
-            fs::write(p, &b[..b.len() / 2]).unwrap();
-        })),
-        (".seg", Box::new(|p: &Path| fs::write(p, vec![0u8; 4096]).unwrap())),
-        (".centroids", Box::new(|p: &Path| fs::remove_file(p).unwrap())),
+        (
+            ".rows",
+            Box::new(|p: &Path| fs::write(p, b"foreign bytes").unwrap()),
+        ),
+        (
+            ".seg",
+            Box::new(|p: &Path| {
+                let b = fs::read(p).unwrap();
+                fs::write(p, &b[..b.len() / 2]).unwrap();
+            }),
+        ),
+        (
+            ".seg",
+            Box::new(|p: &Path| fs::write(p, vec![0u8; 4096]).unwrap()),
+        ),
+        (
+            ".centroids",
+            Box::new(|p: &Path| fs::remove_file(p).unwrap()),
+        ),
     ];
     for (suffix, damage) in cases {
         let name = named(suffix).pop().unwrap();
@@ -339,23 +354,42 @@ fn manifest_names_and_shapes_are_validated() {
     let good = fs::read(dir.path().join("manifest.json")).unwrap();
     let victim = outside.path().join("precious.parquet");
     fs::write(&victim, b"keep me").unwrap();
-    let rel = format!("../{}/precious.parquet", outside.path().file_name().unwrap().to_string_lossy());
+    let rel = format!(
+        "../{}/precious.parquet",
+        outside.path().file_name().unwrap().to_string_lossy()
+    );
     // (edit, whether a writer can repair it: index files are derived, so a writer rebuilds
     // them; names outside the directory and impossible shapes are refused by everyone)
     type Edit = Box<dyn Fn(&mut serde_json::Value)>;
     let edits: Vec<(Edit, bool)> = vec![
-        (Box::new(move |m| m["shards"][0]["file"] = rel.clone().into()), false),
-        (Box::new(|m| m["ivf"]["segments"][0]["file"] = "/etc/passwd".into()), false),
+        (
+            Box::new(move |m| m["shards"][0]["file"] = rel.clone().into()),
+            false,
+        ),
+        (
+            Box::new(|m| m["ivf"]["segments"][0]["file"] = "/etc/passwd".into()),
+            false,
+        ),
         (Box::new(|m| m["ivf"]["centroids"] = "..".into()), false),
         (Box::new(|m| m["dim"] = 1_000_000_000u64.into()), false),
         (Box::new(|m| m["shards"][0]["rows"] = 1u64.into()), false),
-        (Box::new(|m| m["ivf"]["nlist"] = 4_000_000_000u64.into()), true),
-        (Box::new(|m| m["ivf"]["segments"][0]["entries"] = 1u64.into()), true),
+        (
+            Box::new(|m| m["ivf"]["nlist"] = 4_000_000_000u64.into()),
+            true,
+        ),
+        (
+            Box::new(|m| m["ivf"]["segments"][0]["entries"] = 1u64.into()),
+            true,
+        ),
     ];
     for (i, (edit, repairable)) in edits.iter().enumerate() {
         let mut m: serde_json::Value = serde_json::from_slice(&good).unwrap();
         edit(&mut m);
-        fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
         let ro = Store::open_readonly(dir.path()).unwrap_err().to_string();
         assert!(
             ro.contains("manifest") || ro.contains("ivf-") || ro.contains("shard-"),
@@ -367,7 +401,11 @@ fn manifest_names_and_shapes_are_validated() {
         if *repairable {
             drop(rw);
             assert_eq!(Store::open_readonly(dir.path()).unwrap().len(), 10);
-            add_range(&mut Store::create_or_open(dir.path(), opts()).unwrap(), &s, 10..12);
+            add_range(
+                &mut Store::create_or_open(dir.path(), opts()).unwrap(),
+                &s,
+                10..12,
+            );
             break;
         }
         fs::write(dir.path().join("manifest.json"), &good).unwrap();
@@ -377,7 +415,11 @@ fn manifest_names_and_shapes_are_validated() {
     let mut m: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
     (edits[6].0)(&mut m);
-    fs::write(dir.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+    fs::write(
+        dir.path().join("manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
     assert!(Store::open_readonly(dir.path()).is_err());
     drop(Store::create_or_open(dir.path(), opts()).unwrap());
     assert_eq!(Store::open_readonly(dir.path()).unwrap().len(), 12);
@@ -805,4 +847,111 @@ fn store_is_shareable_across_threads() {
     // A server shares one Store behind an Arc and searches from many threads.
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Store>();
+}
+
+/// Turns a store into what blipdex wrote before store format v2 (same Parquet shards and
+/// patches; a v1 manifest naming an hnsw_rs dump; no row files, no IVF files).
+fn make_v1(dir: &Path) {
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    m["format_version"] = 1.into();
+    m.as_object_mut().unwrap().remove("ivf");
+    m["hnsw"] = serde_json::json!({"basename": "hnsw-0000000042", "rows": m["rows"]});
+    for f in files(dir) {
+        if f.ends_with(".rows") || f.starts_with("ivf-") {
+            fs::remove_file(dir.join(f)).unwrap();
+        }
+    }
+    fs::write(dir.join("hnsw-0000000042.hnsw.graph"), b"v1 graph").unwrap();
+    fs::write(dir.join("hnsw-0000000042.hnsw.data"), b"v1 data").unwrap();
+    fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn v1_store_is_refused_by_readers_and_upgraded_by_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    add_range(&mut store, &s, 0..40);
+    add_range(&mut store, &s, 40..60);
+    store.mark_deleted(&[3, 4]).unwrap();
+    store.set_caption(7, "seven").unwrap();
+    let rows: Vec<_> = store.iter().collect();
+    let t = s.text(2);
+    let want = store.search_exact(&t, 10).unwrap();
+    drop(store);
+    make_v1(dir.path());
+
+    let err = Store::open_readonly(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("blipdex index upgrade"), "{err}");
+    assert_eq!(Store::read_format_version(dir.path()).unwrap(), 1);
+
+    // An upgrade interrupted after building one row file: that file is kept and reused, the
+    // temp file of the next one is garbage.
+    let shards: Vec<String> = files(dir.path())
+        .into_iter()
+        .filter(|f| f.ends_with(".parquet") && f.starts_with("shard-"))
+        .collect();
+    fs::write(
+        dir.path().join(format!(
+            ".tmp-77-{}",
+            shards[0].replace(".parquet", ".rows")
+        )),
+        b"half",
+    )
+    .unwrap();
+
+    let rw = Store::open_writable(dir.path()).unwrap();
+    assert_eq!(Store::read_format_version(dir.path()).unwrap(), 2);
+    assert_eq!(rw.iter().collect::<Vec<_>>(), rows);
+    assert_eq!(rw.search_exact(&t, 10).unwrap(), want);
+    assert_eq!(rw.search_ann(&t, 10, 64).unwrap(), want);
+    drop(rw);
+    let left = files(dir.path());
+    assert!(
+        !left
+            .iter()
+            .any(|f| f.starts_with("hnsw-") || f.starts_with(".tmp-")),
+        "{left:?}"
+    );
+    let ro = Store::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.iter().collect::<Vec<_>>(), rows);
+    assert_eq!(ro.get(7).unwrap().caption.as_deref(), Some("seven"));
+}
+
+#[test]
+fn many_small_commits_keep_segments_bounded_and_retrain_as_it_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = synth();
+    let mut store = Store::create_or_open(dir.path(), opts()).unwrap();
+    let mut trained = Vec::new();
+    for c in 0..120u64 {
+        add_range(&mut store, &s, c * 5..c * 5 + 5);
+        let info = store.ann_info();
+        assert_eq!(info.points, info.rows * info.vectors_per_image);
+        // Every size class holds fewer than the merge fan-out (8) segments.
+        assert!(info.segments <= 7 * 4, "{info:?}");
+        if trained.last() != Some(&info.trained_rows) {
+            trained.push(info.trained_rows);
+        }
+        // A commit never rewrites the index unless it retrains: new files are this commit's.
+        let ivf_files = files(dir.path())
+            .into_iter()
+            .filter(|f| f.starts_with("ivf-"))
+            .count();
+        assert_eq!(ivf_files, info.segments + 1);
+    }
+    // Trained at the first commit, retrained at each fourfold growth: 5, 20, 80, 320 rows.
+    assert_eq!(trained, vec![5, 20, 80, 320]);
+    let n = 100;
+    let ts: Vec<f32> = (0..n).flat_map(|i| s.text(i)).collect();
+    let truth = store.search_exact_batch(&ts, 10).unwrap();
+    let ids = |h: &[blipdex_store::Hit]| h.iter().map(|x| x.image_id).collect::<Vec<_>>();
+    let r: f64 = ts
+        .chunks_exact(E)
+        .zip(&truth)
+        .map(|(t, tr)| recall(&ids(tr), &ids(&store.search_ann(t, 10, 64).unwrap())))
+        .sum::<f64>()
+        / n as f64;
+    assert!(r >= 0.99, "recall@10 {r}");
 }
