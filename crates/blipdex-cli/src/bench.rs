@@ -20,7 +20,7 @@ pub enum BenchCommand {
     Embed(EmbedBench),
     /// Batch-1 greedy captions of exactly --max-new-tokens tokens (EOS ignored): tokens/s.
     Caption(CaptionBench),
-    /// Exact and HNSW search on a synthetic index: queries/s, latency, recall.
+    /// Exact and ANN search on a synthetic index: queries/s, latency, recall.
     Search(crate::bench_search::SearchBench),
 }
 

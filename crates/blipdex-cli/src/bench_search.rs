@@ -137,11 +137,10 @@ pub fn run(a: &SearchBench) -> anyhow::Result<()> {
         std::fs::write(&stats_path, serde_json::to_vec(&stats)?)?;
         // Search in a fresh process, so its RSS is what a server starting on this index uses.
         let mut args: Vec<String> = std::env::args().skip(1).collect();
-        args.extend([
-            "--search-only".into(),
-            "--dir".into(),
-            dir.display().to_string(),
-        ]);
+        args.push("--search-only".into());
+        if a.dir.is_none() {
+            args.extend(["--dir".into(), dir.display().to_string()]);
+        }
         let status = std::process::Command::new(std::env::current_exe()?)
             .args(args)
             .status()?;
@@ -272,6 +271,7 @@ fn search(
         "e": e,
         "dtype": dtype.to_string(),
         "threads": rayon::current_num_threads(),
+        "store_kernels": blipdex_store::kernel_path(),
         "synthetic": {"centres": synth.n_centres(), "image_noise": synth.image_noise, "query_noise": synth.query_noise, "text_noise": synth.text_noise, "aspects": synth.aspects},
         "index": {"vectors_per_image": p.vectors_per_image, "coarse_hnsw_m": p.max_nb_connection, "coarse_hnsw_ef_construction": p.ef_construction, "lists": info.lists, "segments": info.segments, "entries": info.points, "trained_rows": info.trained_rows},
         "build": build_stats,

@@ -24,10 +24,10 @@ pub struct SearchArgs {
     /// Rerank the first N hits by ITM match probability (recomputed from the image files).
     #[arg(long, env = "BLIPDEX_RERANK", default_value_t = 0)]
     pub rerank: usize,
-    /// Brute-force ITC over every image instead of the HNSW index.
+    /// Brute-force ITC over every image instead of the ANN index.
     #[arg(long, env = "BLIPDEX_EXACT")]
     pub exact: bool,
-    /// HNSW search breadth (larger = better recall, slower).
+    /// ANN search breadth: images rescored exactly (larger = better recall, slower).
     #[arg(long, env = "BLIPDEX_EF", default_value_t = blipdex_store::DEFAULT_EF)]
     pub ef: usize,
     #[arg(long, env = "BLIPDEX_JSON")]

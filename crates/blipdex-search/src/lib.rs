@@ -74,9 +74,9 @@ pub struct SearchParams {
     pub top_k: usize,
     /// Skip this many of the best results (pagination).
     pub offset: usize,
-    /// Brute force over every image instead of the HNSW graph.
+    /// Brute force over every image instead of the ANN index.
     pub exact: bool,
-    /// HNSW search breadth.
+    /// ANN search breadth: images rescored exactly.
     pub ef: usize,
     /// Only images with a path starting with this.
     pub path_prefix: Option<String>,
@@ -402,7 +402,7 @@ impl Engine {
     }
 
     /// Text → images by ITC (max over each image's Q vectors of the cosine; exact scores also
-    /// for HNSW results).
+    /// for ANN results).
     pub fn search_text(&self, store: &Store, t: &[f32], p: &SearchParams) -> Result<Vec<Hit>> {
         p.validate()?;
         let need = p.offset + p.top_k;
@@ -456,7 +456,7 @@ impl Engine {
 
     /// Image → images: for each of the query's Q vectors, its best cosine over the candidate's
     /// Q vectors, averaged over the query's vectors (1.0 for identical embeddings). Candidates
-    /// come from the HNSW graph, searched with every query vector, and are rescored exactly.
+    /// come from the ANN index, searched with every query vector, and are rescored exactly.
     pub fn search_image(
         &self,
         store: &Store,

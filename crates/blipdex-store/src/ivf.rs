@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::kernels::{dot, dot_i8, normalize, quantize_i8};
+use crate::kernels::{dot, normalize, quantize_i8, scan_i8};
 use crate::rows::align;
 use crate::types::HnswParams;
 
@@ -558,14 +558,15 @@ impl Segment {
     ) {
         let offs = self.offsets();
         let (a, b) = (offs[l] as usize, offs[l + 1] as usize);
-        let (rows, scales, codes) = (self.rows(), self.scales(), self.codes());
-        for j in a..b {
-            let r = rows[j];
-            if keep(r as usize) {
-                let s = dot_i8(&codes[j * self.e..(j + 1) * self.e], tq) as f32;
-                out.push((s * scales[j] * tscale, r));
-            }
-        }
+        scan_i8(
+            &self.codes()[a * self.e..b * self.e],
+            &self.scales()[a..b],
+            &self.rows()[a..b],
+            tq,
+            tscale,
+            keep,
+            out,
+        );
     }
 
     /// Every entry, for merging.

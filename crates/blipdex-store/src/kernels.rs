@@ -1,9 +1,11 @@
 //! Dot-product kernels written so LLVM vectorizes them on the baseline target (SSE2) and wider
-//! ones (`-C target-cpu=native`): lane-wise accumulators need no float reassociation.
+//! ones: lane-wise accumulators need no float reassociation. The hot loops are also compiled a
+//! second time with AVX2 and picked at run time ([`max_sim`], [`scan_i8`]); both versions do the
+//! same operations in the same order (no FMA contraction), so they return identical bits.
 
 const LANES: usize = 16;
 
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; LANES];
@@ -21,9 +23,39 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Which kernel build runs here (for test and benchmark output).
+pub fn kernel_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return "avx2";
+    }
+    "baseline"
+}
+
 /// max over the `q` rows of `vectors` (`[q][e]`) of dot(row, t), with the arg-max.
-#[inline]
 pub(crate) fn max_sim(vectors: &[f32], t: &[f32]) -> (f32, u16) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
+        return unsafe { max_sim_avx2(vectors, t) };
+    }
+    max_sim_generic(vectors, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn max_sim_avx2(vectors: &[f32], t: &[f32]) -> (f32, u16) {
+    max_sim_generic(vectors, t)
+}
+
+#[inline(always)]
+pub(crate) fn max_sim_generic(vectors: &[f32], t: &[f32]) -> (f32, u16) {
     let mut best = f32::NEG_INFINITY;
     let mut arg = 0u16;
     for (i, v) in vectors.chunks_exact(t.len()).enumerate() {
@@ -54,7 +86,7 @@ pub(crate) fn quantize_i8(v: &[f32], out: &mut [i8]) -> f32 {
 /// Integer dot product of two int8 vectors. Written as 16-bit products summed in 32 bits, the
 /// shape LLVM lowers to `pmaddwd` (SSE2 and wider), so it is exact and about twice the
 /// throughput of widening to f32.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     debug_assert_eq!(a.len(), b.len());
     const L: usize = 32;
@@ -71,6 +103,58 @@ pub(crate) fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
         s += *x as i32 * *y as i32;
     }
     s
+}
+
+/// Scores int8 entries (`codes`: n x E, one `scales` each) against the quantized query `tq`
+/// (scale `ts`): pushes `(scale * ts * dot, row)` for the entries whose row passes `keep`.
+pub(crate) fn scan_i8(
+    codes: &[i8],
+    scales: &[f32],
+    rows: &[u32],
+    tq: &[i8],
+    ts: f32,
+    keep: &dyn Fn(usize) -> bool,
+    out: &mut Vec<(f32, u32)>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
+        return unsafe { scan_i8_avx2(codes, scales, rows, tq, ts, keep, out) };
+    }
+    scan_i8_generic(codes, scales, rows, tq, ts, keep, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scan_i8_avx2(
+    codes: &[i8],
+    scales: &[f32],
+    rows: &[u32],
+    tq: &[i8],
+    ts: f32,
+    keep: &dyn Fn(usize) -> bool,
+    out: &mut Vec<(f32, u32)>,
+) {
+    scan_i8_generic(codes, scales, rows, tq, ts, keep, out)
+}
+
+#[inline(always)]
+pub(crate) fn scan_i8_generic(
+    codes: &[i8],
+    scales: &[f32],
+    rows: &[u32],
+    tq: &[i8],
+    ts: f32,
+    keep: &dyn Fn(usize) -> bool,
+    out: &mut Vec<(f32, u32)>,
+) {
+    let e = tq.len();
+    for ((code, &scale), &r) in codes.chunks_exact(e).zip(scales).zip(rows) {
+        if keep(r as usize) {
+            out.push((dot_i8(code, tq) as f32 * scale * ts, r));
+        }
+    }
 }
 
 pub(crate) fn normalize(v: &mut [f32]) {
@@ -94,6 +178,40 @@ mod tests {
             let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4, "len {len}");
         }
+    }
+
+    /// Every kernel build the CPU can run gives the same bits as the baseline build.
+    #[test]
+    fn runtime_selected_kernels_equal_baseline() {
+        eprintln!("store kernels: {} path selected at run time", kernel_path());
+        if std::env::var_os("BLIPDEX_REQUIRE_AVX2").is_some() {
+            assert_eq!(
+                kernel_path(),
+                "avx2",
+                "BLIPDEX_REQUIRE_AVX2 is set but AVX2 is missing"
+            );
+        }
+        let e = 256;
+        let v: Vec<f32> = (0..32 * e)
+            .map(|i| ((i * 7919) as f32 * 0.001).sin())
+            .collect();
+        let t: Vec<f32> = (0..e).map(|i| (i as f32 * 0.37).cos() * 0.06).collect();
+        let a = max_sim(&v, &t);
+        let b = max_sim_generic(&v, &t);
+        assert_eq!((a.0.to_bits(), a.1), (b.0.to_bits(), b.1));
+        let codes: Vec<i8> = (0..40 * e).map(|i| (i * 31 % 255 - 127) as i8).collect();
+        let scales: Vec<f32> = (0..40).map(|i| 0.001 * (i + 1) as f32).collect();
+        let rows: Vec<u32> = (0..40).collect();
+        let tq: Vec<i8> = (0..e).map(|i| (i * 17 % 255 - 127) as i8).collect();
+        let keep = |r: usize| !r.is_multiple_of(3);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        scan_i8(&codes, &scales, &rows, &tq, 0.01, &keep, &mut x);
+        scan_i8_generic(&codes, &scales, &rows, &tq, 0.01, &keep, &mut y);
+        assert_eq!(x.len(), 26);
+        assert_eq!(
+            x.iter().map(|p| (p.0.to_bits(), p.1)).collect::<Vec<_>>(),
+            y.iter().map(|p| (p.0.to_bits(), p.1)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

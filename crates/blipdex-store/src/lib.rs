@@ -1,5 +1,6 @@
 //! The blipdex embedded store: BLIP-2 image embeddings and metadata in Parquet shards under an
-//! atomically replaced manifest, with exact and HNSW (hnsw_rs) text-to-image search.
+//! atomically replaced manifest, memory-mapped for reading, with exact and approximate (IVF,
+//! hnsw_rs coarse quantizer) text-to-image search.
 //!
 //! # Use
 //!
@@ -34,9 +35,11 @@
 //! index/
 //!   manifest.json                  the commit point (below)
 //!   LOCK                           flock'd by the one writer
-//!   shard-<gen>.parquet            image rows added by commit <gen>
+//!   shard-<gen>.parquet            image rows added by commit <gen>: the source of truth
+//!   shard-<gen>.rows               the same rows, fixed-width and memory-mapped (derived)
 //!   patch-<gen>.parquet            changed mutable fields of earlier rows, from commit <gen>
-//!   hnsw-<gen>.hnsw.{graph,data}   hnsw_rs dump of the graph
+//!   ivf-<gen>.centroids            IVF list centroids, trained at commit <gen> (derived)
+//!   ivf-<gen>-<i>.seg              IVF entries of a contiguous range of rows (derived)
 //!   .tmp-*                         in-flight writes; garbage after a crash
 //! ```
 //!
@@ -61,10 +64,35 @@
 //! Patch files hold `image_id, path, paths, caption, deleted, updated_at`: the complete new
 //! values of an image's mutable fields.
 //!
-//! `manifest.json` holds the format version, `generation` (bumped by every manifest write),
+//! `manifest.json` holds the format version (2), `generation` (bumped by every manifest write),
 //! `model_fingerprint`, `num_query` (Q), `dim` (E), `dtype`, `next_image_id`, the total row
 //! count, the shard and patch files (each with the generation that added it and its row count),
-//! the HNSW parameters, and the HNSW dump's basename with the number of rows it covers.
+//! the index parameters, and the IVF state: the centroid file, its list count and the rows it
+//! was trained on, and the segments with the row range and entry count of each. Every name in
+//! it must be a plain file name with one of the store's prefixes (anything else is refused as a
+//! corrupt manifest, so a damaged manifest can never make the store open or delete a file
+//! outside the directory), and Q and E are at most 65536.
+//!
+//! The row files and the IVF files are derived from the Parquet shards: a writable open that
+//! finds one missing, truncated or foreign (checked: magic, version, shape, row count, section
+//! offsets, file length) rebuilds it and says so in a warning; a reader names the file in its
+//! error. Their layouts are documented in `rows.rs` and `ivf.rs`: little-endian sections on
+//! 64-byte boundaries, read in place through a memory map.
+//!
+//! # What a reader holds in memory
+//!
+//! Opening maps every row file and segment and reads only two small sections of each row file
+//! (the image ids and deleted flags) and the patch files: nothing is decoded from Parquet and no
+//! graph is rebuilt, so start-up does not depend on the size of the embeddings. What stays in
+//! anonymous memory is per image: 4 bytes of image-id -> row map and one live bit per row; plus
+//! the patched fields of images changed since their row was written (deletes, moves, captions
+//! from `serve`: compaction folds them into shards), the IVF centroids (nlist x E f32, a few MB)
+//! and the hnsw_rs graph over them. The path and hash lookups a writer needs (about 150 bytes
+//! per image) are built on first use. Vectors, strings and index entries are read from the page
+//! cache; searching touches the IVF entries of the probed lists and the vectors of the images it
+//! rescores, so the page cache a fast search wants is the IVF files plus, ideally, the row
+//! files' vectors (Q*E*4 bytes per image in f32, half that in f16: for millions of images on one
+//! machine, create the index with `dtype` f16).
 //!
 //! # Updates: append-only rows plus patch files
 //!
@@ -93,82 +121,61 @@
 //!
 //! One writer per directory (an flock on `LOCK`, released by the OS on a crash). A commit:
 //!
-//! 1. writes each new Parquet file as `.tmp-*`, fsyncs it, renames it to its final name
-//!    (`shard-<gen>`, never an existing committed name) and fsyncs the directory;
+//! 1. writes each new file (shard, its row file, patch file, the new rows' IVF segment or the
+//!    segment that merges them with others, new centroids and segments when it retrains) as
+//!    `.tmp-*`, fsyncs it and renames it to its final name (a name with this commit's
+//!    generation, never an existing committed name), then fsyncs the directory;
 //! 2. writes the new manifest as `.tmp-*`, fsyncs, renames it over `manifest.json` and fsyncs
-//!    the directory: the commit point;
-//! 3. inserts the new rows into the in-memory HNSW graph, dumps it (hnsw_rs `file_dump`) under
-//!    a new basename, fsyncs the files, and writes another manifest naming the dump; then
-//!    removes the previous dump.
+//!    the directory: the commit point, for the data and the index together;
+//! 3. removes the files only the previous manifest named (merged segments, old centroids).
 //!
 //! A kill at any point leaves the old or the new manifest, and both name only complete,
-//! fsynced files. Files the manifest does not name (temp files, shards of an uncommitted
-//! generation, superseded dumps) are deleted by the next writable open. If the newest rows are
-//! not in the dump (a crash between 2 and 3), opening inserts just those rows into the
-//! reloaded graph: no rebuild at start-up. Rows are keyed by `image_id`, so a replay can neither
-//! lose nor double an image. Readers never lock: they read the manifest once and retry if a
-//! concurrent commit removed a file they needed.
+//! fsynced files; readers never see rows the index does not cover. Files the manifest does
+//! not name (temp files, files of an uncommitted generation, replaced segments) are deleted by
+//! the next writable open. Rows are keyed by `image_id`, so a replay can neither lose nor
+//! double an image. Readers never lock: they read the manifest once and retry if a concurrent
+//! commit removed a file they needed; a file they have mapped stays readable after its unlink.
+//!
+//! A store written by blipdex before format v2 (all rows decoded into RAM at open, an hnsw_rs
+//! dump) is refused by readers with a message naming `blipdex index upgrade`; a writable open
+//! upgrades it in place: it builds each shard's row file (kept if the upgrade is interrupted),
+//! then the IVF index, and switches with one manifest write.
 //!
 //! # Search
 //!
 //! Score of an image for a unit text embedding t: max over its Q unit query vectors q of
-//! dot(q, t) (BLIP-2's ITC score). [`Store::search_exact`] scans every live image in parallel
-//! (rayon; memory-bound: it reads all Q*E floats of every image). [`Store::search_ann`] asks
-//! the HNSW graph for the `ef` nearest graph points, rescores their (live) images exactly and
-//! returns the best k, so every returned score is exact; only membership is approximate.
-//! Deleted and superseded rows stay in the graph and are filtered out (hnsw_rs's filtered
-//! search is only used when they crowd out the live ones); [`Store::compact`] drops them.
+//! dot(q, t) (BLIP-2's ITC score), computed on the row files' vectors, i.e. exactly the values
+//! of the Parquet column. [`Store::search_exact`] scans every live image in parallel.
+//! [`Store::search_ann`] asks the IVF index for candidates and rescores them exactly, so every
+//! returned score is exact; only membership is approximate. Deleted and superseded rows stay
+//! in the index and are skipped while scanning; [`Store::compact`] drops them.
 //!
-//! ## How the Q vectors of an image are indexed
+//! ## The ANN index
 //!
-//! The graph holds `vectors_per_image` = m representatives per image ([`HnswParams`]; graph
-//! point `row * m + j`): the normalized mean of the Q vectors (m = 1), m k-means centroids
-//! (cosine, deterministic seeding), or every query vector (m = Q). **Default: m = 4, M = 16,
-//! ef_construction = 100, and `ef` = [`DEFAULT_EF`] = 192 at query time.**
+//! Each image is represented by `vectors_per_image` = m k-means centroids of its Q query vectors
+//! ([`HnswParams`]; m = 4 by default: a second subject in a photo keeps its own centroid, where
+//! the mean of all 32 loses it). Each representative is stored int8-quantized in the inverted
+//! list of its nearest IVF centroid (about 2 sqrt(N*m) lists). A query finds the `nprobe`
+//! nearest centroids with hnsw_rs (brute force below 1024 lists), scores every live entry of
+//! those lists with an integer dot product, and rescores the best `ef` distinct images exactly.
+//! Defaults: `nprobe` = [`DEFAULT_NPROBE`], `ef` = [`DEFAULT_EF`].
 //!
-//! Measured with `blipdex bench search --images 100000` (prints JSON; the same code as the
-//! earlier `bench_search` example): seeded synthetic 32x256 unit embeddings around 1000 cluster centres
-//! (image direction = centre + noise, each query vector = image direction + smaller noise, text
-//! = centre + noise; see [`synth`]), 1000 text queries, recall@10 against
-//! [`Store::search_exact`], qps with both cores, latency per query, on this project's 2-core
-//! dev VM (shared with other builds, so +-20%; baseline x86-64 target, no `target-cpu=native`):
+//! Why this shape, measured on this project's 2-core VM: the hnsw_rs graph over the
+//! representatives (the format before v2) spent ~1.8 KB of RAM per graph point plus the f32
+//! embeddings kept for rescoring, 51 KB per image in all, built at 179-390 images/s, and
+//! re-dumped the whole graph at every commit; hnsw_rs can map a dump's vectors but not its
+//! neighbour lists. An inverted file keeps its entries in immutable, mapped segments that a
+//! commit appends to, so memory, start-up and commit cost stop growing with the index; hnsw_rs
+//! stays the graph library, as the coarse quantizer over a few thousand centroids. Figures in
+//! the README's index section and in `blipdex bench search`.
 //!
-//! | data (100k images) | m | ef | recall@10 | qps (2 cores) | p50 / p99 ms |
-//! |---|---|---|---|---|---|
-//! | one subject per image | 1 | 48 | 0.996 | 2480 | 0.78 / 1.25 |
-//! | one subject per image | 1 | 64 | 0.999 | 1950 | 0.97 / 1.48 |
-//! | one subject per image | **4** | 160 | 0.993 | 1680 | 1.12 / 2.15 |
-//! | one subject per image | **4** | **192** | **0.997** | **1540** | **1.24 / 2.31** |
-//! | one subject per image | **4** | 256 | 1.000 | 1290 | 1.46 / 2.66 |
-//! | two subjects (8 of 32 vectors on a 2nd centre) | 1 | 400 | 0.816 | 280 | 6.8 / 9.2 |
-//! | two subjects | **4** | 128 | 0.985 | 1560 | 1.16 / 2.20 |
-//! | two subjects | **4** | **192** | **0.997** | **1270** | **1.49 / 2.69** |
-//!
-//! Cost at 100k images (ingest in 10 commits of 10k):
-//!
-//! | m | HNSW insert, total | dump per commit (last) | reader RAM per image | graph on disk per image | start-up (`open_readonly`) |
-//! |---|---|---|---|---|---|
-//! | 1 | 98 s | 1.1 s | 40.6 KB | 1.7 KB | 10 s |
-//! | 4 | 254-273 s | 3.3 s | 51.3 KB | 6.0 KB | 15 s |
-//!
-//! RAM per image is dominated by the f32 embeddings kept for exact rescoring (32 KiB at 32x256).
-//! Parquet: 27.6 KB per image with f32 (zstd + byte-stream split), writing took 31 s for
-//! 100k. Exact search: 180-360 ms per query at 100k (reads 3.3 GB), 8.5 queries/s batched.
-//! The graph is built with parallel inserts, so recall varies by about 0.002 between builds.
-//!
-//! Why not every query vector (m = Q, the obvious exact-friendly choice)? At 10k images
-//! (100 per cluster, all variation in the per-vector noise, the case most hostile to a mean):
-//! m = 32 reached recall@10 0.87 at ef = 400 (640 qps) after a 114 s build and used 175 KB of
-//! RAM per image, against m = 1: 0.998 at ef = 200 (1300 qps), 1.6 s, 37.5 KB; m = 4: 0.997 at
-//! ef = 400. A graph over near-equidistant noise vectors navigates poorly, and hnsw_rs spends
-//! ~1.8 KB per point, so m = Q would need ~10 GB and hours of build on 2 cores at 100k images.
-//! The mean (m = 1) is cheapest and best when an image's vectors agree, but loses images whose
-//! best-matching vectors are a minority (a second subject): recall 0.82 above. Four centroids
-//! keep those and still meet recall >= 0.99 at >= 1000 qps.
-//!
-//! Known limit: when images of one cluster differ only in per-vector noise (no image-level
-//! signal), the true top-10 is a random draw from the whole cluster, every member must be a
-//! candidate, and at 100k (100 per cluster) m = 1 reached 0.974 at ef = 400 (560 qps).
+//! Segments: a commit writes one segment for its rows; eight segments of one size class
+//! (entries counted in powers of 8) merge into one, so a query visits at most 7 per class
+//! and each entry is copied O(log8 N) times. The centroids are trained on up to 2^18
+//! representatives sampled evenly over the rows, and retrained, with every row's entries
+//! rebuilt, each time the index has grown fourfold since the last training: the total rebuild
+//! work over an index's life is under 1.4 times its size, and between trainings the lists are
+//! at most about twice their ideal length.
 
 mod fsutil;
 mod ivf;
@@ -183,6 +190,7 @@ pub mod synth;
 mod types;
 
 pub use ivf::DotDist;
+pub use kernels::kernel_path;
 pub use store::{content_hash_bytes, content_hash_file, Batch, Store};
 pub use types::{
     AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,

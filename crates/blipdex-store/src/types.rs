@@ -52,7 +52,7 @@ impl Default for HnswParams {
 
 /// Images rescored exactly per query by [`crate::Store::search_ann`] (see the crate docs for
 /// the recall it gives).
-pub const DEFAULT_EF: usize = 192;
+pub const DEFAULT_EF: usize = 128;
 
 /// Index lists probed per query by default.
 pub const DEFAULT_NPROBE: usize = 32;

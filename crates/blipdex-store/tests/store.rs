@@ -955,3 +955,52 @@ fn many_small_commits_keep_segments_bounded_and_retrain_as_it_grows() {
         / n as f64;
     assert!(r >= 0.99, "recall@10 {r}");
 }
+
+/// An f16 store (half the disk and page cache of f32) answers like an f32 one: the same top-10
+/// in at least 99% of queries, every score within 2e-3 of the f32 ITC.
+#[test]
+fn f16_store_agrees_with_f32() {
+    let (q, e) = (8, 64);
+    let s = Synth::new(q, e, 40, 5);
+    let mut stores = Vec::new();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (d, dtype) in dirs.iter().zip([Dtype::F32, Dtype::F16]) {
+        let mut st =
+            Store::create_or_open(d.path(), StoreOptions::new(FP, q, e).with_dtype(dtype)).unwrap();
+        let mut b = Batch::new();
+        for i in 0..2000 {
+            b.add(s.record(i));
+        }
+        st.commit(b).unwrap();
+        stores.push(st);
+    }
+    let n = 200;
+    let (mut same, mut worst) = (0, 0f32);
+    for i in 0..n {
+        let t = s.text(i);
+        let a = stores[0].search_exact(&t, 10).unwrap();
+        let b = stores[1]
+            .search_ann(&t, 10, blipdex_store::DEFAULT_EF)
+            .unwrap();
+        let ids = |h: &[blipdex_store::Hit]| {
+            let mut v: Vec<u64> = h.iter().map(|x| x.image_id).collect();
+            v.sort();
+            v
+        };
+        same += usize::from(ids(&a) == ids(&b));
+        for h in &b {
+            let v = s.image(h.image_id);
+            let f32_score = v
+                .chunks_exact(e)
+                .map(|x| x.iter().zip(&t).map(|(p, r)| p * r).sum::<f32>())
+                .fold(f32::MIN, f32::max);
+            worst = worst.max((f32_score - h.score).abs());
+        }
+    }
+    assert!(
+        same * 100 >= n as usize * 99,
+        "same top-10 in {same} of {n}"
+    );
+    assert!(worst <= 2e-3, "score error {worst}");
+    eprintln!("f16 vs f32: same top-10 in {same}/{n} queries, max score error {worst:.2e}");
+}
