@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
-use crate::kernels::{dot, normalize, quantize_i8, scan_i8};
+use crate::kernels::{dot, dot_dispatch, normalize, quantize_i8, scan_i8, with_avx2};
 use crate::rows::align;
 use crate::types::HnswParams;
 
@@ -45,10 +45,15 @@ pub(crate) const MERGE_FANOUT: usize = 8;
 /// Centroids are retrained when the index holds this many times the rows they were trained on.
 pub(crate) const RETRAIN_GROWTH: u64 = 4;
 /// Lloyd iterations when training the centroids.
-const TRAIN_ITERS: usize = 4;
+const TRAIN_ITERS: usize = 3;
 /// Training sample: this many representatives per list, at most `MAX_SAMPLE`.
-pub(crate) const SAMPLE_PER_LIST: usize = 32;
-pub(crate) const MAX_SAMPLE: usize = 1 << 18;
+pub(crate) const SAMPLE_PER_LIST: usize = 16;
+pub(crate) const MAX_SAMPLE: usize = 1 << 16;
+/// hnsw_rs beam when assigning a vector to its list (the nearest centroid): approximate
+/// assignment costs a little list quality, not correctness (every entry is still scored).
+const ASSIGN_EF: usize = 24;
+/// Smallest hnsw_rs beam when probing for a query.
+const PROBE_EF: usize = 64;
 /// Rows per segment when all entries are rebuilt (bounds the writer's memory while it does).
 pub(crate) const REBUILD_CHUNK_ROWS: usize = 1 << 18;
 
@@ -65,7 +70,7 @@ pub struct DotDist;
 impl Distance<f32> for DotDist {
     fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
         // hnsw_rs asserts distances >= 0; identical unit vectors round to -1e-7.
-        (1.0 - dot(va, vb)).max(0.0)
+        (1.0 - dot_dispatch(va, vb)).max(0.0)
     }
 }
 
@@ -73,6 +78,11 @@ impl Distance<f32> for DotDist {
 /// m == q, their normalized mean when m == 1, else normalized k-means centroids (deterministic:
 /// farthest-point seeding from vector 0, a few Lloyd steps on cosine).
 pub(crate) fn representatives(vectors: &[f32], q: usize, e: usize, m: usize) -> Vec<f32> {
+    with_avx2(|| representatives_generic(vectors, q, e, m))
+}
+
+#[inline(always)]
+fn representatives_generic(vectors: &[f32], q: usize, e: usize, m: usize) -> Vec<f32> {
     debug_assert_eq!(vectors.len(), q * e);
     if m >= q {
         return vectors.to_vec();
@@ -145,7 +155,6 @@ pub(crate) struct Coarse {
     e: usize,
     centroids: Vec<f32>,
     graph: Option<Hnsw<'static, f32, DotDist>>,
-    ef: usize,
 }
 
 impl Coarse {
@@ -167,7 +176,6 @@ impl Coarse {
             e,
             centroids,
             graph,
-            ef: params.ef_construction.max(16),
         }
     }
 
@@ -176,12 +184,13 @@ impl Coarse {
     }
 
     fn brute(&self, t: &[f32], n: usize) -> Vec<usize> {
-        let mut s: Vec<(f32, usize)> = self
-            .centroids
-            .chunks_exact(self.e)
-            .map(|c| dot(c, t))
-            .zip(0..)
-            .collect();
+        let mut s: Vec<(f32, usize)> = with_avx2(|| {
+            self.centroids
+                .chunks_exact(self.e)
+                .map(|c| dot(c, t))
+                .zip(0..)
+                .collect()
+        });
         let n = n.min(s.len());
         if n < s.len() {
             s.select_nth_unstable_by(n, |a, b| b.0.total_cmp(&a.0));
@@ -191,20 +200,21 @@ impl Coarse {
         s.into_iter().map(|x| x.1).collect()
     }
 
-    /// The `n` lists nearest to `t`, nearest first (approximate when the graph is used).
-    pub fn probe(&self, t: &[f32], n: usize) -> Vec<usize> {
+    fn search(&self, t: &[f32], n: usize, ef: usize) -> Vec<usize> {
         match &self.graph {
-            Some(g) => g
-                .search(t, n, self.ef.max(n))
-                .into_iter()
-                .map(|x| x.d_id)
-                .collect(),
+            Some(g) => g.search(t, n, ef).into_iter().map(|x| x.d_id).collect(),
             None => self.brute(t, n),
         }
     }
 
+    /// The `n` lists nearest to `t`, nearest first (approximate when the graph is used).
+    pub fn probe(&self, t: &[f32], n: usize) -> Vec<usize> {
+        self.search(t, n, (2 * n).max(PROBE_EF))
+    }
+
+    /// The list a vector belongs to (approximate when the graph is used).
     pub fn nearest(&self, v: &[f32]) -> usize {
-        self.probe(v, 1).first().copied().unwrap_or(0)
+        self.search(v, 1, ASSIGN_EF).first().copied().unwrap_or(0)
     }
 }
 

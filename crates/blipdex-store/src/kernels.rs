@@ -37,6 +37,43 @@ pub fn kernel_path() -> &'static str {
     "baseline"
 }
 
+/// [`dot`], in the AVX2 build where the CPU has it (same bits).
+pub(crate) fn dot_dispatch(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot(a, b)
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it. `f` must be `#[inline(always)]` code (and
+/// call only such code) for the AVX2 build to reach its loops; results are the same bits.
+#[inline(always)]
+pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
+        return unsafe { call_avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn call_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
 /// max over the `q` rows of `vectors` (`[q][e]`) of dot(row, t), with the arg-max.
 pub(crate) fn max_sim(vectors: &[f32], t: &[f32]) -> (f32, u16) {
     #[cfg(target_arch = "x86_64")]
@@ -157,6 +194,7 @@ pub(crate) fn scan_i8_generic(
     }
 }
 
+#[inline(always)]
 pub(crate) fn normalize(v: &mut [f32]) {
     let n = dot(v, v).sqrt();
     if n > 0.0 {
@@ -199,10 +237,20 @@ mod tests {
         let a = max_sim(&v, &t);
         let b = max_sim_generic(&v, &t);
         assert_eq!((a.0.to_bits(), a.1), (b.0.to_bits(), b.1));
-        let codes: Vec<i8> = (0..40 * e).map(|i| (i * 31 % 255 - 127) as i8).collect();
+        assert_eq!(
+            dot_dispatch(&v[..e], &t).to_bits(),
+            dot(&v[..e], &t).to_bits()
+        );
+        let c = with_avx2(|| max_sim_generic(&v, &t));
+        assert_eq!((a.0.to_bits(), a.1), (c.0.to_bits(), c.1));
+        let codes: Vec<i8> = (0..40 * e)
+            .map(|i| ((i * 31 % 255) as i32 - 127) as i8)
+            .collect();
         let scales: Vec<f32> = (0..40).map(|i| 0.001 * (i + 1) as f32).collect();
         let rows: Vec<u32> = (0..40).collect();
-        let tq: Vec<i8> = (0..e).map(|i| (i * 17 % 255 - 127) as i8).collect();
+        let tq: Vec<i8> = (0..e)
+            .map(|i| ((i * 17 % 255) as i32 - 127) as i8)
+            .collect();
         let keep = |r: usize| !r.is_multiple_of(3);
         let (mut x, mut y) = (Vec::new(), Vec::new());
         scan_i8(&codes, &scales, &rows, &tq, 0.01, &keep, &mut x);
