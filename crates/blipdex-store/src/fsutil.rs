@@ -83,3 +83,40 @@ pub(crate) fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
     // mapped database file.
     unsafe { memmap2::Mmap::map(file) }
 }
+
+/// Writes a file made of sections at fixed offsets, zero-padded in between (the row and index
+/// files' layout).
+pub(crate) struct Sections<'f> {
+    w: std::io::BufWriter<&'f mut File>,
+    pos: usize,
+    path: PathBuf,
+}
+
+impl<'f> Sections<'f> {
+    pub fn new(f: &'f mut File, path: &Path) -> Self {
+        Self {
+            w: std::io::BufWriter::with_capacity(1 << 20, f),
+            pos: 0,
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.w
+            .write_all(bytes)
+            .map_err(|e| write_err(&self.path, e))?;
+        self.pos += bytes.len();
+        Ok(())
+    }
+
+    /// Pads with zeros up to `offset` (where the next section starts).
+    pub fn at(&mut self, offset: usize) -> Result<()> {
+        debug_assert!(offset >= self.pos);
+        let pad = vec![0u8; offset.saturating_sub(self.pos)];
+        self.put(&pad)
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        self.w.flush().map_err(|e| write_err(&self.path, e))
+    }
+}

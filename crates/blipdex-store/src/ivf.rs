@@ -22,7 +22,7 @@
 //! ```
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use blipdex_core::{Error, Result};
@@ -38,17 +38,19 @@ use crate::types::HnswParams;
 
 /// hnsw_rs keeps at most this many layers.
 const MAX_LAYER: usize = 16;
-/// Below this many lists a brute-force scan of the centroids is as fast as the graph.
-const GRAPH_MIN_LISTS: usize = 1024;
+/// Above this many lists the centroids are searched with hnsw_rs; below, a brute-force scan
+/// (AVX2) is faster: measured at 2048 lists, hnsw_rs with a beam of 64 took ~0.4 ms per query
+/// (it visits nearly every point of so small a graph), the scan ~0.03 ms.
+pub(crate) const GRAPH_MIN_LISTS: usize = 8192;
 /// Segments of one size class merged at once; bounds the segments a query visits.
 pub(crate) const MERGE_FANOUT: usize = 8;
 /// Centroids are retrained when the index holds this many times the rows they were trained on.
 pub(crate) const RETRAIN_GROWTH: u64 = 4;
 /// Lloyd iterations when training the centroids.
-const TRAIN_ITERS: usize = 3;
+const TRAIN_ITERS: usize = 4;
 /// Training sample: this many representatives per list, at most `MAX_SAMPLE`.
-pub(crate) const SAMPLE_PER_LIST: usize = 16;
-pub(crate) const MAX_SAMPLE: usize = 1 << 16;
+pub(crate) const SAMPLE_PER_LIST: usize = 32;
+pub(crate) const MAX_SAMPLE: usize = 1 << 17;
 /// hnsw_rs beam when assigning a vector to its list (the nearest centroid): approximate
 /// assignment costs a little list quality, not correctness (every entry is still scored).
 const ASSIGN_EF: usize = 24;
@@ -159,8 +161,18 @@ pub(crate) struct Coarse {
 
 impl Coarse {
     pub fn new(centroids: Vec<f32>, e: usize, params: &HnswParams) -> Self {
+        Self::with_graph_above(centroids, e, params, GRAPH_MIN_LISTS)
+    }
+
+    /// As [`Coarse::new`], with the graph used above `graph_min` lists (tests use small ones).
+    pub fn with_graph_above(
+        centroids: Vec<f32>,
+        e: usize,
+        params: &HnswParams,
+        graph_min: usize,
+    ) -> Self {
         let nlist = centroids.len() / e;
-        let graph = (nlist > GRAPH_MIN_LISTS).then(|| {
+        let graph = (nlist > graph_min).then(|| {
             let g = Hnsw::new(
                 params.max_nb_connection,
                 nlist,
@@ -442,16 +454,9 @@ pub(crate) fn write_segment(
     }
     let o = seg_offsets(nlist, n, e);
     let target = dir.join(name);
-    let err = |x: std::io::Error| fsutil::write_err(&target, x);
     fsutil::write_durable(dir, name, |f| {
-        let mut w = BufWriter::with_capacity(1 << 20, f);
-        let mut pos = 0usize;
-        let pad = |w: &mut BufWriter<&mut File>, pos: &mut usize, at: usize| {
-            w.write_all(&vec![0u8; at - *pos])?;
-            *pos = at;
-            Ok::<(), std::io::Error>(())
-        };
-        let h = header(
+        let mut w = fsutil::Sections::new(f, &target);
+        w.put(&header(
             SEG_MAGIC,
             &[
                 e as u64,
@@ -461,25 +466,19 @@ pub(crate) fn write_segment(
                 row_range.1,
                 n as u64,
             ],
-        );
-        w.write_all(&h).map_err(err)?;
-        pos += HEADER;
-        w.write_all(bytemuck::cast_slice(&counts)).map_err(err)?;
-        pos += counts.len() * 8;
-        pad(&mut w, &mut pos, o.rows).map_err(err)?;
+        ))?;
+        w.put(bytemuck::cast_slice(&counts))?;
+        w.at(o.rows)?;
         let rows: Vec<u32> = order.iter().map(|&i| entries.rows[i]).collect();
-        w.write_all(bytemuck::cast_slice(&rows)).map_err(err)?;
-        pos += n * 4;
-        pad(&mut w, &mut pos, o.scales).map_err(err)?;
+        w.put(bytemuck::cast_slice(&rows))?;
+        w.at(o.scales)?;
         let scales: Vec<f32> = order.iter().map(|&i| entries.scales[i]).collect();
-        w.write_all(bytemuck::cast_slice(&scales)).map_err(err)?;
-        pos += n * 4;
-        pad(&mut w, &mut pos, o.codes).map_err(err)?;
+        w.put(bytemuck::cast_slice(&scales))?;
+        w.at(o.codes)?;
         for &i in &order {
-            w.write_all(bytemuck::cast_slice(&entries.codes[i * e..(i + 1) * e]))
-                .map_err(err)?;
+            w.put(bytemuck::cast_slice(&entries.codes[i * e..(i + 1) * e]))?;
         }
-        w.flush().map_err(err)
+        w.finish()
     })?;
     Ok(SegmentRef {
         file: name.to_owned(),
@@ -689,5 +688,42 @@ impl Ivf {
 
     pub fn entries(&self) -> usize {
         self.segments.iter().map(Segment::n).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hnsw_rs coarse quantizer finds what the brute-force scan finds.
+    #[test]
+    fn graph_probe_agrees_with_brute_force() {
+        let e = 32;
+        let n = 600;
+        let mut rng = 12345u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let mut c: Vec<f32> = (0..n * e).map(|_| next()).collect();
+        for v in c.chunks_exact_mut(e) {
+            normalize(v);
+        }
+        let p = HnswParams::default();
+        let graph = Coarse::with_graph_above(c.clone(), e, &p, 100);
+        let brute = Coarse::with_graph_above(c.clone(), e, &p, n);
+        assert!(graph.graph.is_some() && brute.graph.is_none());
+        let (mut top1, mut overlap) = (0, 0);
+        for _ in 0..100 {
+            let mut t: Vec<f32> = (0..e).map(|_| next()).collect();
+            normalize(&mut t);
+            let (g, b) = (graph.probe(&t, 16), brute.probe(&t, 16));
+            top1 += usize::from(g[0] == b[0]);
+            overlap += g.iter().filter(|x| b.contains(x)).count();
+        }
+        assert!(top1 >= 95, "top-1 agreement {top1}/100");
+        assert!(overlap >= 1500, "top-16 overlap {overlap}/1600");
     }
 }

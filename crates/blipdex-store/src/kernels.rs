@@ -37,21 +37,52 @@ pub fn kernel_path() -> &'static str {
     "baseline"
 }
 
-/// [`dot`], in the AVX2 build where the CPU has it (same bits).
-pub(crate) fn dot_dispatch(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot(a, b)
+/// Defines `$name`, which runs `$generic` compiled for AVX2 (as `$avx`) where the CPU has it:
+/// the same operations in the same order, so the same bits, 2x wider.
+macro_rules! dispatch_avx2 {
+    ($(#[$m:meta])* fn $name:ident / $avx:ident = $generic:ident($($a:ident: $t:ty),*) -> $r:ty) => {
+        $(#[$m])*
+        pub(crate) fn $name($($a: $t),*) -> $r {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU has AVX2 (checked above), the only requirement of `$avx`.
+                return unsafe { $avx($($a),*) };
+            }
+            $generic($($a),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx($($a: $t),*) -> $r {
+            $generic($($a),*)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot(a, b)
+dispatch_avx2! {
+    /// [`dot`], in the AVX2 build where the CPU has it.
+    fn dot_dispatch / dot_avx2 = dot(a: &[f32], b: &[f32]) -> f32
+}
+
+dispatch_avx2! {
+    /// max over the `q` rows of `vectors` (`[q][e]`) of dot(row, t), with the arg-max.
+    fn max_sim / max_sim_avx2 = max_sim_generic(vectors: &[f32], t: &[f32]) -> (f32, u16)
+}
+
+dispatch_avx2! {
+    /// Scores int8 entries (`codes`: n x E, one `scales` each) against the quantized query
+    /// `tq` (scale `ts`): pushes `(scale * ts * dot, row)` for the entries whose row passes
+    /// `keep`; returns how many it pushed.
+    fn scan_i8 / scan_i8_avx2 = scan_i8_generic(
+        codes: &[i8],
+        scales: &[f32],
+        rows: &[u32],
+        tq: &[i8],
+        ts: f32,
+        keep: &dyn Fn(usize) -> bool,
+        out: &mut Vec<(f32, u32)>
+    ) -> usize
 }
 
 /// Runs `f` compiled for AVX2 where the CPU has it. `f` must be `#[inline(always)]` code (and
@@ -74,21 +105,23 @@ fn call_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// max over the `q` rows of `vectors` (`[q][e]`) of dot(row, t), with the arg-max.
-pub(crate) fn max_sim(vectors: &[f32], t: &[f32]) -> (f32, u16) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
-        return unsafe { max_sim_avx2(vectors, t) };
+/// [`max_sim`] on f16 vectors, each widened into `buf` just before its dot product (it stays
+/// in L1); equal to `max_sim` on the widened vectors, bit for bit.
+pub(crate) fn max_sim_f16(vectors: &[half::f16], t: &[f32], buf: &mut Vec<f32>) -> (f32, u16) {
+    use half::slice::HalfFloatSliceExt;
+    let e = t.len();
+    buf.resize(e, 0.0);
+    let mut best = f32::NEG_INFINITY;
+    let mut arg = 0u16;
+    for (i, v) in vectors.chunks_exact(e).enumerate() {
+        v.convert_to_f32_slice(buf);
+        let s = dot_dispatch(buf, t);
+        if s > best {
+            best = s;
+            arg = i as u16;
+        }
     }
-    max_sim_generic(vectors, t)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn max_sim_avx2(vectors: &[f32], t: &[f32]) -> (f32, u16) {
-    max_sim_generic(vectors, t)
+    (best, arg)
 }
 
 #[inline(always)]
@@ -142,40 +175,6 @@ pub(crate) fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
     s
 }
 
-/// Scores int8 entries (`codes`: n x E, one `scales` each) against the quantized query `tq`
-/// (scale `ts`): pushes `(scale * ts * dot, row)` for the entries whose row passes `keep`.
-pub(crate) fn scan_i8(
-    codes: &[i8],
-    scales: &[f32],
-    rows: &[u32],
-    tq: &[i8],
-    ts: f32,
-    keep: &dyn Fn(usize) -> bool,
-    out: &mut Vec<(f32, u32)>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: the CPU has AVX2 (checked above), the only requirement of this function.
-        return unsafe { scan_i8_avx2(codes, scales, rows, tq, ts, keep, out) };
-    }
-    scan_i8_generic(codes, scales, rows, tq, ts, keep, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn scan_i8_avx2(
-    codes: &[i8],
-    scales: &[f32],
-    rows: &[u32],
-    tq: &[i8],
-    ts: f32,
-    keep: &dyn Fn(usize) -> bool,
-    out: &mut Vec<(f32, u32)>,
-) {
-    scan_i8_generic(codes, scales, rows, tq, ts, keep, out)
-}
-
 #[inline(always)]
 pub(crate) fn scan_i8_generic(
     codes: &[i8],
@@ -185,13 +184,15 @@ pub(crate) fn scan_i8_generic(
     ts: f32,
     keep: &dyn Fn(usize) -> bool,
     out: &mut Vec<(f32, u32)>,
-) {
+) -> usize {
     let e = tq.len();
+    let before = out.len();
     for ((code, &scale), &r) in codes.chunks_exact(e).zip(scales).zip(rows) {
         if keep(r as usize) {
             out.push((dot_i8(code, tq) as f32 * scale * ts, r));
         }
     }
+    out.len() - before
 }
 
 #[inline(always)]
@@ -243,6 +244,12 @@ mod tests {
         );
         let c = with_avx2(|| max_sim_generic(&v, &t));
         assert_eq!((a.0.to_bits(), a.1), (c.0.to_bits(), c.1));
+        // f16 vectors widened one at a time score as the widened matrix does.
+        let h: Vec<half::f16> = v.iter().map(|x| half::f16::from_f32(*x)).collect();
+        let wide: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+        let f = max_sim_f16(&h, &t, &mut Vec::new());
+        let g = max_sim_generic(&wide, &t);
+        assert_eq!((f.0.to_bits(), f.1), (g.0.to_bits(), g.1));
         let codes: Vec<i8> = (0..40 * e)
             .map(|i| ((i * 31 % 255) as i32 - 127) as i8)
             .collect();
@@ -253,7 +260,10 @@ mod tests {
             .collect();
         let keep = |r: usize| !r.is_multiple_of(3);
         let (mut x, mut y) = (Vec::new(), Vec::new());
-        scan_i8(&codes, &scales, &rows, &tq, 0.01, &keep, &mut x);
+        assert_eq!(
+            scan_i8(&codes, &scales, &rows, &tq, 0.01, &keep, &mut x),
+            26
+        );
         scan_i8_generic(&codes, &scales, &rows, &tq, 0.01, &keep, &mut y);
         assert_eq!(x.len(), 26);
         assert_eq!(

@@ -156,7 +156,7 @@
 //! ([`HnswParams`]; m = 4 by default: a second subject in a photo keeps its own centroid, where
 //! the mean of all 32 loses it). Each representative is stored int8-quantized in the inverted
 //! list of its nearest IVF centroid (about 2 sqrt(N*m) lists). A query finds the `nprobe`
-//! nearest centroids with hnsw_rs (brute force below 1024 lists), scores every live entry of
+//! nearest centroids (an AVX2 scan up to 8192 lists, hnsw_rs above), scores every live entry of
 //! those lists with an integer dot product, and rescores the best `ef` distinct images exactly.
 //! Defaults: `nprobe` = [`DEFAULT_NPROBE`], `ef` = [`DEFAULT_EF`].
 //!

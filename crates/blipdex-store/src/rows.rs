@@ -21,7 +21,6 @@
 //! Sections start on 64-byte boundaries, so the vectors are read in place as `&[f32]`/`&[f16]`.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use blipdex_core::{Error, Result};
@@ -153,16 +152,8 @@ pub(crate) fn write(
     str_off.push(strings.len() as u64);
     let o = offsets(rows.len(), strings.len(), embeds.len() * elem_bytes(dtype));
     let target = dir.join(name);
-    let err = |e: std::io::Error| fsutil::write_err(&target, e);
     fsutil::write_durable(dir, name, |f| {
-        let mut w = BufWriter::with_capacity(1 << 20, f);
-        let mut pos = 0usize;
-        let pad_to = |w: &mut BufWriter<&mut File>, pos: &mut usize, at: usize| {
-            let zeros = [0u8; ALIGN];
-            w.write_all(&zeros[..at - *pos])?;
-            *pos = at;
-            Ok::<(), std::io::Error>(())
-        };
+        let mut w = fsutil::Sections::new(f, &target);
         let mut h = Vec::with_capacity(HEADER);
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&VERSION.to_le_bytes());
@@ -183,20 +174,16 @@ pub(crate) fn write(
             h.extend_from_slice(&(v as u64).to_le_bytes());
         }
         h.resize(HEADER, 0);
-        w.write_all(&h).map_err(err)?;
-        pos += HEADER;
-        for r in rows {
-            w.write_all(&r.image_id.to_le_bytes()).map_err(err)?;
-        }
-        pos += rows.len() * 8;
-        pad_to(&mut w, &mut pos, o.flags).map_err(err)?;
+        w.put(&h)?;
+        let ids: Vec<u64> = rows.iter().map(|r| r.image_id).collect();
+        w.put(bytemuck::cast_slice(&ids))?;
+        w.at(o.flags)?;
         let flags: Vec<u8> = rows
             .iter()
             .map(|r| if r.deleted { DELETED } else { 0 })
             .collect();
-        w.write_all(&flags).map_err(err)?;
-        pos += rows.len();
-        pad_to(&mut w, &mut pos, o.fixed).map_err(err)?;
+        w.put(&flags)?;
+        w.at(o.fixed)?;
         for r in rows {
             let mut b = [0u8; FIXED];
             b[0..4].copy_from_slice(&r.width.to_le_bytes());
@@ -205,37 +192,30 @@ pub(crate) fn write(
             b[16..24].copy_from_slice(&r.mtime_ns.to_le_bytes());
             b[24..32].copy_from_slice(&r.ingested_at_ns.to_le_bytes());
             b[32..64].copy_from_slice(&hash_bytes(&r.content_hash));
-            w.write_all(&b).map_err(err)?;
+            w.put(&b)?;
         }
-        pos += rows.len() * FIXED;
-        pad_to(&mut w, &mut pos, o.str_off).map_err(err)?;
-        for v in &str_off {
-            w.write_all(&v.to_le_bytes()).map_err(err)?;
-        }
-        pos += str_off.len() * 8;
-        pad_to(&mut w, &mut pos, o.strings).map_err(err)?;
-        w.write_all(&strings).map_err(err)?;
-        pos += strings.len();
-        pad_to(&mut w, &mut pos, o.vectors).map_err(err)?;
+        w.at(o.str_off)?;
+        w.put(bytemuck::cast_slice(&str_off))?;
+        w.at(o.strings)?;
+        w.put(&strings)?;
+        w.at(o.vectors)?;
         match dtype {
             Dtype::F32 => {
                 for c in embeds.chunks(1 << 16) {
-                    w.write_all(bytemuck::cast_slice(c)).map_err(err)?;
+                    w.put(bytemuck::cast_slice(c))?;
                 }
             }
             Dtype::F16 => {
+                use half::slice::HalfFloatSliceExt;
                 let mut buf = vec![half::f16::ZERO; 1 << 16];
                 for c in embeds.chunks(1 << 16) {
                     let out = &mut buf[..c.len()];
-                    for (o, x) in out.iter_mut().zip(c) {
-                        *o = half::f16::from_f32(*x);
-                    }
-                    w.write_all(bytemuck::cast_slice(out)).map_err(err)?;
+                    out.convert_from_f32_slice(c);
+                    w.put(bytemuck::cast_slice(out))?;
                 }
             }
         }
-        w.flush().map_err(err)?;
-        Ok(())
+        w.finish()
     })
 }
 
@@ -290,6 +270,15 @@ impl Vectors<'_> {
                 v.convert_to_f32_slice(buf);
                 buf
             }
+        }
+    }
+
+    /// max over the Q vectors of dot(vector, t), with the arg-max: the ITC score. f16 vectors
+    /// are widened one at a time into `buf` (stays in L1), not all 32 first.
+    pub fn max_sim(&self, t: &[f32], buf: &mut Vec<f32>) -> (f32, u16) {
+        match self {
+            Vectors::F32(v) => crate::kernels::max_sim(v, t),
+            Vectors::F16(v) => crate::kernels::max_sim_f16(v, t, buf),
         }
     }
 

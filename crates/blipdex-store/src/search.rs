@@ -84,7 +84,7 @@ impl TopK {
 
 fn hit(state: &State, row: usize, t: &[f32], buf: &mut Vec<f32>) -> Hit {
     let v = state.vectors(row);
-    let (score, query) = max_sim(v.as_f32(buf), t);
+    let (score, query) = v.max_sim(t, buf);
     Hit {
         image_id: state.row_image(row),
         score,

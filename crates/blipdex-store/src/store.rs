@@ -637,18 +637,8 @@ impl Store {
             }
             fsutil::fsync_dir(&self.dir)
         })();
-        if let Err(e) = result {
-            self.remove_files(&written);
-            return Err(e);
-        }
-        let replaced = replaced_files(&self.manifest, &next);
         // 3. The manifest: the commit point.
-        if let Err(e) = self.write_manifest(next) {
-            if !self.poisoned {
-                self.remove_files(&written);
-            }
-            return Err(e);
-        }
+        let replaced = self.install(next, &written, result)?;
 
         // 4. The same change in memory, in replay order (rows, then patches), then the index.
         let applied = (|| {
@@ -790,20 +780,8 @@ impl Store {
             build_index(&self.dir, &next, rows, &vectors, &mut written).map(Some)
         };
         let built = built.and_then(|b| fsutil::fsync_dir(&self.dir).map(|()| b));
-        match built {
-            Ok(b) => next.ivf = b,
-            Err(e) => {
-                self.remove_files(&written);
-                return Err(e);
-            }
-        }
-        let replaced = replaced_files(&self.manifest, &next);
-        if let Err(e) = self.write_manifest(next) {
-            if !self.poisoned {
-                self.remove_files(&written);
-            }
-            return Err(e);
-        }
+        let prepared = built.map(|b| next.ivf = b);
+        let replaced = self.install(next, &written, prepared)?;
         self.reopen_ivf()?;
         self.remove_files(&replaced);
         Ok(())
@@ -916,17 +894,7 @@ impl Store {
             timings.index_insert = t.elapsed();
             fsutil::fsync_dir(&self.dir)
         })();
-        if let Err(e) = result {
-            self.remove_files(&written);
-            return Err(e);
-        }
-        let replaced = replaced_files(&self.manifest, &next);
-        if let Err(e) = self.write_manifest(next) {
-            if !self.poisoned {
-                self.remove_files(&written);
-            }
-            return Err(e);
-        }
+        let replaced = self.install(next, &written, result)?;
         let reloaded = load_state(&self.dir, &self.manifest).and_then(|s| {
             self.state = s;
             self.state.build_lookups()?;
@@ -944,6 +912,28 @@ impl Store {
             index_persisted: true,
             timings,
         })
+    }
+
+    /// The end of every commit: if preparing it failed, removes the files it wrote; else
+    /// writes `next` (the commit point) and returns the files only the previous manifest named.
+    fn install(
+        &mut self,
+        next: Manifest,
+        written: &[String],
+        prepared: Result<()>,
+    ) -> Result<Vec<String>> {
+        if let Err(e) = prepared {
+            self.remove_files(written);
+            return Err(e);
+        }
+        let replaced = replaced_files(&self.manifest, &next);
+        if let Err(e) = self.write_manifest(next) {
+            if !self.poisoned {
+                self.remove_files(written);
+            }
+            return Err(e);
+        }
+        Ok(replaced)
     }
 
     /// Writes `next` as the manifest. On failure, works out whether it got renamed into place

@@ -52,10 +52,10 @@ impl Default for HnswParams {
 
 /// Images rescored exactly per query by [`crate::Store::search_ann`] (see the crate docs for
 /// the recall it gives).
-pub const DEFAULT_EF: usize = 128;
+pub const DEFAULT_EF: usize = 192;
 
 /// Index lists probed per query by default.
-pub const DEFAULT_NPROBE: usize = 32;
+pub const DEFAULT_NPROBE: usize = 16;
 
 /// How hard [`crate::Store::search_ann_with`] looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
