@@ -56,6 +56,9 @@ pub(crate) const MAX_SAMPLE: usize = 1 << 17;
 const ASSIGN_EF: usize = 24;
 /// Smallest hnsw_rs beam when probing for a query.
 const PROBE_EF: usize = 64;
+/// A query probes at least as many lists as hold this many entries on average (~0.15 ms of
+/// scanning), so small indexes are searched exhaustively whatever `nprobe` says.
+const MIN_SCAN_ENTRIES: usize = 8192;
 /// Rows per segment when all entries are rebuilt (bounds the writer's memory while it does).
 pub(crate) const REBUILD_CHUNK_ROWS: usize = 1 << 18;
 
@@ -657,7 +660,12 @@ impl Ivf {
         let e = t.len();
         let mut tq = vec![0i8; e];
         let tscale = quantize_i8(t, &mut tq);
-        let lists = self.coarse.probe(t, nprobe.max(1));
+        let nlist = self.coarse.nlist().max(1);
+        let per_list = (self.entries() / nlist).max(1);
+        let nprobe = nprobe
+            .max(MIN_SCAN_ENTRIES.div_ceil(per_list))
+            .clamp(1, nlist);
+        let lists = self.coarse.probe(t, nprobe);
         let mut found: Vec<(f32, u32)> = Vec::new();
         for s in &self.segments {
             for &l in &lists {
