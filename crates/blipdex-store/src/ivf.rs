@@ -126,27 +126,36 @@ fn representatives_generic(vectors: &[f32], q: usize, e: usize, m: usize) -> Vec
                 })
                 .unwrap_or(0);
         }
-        let mut sums = vec![0f32; m * e];
-        let mut counts = vec![0usize; m];
-        for i in 0..q {
-            counts[assign[i]] += 1;
-            for (s, v) in sums[assign[i] * e..(assign[i] + 1) * e]
-                .iter_mut()
-                .zip(row(i))
-            {
-                *s += v;
-            }
-        }
-        for c in 0..m {
-            // An empty cluster keeps its previous centre.
-            if counts[c] > 0 {
-                let s = &mut sums[c * e..(c + 1) * e];
-                normalize(s);
-                centres[c * e..(c + 1) * e].copy_from_slice(s);
-            }
-        }
+        lloyd_update((0..q).map(row), &assign, &mut centres, e);
     }
     centres
+}
+
+/// The update step of spherical k-means: each centre becomes the normalized sum of the vectors
+/// assigned to it (in order); a centre nothing was assigned to keeps its place.
+#[inline(always)]
+fn lloyd_update<'a>(
+    vectors: impl Iterator<Item = &'a [f32]>,
+    assign: &[usize],
+    centres: &mut [f32],
+    e: usize,
+) {
+    let k = centres.len() / e;
+    let mut sums = vec![0f32; k * e];
+    let mut counts = vec![0usize; k];
+    for (v, &a) in vectors.zip(assign) {
+        counts[a] += 1;
+        for (s, x) in sums[a * e..(a + 1) * e].iter_mut().zip(v) {
+            *s += x;
+        }
+    }
+    for c in 0..k {
+        if counts[c] > 0 {
+            let s = &mut sums[c * e..(c + 1) * e];
+            normalize(s);
+            centres[c * e..(c + 1) * e].copy_from_slice(s);
+        }
+    }
 }
 
 /// How many lists for an index of `reps` representatives: about 2 sqrt(reps), so that a list
@@ -251,21 +260,7 @@ pub(crate) fn train(samples: &[f32], e: usize, nlist: usize, params: &HnswParams
             .par_chunks_exact(e)
             .map(|v| coarse.nearest(v))
             .collect();
-        let mut sums = vec![0f32; nlist * e];
-        let mut counts = vec![0usize; nlist];
-        for (v, &a) in samples.chunks_exact(e).zip(&assign) {
-            counts[a] += 1;
-            for (s, x) in sums[a * e..(a + 1) * e].iter_mut().zip(v) {
-                *s += x;
-            }
-        }
-        for c in 0..nlist {
-            if counts[c] > 0 {
-                let s = &mut sums[c * e..(c + 1) * e];
-                normalize(s);
-                centroids[c * e..(c + 1) * e].copy_from_slice(s);
-            }
-        }
+        lloyd_update(samples.chunks_exact(e), &assign, &mut centroids, e);
     }
     centroids
 }
