@@ -341,15 +341,18 @@ impl Entries {
     }
 }
 
+/// Row r's Q*E vectors as f32: borrowed where they are stored so, else widened.
+pub(crate) type RowVectors<'v> = dyn Fn(usize) -> std::borrow::Cow<'v, [f32]> + Sync + 'v;
+
 /// The entries of rows `rows` (their representatives, assigned and quantized); `vectors(r)`
 /// gives row r's Q*E f32 vectors.
-pub(crate) fn entries_for(
+pub(crate) fn entries_for<'v>(
     rows: std::ops::Range<usize>,
     q: usize,
     e: usize,
     m: usize,
     coarse: &Coarse,
-    vectors: &(dyn Fn(usize) -> Vec<f32> + Sync),
+    vectors: &RowVectors<'v>,
 ) -> Entries {
     rows.into_par_iter()
         .fold(Entries::default, |mut acc, r| {

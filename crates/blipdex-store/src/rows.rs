@@ -259,7 +259,7 @@ pub(crate) enum Vectors<'a> {
     F16(&'a [half::f16]),
 }
 
-impl Vectors<'_> {
+impl<'a> Vectors<'a> {
     /// As f32: borrowed when stored as f32, else widened into `buf`.
     pub fn as_f32<'b>(&'b self, buf: &'b mut Vec<f32>) -> &'b [f32] {
         match self {
@@ -279,6 +279,14 @@ impl Vectors<'_> {
         match self {
             Vectors::F32(v) => crate::kernels::max_sim(v, t),
             Vectors::F16(v) => crate::kernels::max_sim_f16(v, t, buf),
+        }
+    }
+
+    /// As f32: borrowed when stored as f32, widened otherwise.
+    pub fn to_cow(&self) -> std::borrow::Cow<'a, [f32]> {
+        match *self {
+            Vectors::F32(v) => std::borrow::Cow::Borrowed(v),
+            Vectors::F16(_) => std::borrow::Cow::Owned(self.to_vec()),
         }
     }
 

@@ -1,5 +1,6 @@
 //! [`Store`]: open, read, search and commit.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use fs2::FileExt;
 use rayon::prelude::*;
 
 use crate::fsutil::{self, TMP_PREFIX};
-use crate::ivf::{self, Coarse, Entries, Ivf, IvfRef, Segment, SegmentRef};
+use crate::ivf::{self, Coarse, Entries, Ivf, IvfRef, RowVectors, Segment, SegmentRef};
 use crate::manifest::{FileRef, Manifest, FORMAT_V1, FORMAT_VERSION, MANIFEST};
 use crate::rows::{self, rows_name, RowsFile};
 use crate::search;
@@ -27,8 +28,7 @@ const OWNED_PREFIXES: [&str; 4] = ["shard-", "patch-", "ivf-", "hnsw-"];
 /// How far an embedding's squared norm may be from 1 (f16 round trips and model numerics stay
 /// well inside; an unnormalized vector does not).
 const NORM_TOLERANCE: f32 = 0.02;
-/// Rows per shard written by [`Store::compact`] and by the upgrade of nothing (shards keep
-/// their sizes there).
+/// Rows per shard written by [`Store::compact`].
 const COMPACT_SHARD_ROWS: usize = 16384;
 
 /// A change to the store, applied atomically by [`Store::commit`]. Operations apply in call order.
@@ -234,16 +234,8 @@ impl Store {
                 dir.display()
             );
         }
-        for (f, name) in manifest.shards.iter().zip(manifest.rows_files()) {
-            if let Err(e) = open_rows(&dir, &manifest, f) {
-                if !upgrading {
-                    tracing::warn!("{e}; rebuilding {name} from {}", f.file);
-                }
-                rebuild_rows(&dir, &manifest, f)?;
-            }
-        }
         let mut store = Self {
-            state: load_state(&dir, &manifest)?,
+            state: load_state(&dir, &manifest, Repair::RowFiles { quiet: upgrading })?,
             dir,
             manifest,
             ivf: None,
@@ -307,11 +299,7 @@ impl Store {
                     ),
                 ));
             }
-            let opened = manifest
-                .shards
-                .iter()
-                .try_for_each(|f| open_rows(&dir, &manifest, f).map(drop))
-                .and_then(|()| load_state(&dir, &manifest))
+            let opened = load_state(&dir, &manifest, Repair::No)
                 .and_then(|state| Ok((state, open_ivf(&dir, &manifest)?)));
             match opened {
                 Ok((state, ivf)) => {
@@ -621,9 +609,9 @@ impl Store {
                 let qe = self.state.q * self.state.e;
                 let vectors = |r: usize| {
                     if r >= base {
-                        added[(r - base) * qe..(r - base + 1) * qe].to_vec()
+                        Cow::Borrowed(&added[(r - base) * qe..(r - base + 1) * qe])
                     } else {
-                        self.state.vectors(r).to_vec()
+                        self.state.vectors(r).to_cow()
                     }
                 };
                 self.index_rows(
@@ -673,12 +661,12 @@ impl Store {
     /// Writes the index entries of rows `start..end` into `next`: a new segment, then merges;
     /// or, when the centroids are missing or the index outgrew them, new centroids and the
     /// entries of every row.
-    fn index_rows(
+    fn index_rows<'v>(
         &self,
         next: &mut Manifest,
         start: usize,
         end: usize,
-        vectors: &(dyn Fn(usize) -> Vec<f32> + Sync),
+        vectors: &RowVectors<'v>,
         written: &mut Vec<String>,
         timings: &mut CommitTimings,
     ) -> Result<()> {
@@ -750,8 +738,7 @@ impl Store {
             &entries,
         )?;
         written.push(segs[last].file.clone());
-        let tail = usize::from(merging);
-        if tail > 0 {
+        if merging {
             timings.index_merge += t.elapsed();
         } else {
             timings.index_insert += t.elapsed();
@@ -773,7 +760,7 @@ impl Store {
         let mut written = Vec::new();
         let rows = self.state.rows();
         let state = &self.state;
-        let vectors = |r: usize| state.vectors(r).to_vec();
+        let vectors = |r: usize| state.vectors(r).to_cow();
         let built = if rows == 0 {
             Ok(None)
         } else {
@@ -882,7 +869,7 @@ impl Store {
             let t = Instant::now();
             if !live.is_empty() {
                 let state = &self.state;
-                let vectors = |r: usize| state.vectors(live[r]).to_vec();
+                let vectors = |r: usize| state.vectors(live[r]).to_cow();
                 next.ivf = Some(build_index(
                     &self.dir,
                     &next,
@@ -895,7 +882,7 @@ impl Store {
             fsutil::fsync_dir(&self.dir)
         })();
         let replaced = self.install(next, &written, result)?;
-        let reloaded = load_state(&self.dir, &self.manifest).and_then(|s| {
+        let reloaded = load_state(&self.dir, &self.manifest, Repair::No).and_then(|s| {
             self.state = s;
             self.state.build_lookups()?;
             self.ivf = None;
@@ -1055,8 +1042,17 @@ fn rebuild_rows(dir: &Path, m: &Manifest, f: &FileRef) -> Result<()> {
     fsutil::fsync_dir(dir)
 }
 
+/// What [`load_state`] does with a row file it cannot use.
+#[derive(Clone, Copy)]
+enum Repair {
+    /// Fail, naming the file (readers).
+    No,
+    /// Rebuild it from its shard (writers), with a warning unless `quiet` (an upgrade).
+    RowFiles { quiet: bool },
+}
+
 /// Replays the manifest's row files and patches (maps files; reads ids, flags and patches).
-fn load_state(dir: &Path, m: &Manifest) -> Result<State> {
+fn load_state(dir: &Path, m: &Manifest, repair: Repair) -> Result<State> {
     if m.shards.iter().map(|f| f.rows).sum::<u64>() != m.rows {
         return Err(Error::store(
             dir,
@@ -1075,7 +1071,18 @@ fn load_state(dir: &Path, m: &Manifest) -> Result<State> {
     let mut state = State::new(dir, m.num_query, m.dim);
     for (_, kind, f) in events {
         if kind == 0 {
-            state.push_file(open_rows(dir, m, f)?, m.next_image_id)?;
+            let file = match (open_rows(dir, m, f), repair) {
+                (Ok(file), _) => file,
+                (Err(e), Repair::No) => return Err(e),
+                (Err(e), Repair::RowFiles { quiet }) => {
+                    if !quiet {
+                        tracing::warn!("{e}; rebuilding {} from {}", rows_name(&f.file), f.file);
+                    }
+                    rebuild_rows(dir, m, f)?;
+                    open_rows(dir, m, f)?
+                }
+            };
+            state.push_file(file, m.next_image_id)?;
         } else {
             for p in shard::read_patch(&dir.join(&f.file), &layout(m))? {
                 if !state.apply_patch(&p)? {
@@ -1149,11 +1156,11 @@ fn open_ivf(dir: &Path, m: &Manifest) -> Result<Option<Ivf>> {
 
 /// Trains centroids on a sample of rows `0..rows` and writes every row's entries, as of
 /// `next.generation`.
-fn build_index(
+fn build_index<'v>(
     dir: &Path,
     next: &Manifest,
     rows: usize,
-    vectors: &(dyn Fn(usize) -> Vec<f32> + Sync),
+    vectors: &RowVectors<'v>,
     written: &mut Vec<String>,
 ) -> Result<IvfRef> {
     let (q, e) = (next.num_query, next.dim);
