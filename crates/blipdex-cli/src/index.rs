@@ -40,6 +40,9 @@ fn info(store: &Store) -> serde_json::Value {
         "images": store.len(),
         "rows": store.total_rows(),
         "dtype": store.dtype().to_string(),
+        "shards": store.shards(),
+        // Written before vectors were read in place from the shards: `blipdex index compact`.
+        "shards_with_vector_copies": store.shards_with_vector_copies(),
         "ann": {"lists": a.lists, "segments": a.segments, "entries": a.points, "vectors_per_image": a.vectors_per_image, "trained_rows": a.trained_rows},
     })
 }

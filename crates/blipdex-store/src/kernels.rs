@@ -105,16 +105,43 @@ fn call_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// [`max_sim`] on f16 vectors, each widened into `buf` just before its dot product (it stays
-/// in L1); equal to `max_sim` on the widened vectors, bit for bit.
-pub(crate) fn max_sim_f16(vectors: &[half::f16], t: &[f32], buf: &mut Vec<f32>) -> (f32, u16) {
+/// Writes the little-endian `dtype` values in `bytes` (any alignment) into `out` as f32.
+pub(crate) fn widen(bytes: &[u8], dtype: crate::Dtype, out: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
+    debug_assert_eq!(bytes.len(), out.len() * dtype.bytes());
+    match dtype {
+        crate::Dtype::F32 => bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes),
+        crate::Dtype::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
+            Ok(h) => h.convert_to_f32_slice(out),
+            Err(_) => {
+                // Unaligned: through an aligned stack chunk (a memcpy), then the F16C widening.
+                const CHUNK: usize = 256;
+                let mut tmp = [half::f16::ZERO; CHUNK];
+                for (b, o) in bytes.chunks(CHUNK * 2).zip(out.chunks_mut(CHUNK)) {
+                    let t = &mut tmp[..o.len()];
+                    bytemuck::cast_slice_mut::<half::f16, u8>(t).copy_from_slice(b);
+                    t.convert_to_f32_slice(o);
+                }
+            }
+        },
+    }
+}
+
+/// [`max_sim`] on vectors stored as `dtype` bytes (f16, or f32 that is not aligned), each
+/// widened into `buf` just before its dot product (it stays in L1); equal to `max_sim` on the
+/// widened vectors, bit for bit.
+pub(crate) fn max_sim_widened(
+    bytes: &[u8],
+    dtype: crate::Dtype,
+    t: &[f32],
+    buf: &mut Vec<f32>,
+) -> (f32, u16) {
     let e = t.len();
     buf.resize(e, 0.0);
     let mut best = f32::NEG_INFINITY;
     let mut arg = 0u16;
-    for (i, v) in vectors.chunks_exact(e).enumerate() {
-        v.convert_to_f32_slice(buf);
+    for (i, v) in bytes.chunks_exact(e * dtype.bytes()).enumerate() {
+        widen(v, dtype, buf);
         let s = dot_dispatch(buf, t);
         if s > best {
             best = s;
@@ -244,12 +271,26 @@ mod tests {
         );
         let c = with_avx2(|| max_sim_generic(&v, &t));
         assert_eq!((a.0.to_bits(), a.1), (c.0.to_bits(), c.1));
-        // f16 vectors widened one at a time score as the widened matrix does.
+        // f16 vectors widened one at a time score as the widened matrix does, and so do f32
+        // and f16 vectors at an odd address (as in a shard file).
         let h: Vec<half::f16> = v.iter().map(|x| half::f16::from_f32(*x)).collect();
         let wide: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
-        let f = max_sim_f16(&h, &t, &mut Vec::new());
         let g = max_sim_generic(&wide, &t);
+        let hb: &[u8] = bytemuck::cast_slice(&h);
+        let f = max_sim_widened(hb, crate::Dtype::F16, &t, &mut Vec::new());
         assert_eq!((f.0.to_bits(), f.1), (g.0.to_bits(), g.1));
+        let mut odd = vec![0u8; hb.len() + 1];
+        odd[1..].copy_from_slice(hb);
+        let f = max_sim_widened(&odd[1..], crate::Dtype::F16, &t, &mut Vec::new());
+        assert_eq!((f.0.to_bits(), f.1), (g.0.to_bits(), g.1));
+        let vb: &[u8] = bytemuck::cast_slice(&v);
+        let mut odd = vec![0u8; vb.len() + 1];
+        odd[1..].copy_from_slice(vb);
+        let f = max_sim_widened(&odd[1..], crate::Dtype::F32, &t, &mut Vec::new());
+        assert_eq!((f.0.to_bits(), f.1), (a.0.to_bits(), a.1));
+        let mut out = vec![0f32; v.len()];
+        widen(&odd[1..], crate::Dtype::F32, &mut out);
+        assert_eq!(out, v);
         let codes: Vec<i8> = (0..40 * e)
             .map(|i| ((i * 31 % 255) as i32 - 127) as i8)
             .collect();

@@ -8,17 +8,23 @@
 //!
 //! ```text
 //! header (128 bytes)   magic "BLPXROWS", version, dtype (0 f32, 1 f16), Q, E, rows,
-//!                      the offset of each section below, the file length
+//!                      the offset of each section below, the file length; at byte 96 where
+//!                      the vectors are (u32: 0 here, 1 in the shard), at 104 the shard's length
 //! ids      [rows] u64  image_id
 //! flags    [rows] u8   bit 0: deleted (as committed; patches override)
 //! fixed    [rows] 64 B width u32, height u32, file_size u64, mtime i64, ingested_at i64,
 //!                      content hash (32 bytes of BLAKE3)
 //! str_off  [rows+1] u64, offsets into `strings`
 //! strings  per row: path, paths, caption (u32 lengths, UTF-8 bytes)
-//! vectors  [rows][Q][E] f32 or f16, in the store's dtype (the Parquet column's values)
+//! vectors  either [rows][Q][E] f32 or f16 in the store's dtype (the Parquet column's values),
+//!          or [rows] u64: where each row's values start in the shard file itself
 //! ```
 //!
-//! Sections start on 64-byte boundaries, so the vectors are read in place as `&[f32]`/`&[f16]`.
+//! Shards written since version 2 store their embeddings PLAIN and uncompressed, so the vectors
+//! are kept once, in the Parquet file, and read in place from its mapping through the offsets
+//! (checked against the values when the row file is written, bounds-checked at open). Older
+//! shards (zstd-compressed pages) keep a copy here; `blipdex index compact` rewrites them.
+//! Sections start on 64-byte boundaries; vectors in a shard may be unaligned (see [`Vectors`]).
 
 use std::fs::File;
 use std::path::Path;
@@ -27,13 +33,15 @@ use blipdex_core::{Error, Result};
 use memmap2::Mmap;
 
 use crate::fsutil;
+use crate::shard::{self, Layout};
 use crate::types::{Dtype, ImageRow};
 
 #[cfg(target_endian = "big")]
 compile_error!("blipdex row and index files are little-endian and mapped in place");
 
 const MAGIC: &[u8; 8] = b"BLPXROWS";
-const VERSION: u32 = 1;
+/// 2: vectors may live in the shard. Version 1 files (vectors always here) are still read.
+const VERSION: u32 = 2;
 const HEADER: usize = 128;
 const FIXED: usize = 64;
 pub(crate) const ALIGN: usize = 64;
@@ -113,25 +121,80 @@ fn offsets(rows: usize, strings_len: usize, vec_bytes: usize) -> Offsets {
     }
 }
 
-fn elem_bytes(dtype: Dtype) -> usize {
-    match dtype {
-        Dtype::F32 => 4,
-        Dtype::F16 => 2,
-    }
+/// Where a row file says its vectors are.
+enum VectorsAt<'a> {
+    /// In the row file: these values (rows * Q * E), stored in the store's dtype.
+    Here(&'a [f32]),
+    /// In the shard file (of this length), each row's values starting at its offset.
+    InShard { offsets: &'a [u64], len: u64 },
 }
 
-/// Writes `rows` and their `embeds` (rows * Q * E values) durably as `dir/name`.
-pub(crate) fn write(
+/// Writes the row file of the shard `dir/shard`, just written or read back with these `rows`
+/// and `embeds` (rows * Q * E values): pointing into the shard where it stores the values in
+/// place, holding a copy otherwise.
+pub(crate) fn write_for_shard(
+    dir: &Path,
+    shard: &str,
+    layout: &Layout<'_>,
+    rows: &[ImageRow],
+    embeds: &[f32],
+) -> Result<()> {
+    let path = dir.join(shard);
+    let found = match shard::embeds_offsets(&path, layout, rows.len())? {
+        Some(offsets) => {
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let map = fsutil::map(&file).map_err(|e| Error::io(&path, e))?;
+            holds_values(&map, &offsets, layout.dtype, embeds).then(|| (offsets, map.len() as u64))
+        }
+        None => None,
+    };
+    let at = match &found {
+        Some((offsets, len)) => VectorsAt::InShard { offsets, len: *len },
+        None => VectorsAt::Here(embeds),
+    };
+    let (q, e) = (layout.num_query, layout.dim);
+    write(dir, &rows_name(shard), layout.dtype, q, e, rows, at)
+}
+
+/// Whether `map` holds exactly `embeds` (in `dtype`) at the rows' `offsets`.
+fn holds_values(map: &[u8], offsets: &[u64], dtype: Dtype, embeds: &[f32]) -> bool {
+    if offsets.is_empty() {
+        return embeds.is_empty();
+    }
+    let qe = embeds.len() / offsets.len();
+    let row_bytes = qe * dtype.bytes();
+    let mut halves = vec![half::f16::ZERO; if dtype == Dtype::F16 { qe } else { 0 }];
+    offsets
+        .iter()
+        .zip(embeds.chunks_exact(qe))
+        .all(|(&off, want)| {
+            let Some(got) = usize::try_from(off)
+                .ok()
+                .and_then(|a| map.get(a..a.checked_add(row_bytes)?))
+            else {
+                return false;
+            };
+            match dtype {
+                Dtype::F32 => got == bytemuck::cast_slice::<f32, u8>(want),
+                Dtype::F16 => {
+                    use half::slice::HalfFloatSliceExt;
+                    halves.convert_from_f32_slice(want);
+                    got == bytemuck::cast_slice::<half::f16, u8>(&halves)
+                }
+            }
+        })
+}
+
+/// Writes `rows` and their vectors durably as `dir/name`.
+fn write(
     dir: &Path,
     name: &str,
     dtype: Dtype,
     q: usize,
     e: usize,
     rows: &[ImageRow],
-    embeds: &[f32],
+    at: VectorsAt<'_>,
 ) -> Result<()> {
-    let qe = q * e;
-    debug_assert_eq!(embeds.len(), rows.len() * qe);
     let mut strings = Vec::new();
     let mut str_off = Vec::with_capacity(rows.len() + 1);
     for r in rows {
@@ -150,7 +213,17 @@ pub(crate) fn write(
         }
     }
     str_off.push(strings.len() as u64);
-    let o = offsets(rows.len(), strings.len(), embeds.len() * elem_bytes(dtype));
+    let (in_shard, shard_len, vec_bytes) = match at {
+        VectorsAt::Here(embeds) => {
+            debug_assert_eq!(embeds.len(), rows.len() * q * e);
+            (0u32, 0u64, embeds.len() * dtype.bytes())
+        }
+        VectorsAt::InShard { offsets, len } => {
+            debug_assert_eq!(offsets.len(), rows.len());
+            (1, len, offsets.len() * 8)
+        }
+    };
+    let o = offsets(rows.len(), strings.len(), vec_bytes);
     let target = dir.join(name);
     fsutil::write_durable(dir, name, |f| {
         let mut w = fsutil::Sections::new(f, &target);
@@ -173,6 +246,9 @@ pub(crate) fn write(
         ] {
             h.extend_from_slice(&(v as u64).to_le_bytes());
         }
+        h.extend_from_slice(&in_shard.to_le_bytes());
+        h.resize(104, 0);
+        h.extend_from_slice(&shard_len.to_le_bytes());
         h.resize(HEADER, 0);
         w.put(&h)?;
         let ids: Vec<u64> = rows.iter().map(|r| r.image_id).collect();
@@ -199,13 +275,14 @@ pub(crate) fn write(
         w.at(o.strings)?;
         w.put(&strings)?;
         w.at(o.vectors)?;
-        match dtype {
-            Dtype::F32 => {
+        match (at, dtype) {
+            (VectorsAt::InShard { offsets, .. }, _) => w.put(bytemuck::cast_slice(offsets))?,
+            (VectorsAt::Here(embeds), Dtype::F32) => {
                 for c in embeds.chunks(1 << 16) {
                     w.put(bytemuck::cast_slice(c))?;
                 }
             }
-            Dtype::F16 => {
+            (VectorsAt::Here(embeds), Dtype::F16) => {
                 use half::slice::HalfFloatSliceExt;
                 let mut buf = vec![half::f16::ZERO; 1 << 16];
                 for c in embeds.chunks(1 << 16) {
@@ -247,47 +324,59 @@ pub(crate) struct RowsFile {
     pub name: String,
     dir: std::path::PathBuf,
     map: Mmap,
+    /// The shard's mapping, where the vectors are read from there.
+    shard: Option<Mmap>,
     rows: usize,
     dtype: Dtype,
     qe: usize,
     o: Offsets,
 }
 
-/// An image's vectors as stored.
-pub(crate) enum Vectors<'a> {
-    F32(&'a [f32]),
-    F16(&'a [half::f16]),
+/// An image's Q*E values as stored (the store's dtype, little-endian). In a row file they are
+/// aligned and read in place; in a shard they may not be, and are then copied a vector at a
+/// time into the caller's buffer (L1-sized) before scoring.
+#[derive(Clone, Copy)]
+pub(crate) struct Vectors<'a> {
+    bytes: &'a [u8],
+    dtype: Dtype,
 }
 
 impl<'a> Vectors<'a> {
-    /// As f32: borrowed when stored as f32, else widened into `buf`.
+    pub(crate) fn new(bytes: &'a [u8], dtype: Dtype) -> Self {
+        Self { bytes, dtype }
+    }
+
+    /// As f32: borrowed when stored as aligned f32, else copied or widened into `buf`.
     pub fn as_f32<'b>(&'b self, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        match self {
-            Vectors::F32(v) => v,
-            Vectors::F16(v) => {
-                use half::slice::HalfFloatSliceExt;
-                buf.resize(v.len(), 0.0);
-                v.convert_to_f32_slice(buf);
-                buf
+        if self.dtype == Dtype::F32 {
+            if let Ok(v) = bytemuck::try_cast_slice(self.bytes) {
+                return v;
             }
         }
+        buf.resize(self.bytes.len() / self.dtype.bytes(), 0.0);
+        crate::kernels::widen(self.bytes, self.dtype, buf);
+        buf
     }
 
-    /// max over the Q vectors of dot(vector, t), with the arg-max: the ITC score. f16 vectors
-    /// are widened one at a time into `buf` (stays in L1), not all 32 first.
+    /// max over the Q vectors of dot(vector, t), with the arg-max: the ITC score. Vectors that
+    /// are not aligned f32 are widened one at a time into `buf` (stays in L1), not all 32 first.
     pub fn max_sim(&self, t: &[f32], buf: &mut Vec<f32>) -> (f32, u16) {
-        match self {
-            Vectors::F32(v) => crate::kernels::max_sim(v, t),
-            Vectors::F16(v) => crate::kernels::max_sim_f16(v, t, buf),
+        if self.dtype == Dtype::F32 {
+            if let Ok(v) = bytemuck::try_cast_slice(self.bytes) {
+                return crate::kernels::max_sim(v, t);
+            }
         }
+        crate::kernels::max_sim_widened(self.bytes, self.dtype, t, buf)
     }
 
-    /// As f32: borrowed when stored as f32, widened otherwise.
+    /// As f32: borrowed when stored as aligned f32, copied or widened otherwise.
     pub fn to_cow(&self) -> std::borrow::Cow<'a, [f32]> {
-        match *self {
-            Vectors::F32(v) => std::borrow::Cow::Borrowed(v),
-            Vectors::F16(_) => std::borrow::Cow::Owned(self.to_vec()),
+        if self.dtype == Dtype::F32 {
+            if let Ok(v) = bytemuck::try_cast_slice(self.bytes) {
+                return std::borrow::Cow::Borrowed(v);
+            }
         }
+        std::borrow::Cow::Owned(self.to_vec())
     }
 
     pub fn to_vec(&self) -> Vec<f32> {
@@ -297,15 +386,17 @@ impl<'a> Vectors<'a> {
 }
 
 impl RowsFile {
-    /// Maps `dir/name` and checks it against what the manifest says it holds.
+    /// Maps the row file of `dir/shard` (and the shard, if the vectors are there) and checks it
+    /// against what the manifest says it holds.
     pub fn open(
         dir: &Path,
-        name: &str,
+        shard: &str,
         dtype: Dtype,
         q: usize,
         e: usize,
         rows: u64,
     ) -> Result<Self> {
+        let name = &rows_name(shard);
         let path = dir.join(name);
         let bad = |r: String| Error::store(dir, format!("{name}: {r}"));
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -315,12 +406,17 @@ impl RowsFile {
         }
         let u32_at = |i: usize| u32::from_le_bytes(map[i..i + 4].try_into().unwrap_or_default());
         let u64_at = |i: usize| u64::from_le_bytes(map[i..i + 8].try_into().unwrap_or_default());
-        if u32_at(8) != VERSION {
+        if !(1..=VERSION).contains(&u32_at(8)) {
             return Err(bad(format!(
-                "row file version {}, this build reads {VERSION}",
+                "row file version {}, this build reads 1 to {VERSION}",
                 u32_at(8)
             )));
         }
+        let in_shard = match u32_at(96) {
+            0 => false,
+            1 => true,
+            x => return Err(bad(format!("unknown vectors location {x} (corrupt file)"))),
+        };
         let file_dtype = if u32_at(12) == 1 {
             Dtype::F16
         } else {
@@ -340,7 +436,9 @@ impl RowsFile {
         }
         let rows = rows as usize;
         let strings_len = u64_at(24 + 6 * 8) as usize;
-        let want = offsets(rows, strings_len, rows * q * e * elem_bytes(dtype));
+        let row_bytes = q * e * dtype.bytes();
+        let vec_bytes = if in_shard { rows * 8 } else { rows * row_bytes };
+        let want = offsets(rows, strings_len, vec_bytes);
         let stored = [
             want.ids,
             want.flags,
@@ -363,10 +461,37 @@ impl RowsFile {
                 want.len
             )));
         }
+        let shard = if in_shard {
+            let path = dir.join(shard);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let smap = fsutil::map(&file).map_err(|e| Error::io(&path, e))?;
+            if smap.len() as u64 != u64_at(104) {
+                return Err(bad(format!(
+                    "points into {shard} as a file of {} bytes; it has {} (replaced or truncated)",
+                    u64_at(104),
+                    smap.len()
+                )));
+            }
+            // Bounds-checked once here, so `vectors` can slice without checks failing later.
+            let fits = (0..rows).all(|i| {
+                let at = u64_at(want.vectors + i * 8);
+                at.checked_add(row_bytes as u64)
+                    .is_some_and(|end| end <= smap.len() as u64)
+            });
+            if !fits {
+                return Err(bad(format!(
+                    "vector offsets beyond the end of {shard} (corrupt file)"
+                )));
+            }
+            Some(smap)
+        } else {
+            None
+        };
         Ok(Self {
             name: name.to_owned(),
             dir: dir.to_path_buf(),
             map,
+            shard,
             rows,
             dtype,
             qe: q * e,
@@ -448,15 +573,22 @@ impl RowsFile {
     }
 
     pub fn vectors(&self, i: usize) -> Vectors<'_> {
-        match self.dtype {
-            Dtype::F32 => {
-                let at = self.o.vectors + i * self.qe * 4;
-                Vectors::F32(bytemuck::cast_slice(&self.map[at..at + self.qe * 4]))
+        let n = self.qe * self.dtype.bytes();
+        let bytes = match &self.shard {
+            Some(shard) => {
+                let at = self.u64_at(self.o.vectors + i * 8) as usize;
+                &shard[at..at + n]
             }
-            Dtype::F16 => {
-                let at = self.o.vectors + i * self.qe * 2;
-                Vectors::F16(bytemuck::cast_slice(&self.map[at..at + self.qe * 2]))
+            None => {
+                let at = self.o.vectors + i * n;
+                &self.map[at..at + n]
             }
-        }
+        };
+        Vectors::new(bytes, self.dtype)
+    }
+
+    /// Whether the vectors are read from the shard (else from this file).
+    pub fn vectors_in_shard(&self) -> bool {
+        self.shard.is_some()
     }
 }

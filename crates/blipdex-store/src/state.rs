@@ -90,6 +90,11 @@ impl State {
         f.id(i)
     }
 
+    /// Row files that hold a copy of their shard's vectors (shards from before format 2.1).
+    pub fn files_with_vector_copies(&self) -> usize {
+        self.files.iter().filter(|f| !f.vectors_in_shard()).count()
+    }
+
     pub fn vectors(&self, row: usize) -> Vectors<'_> {
         let (f, i) = self.locate(row);
         f.vectors(i)

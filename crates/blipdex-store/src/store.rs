@@ -381,6 +381,11 @@ impl Store {
         self.state.rows()
     }
 
+    /// Parquet shards (image data files) in the current generation.
+    pub fn shards(&self) -> usize {
+        self.manifest.shards.len()
+    }
+
     /// Next id the store will assign; ids are never reused.
     pub fn next_image_id(&self) -> u64 {
         self.manifest.next_image_id
@@ -492,6 +497,13 @@ impl Store {
     }
 
     /// What the ANN index holds.
+    /// Shards whose row file keeps a second copy of their vectors, because the shard was written
+    /// with compressed embedding pages (before blipdex stored them in place);
+    /// [`Store::compact`] rewrites them.
+    pub fn shards_with_vector_copies(&self) -> usize {
+        self.state.files_with_vector_copies()
+    }
+
     pub fn ann_info(&self) -> AnnInfo {
         let (lists, entries, segments) = self.ivf.as_ref().map_or((0, 0, 0), |i| {
             (i.coarse.nlist(), i.entries(), i.segments.len())
@@ -574,17 +586,8 @@ impl Store {
                 let name = format!("shard-{generation:010}.parquet");
                 shard::write_shard(&self.dir, &name, &layout, &rows, &embeds)?;
                 written.push(name.clone());
-                let rname = rows_name(&name);
-                rows::write(
-                    &self.dir,
-                    &rname,
-                    layout.dtype,
-                    layout.num_query,
-                    layout.dim,
-                    &rows,
-                    &embeds,
-                )?;
-                written.push(rname);
+                rows::write_for_shard(&self.dir, &name, &layout, &rows, &embeds)?;
+                written.push(rows_name(&name));
                 next.shards.push(FileRef {
                     file: name,
                     generation,
@@ -856,9 +859,8 @@ impl Store {
                 let name = format!("shard-{generation:010}-{i:05}.parquet");
                 shard::write_shard(&self.dir, &name, &layout, &rows, &embeds)?;
                 written.push(name.clone());
-                let rname = rows_name(&name);
-                rows::write(&self.dir, &rname, layout.dtype, q, e, &rows, &embeds)?;
-                written.push(rname);
+                rows::write_for_shard(&self.dir, &name, &layout, &rows, &embeds)?;
+                written.push(rows_name(&name));
                 next.shards.push(FileRef {
                     file: name,
                     generation,
@@ -1000,14 +1002,7 @@ fn remove_orphans(dir: &Path, m: &Manifest) -> Result<()> {
 }
 
 fn open_rows(dir: &Path, m: &Manifest, f: &FileRef) -> Result<RowsFile> {
-    RowsFile::open(
-        dir,
-        &rows_name(&f.file),
-        m.dtype,
-        m.num_query,
-        m.dim,
-        f.rows,
-    )
+    RowsFile::open(dir, &f.file, m.dtype, m.num_query, m.dim, f.rows)
 }
 
 /// Writes a shard's row file anew from its Parquet rows (upgrade, or repair of a damaged one).
@@ -1030,15 +1025,7 @@ fn rebuild_rows(dir: &Path, m: &Manifest, f: &FileRef) -> Result<()> {
             format!("{} has {} rows, the manifest says {n}", f.file, rows.len()),
         ));
     }
-    rows::write(
-        dir,
-        &rows_name(&f.file),
-        m.dtype,
-        m.num_query,
-        m.dim,
-        &rows,
-        &embeds,
-    )?;
+    rows::write_for_shard(dir, &f.file, &layout(m), &rows, &embeds)?;
     fsutil::fsync_dir(dir)
 }
 

@@ -213,6 +213,102 @@ fn parquet_shard_reads_back_with_arrow_reader() {
             }
         }
         assert_eq!(i, 30);
+        assert_eq!(store.shards_with_vector_copies(), 0);
+    }
+}
+
+/// Rewrites a shard as blipdex wrote them before format 2.1 (zstd everywhere, byte-stream split
+/// f32 embeddings): valid Parquet whose embedding pages cannot be read in place.
+fn recompress(path: &Path) {
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::WriterProperties;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
+    let kv = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .cloned();
+    let schema = builder.schema().clone();
+    let batches: Vec<_> = builder.build().unwrap().map(|b| b.unwrap()).collect();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_key_value_metadata(kv)
+        .build();
+    let tmp = path.with_extension("recompressed");
+    let mut w = ArrowWriter::try_new(File::create(&tmp).unwrap(), schema, Some(props)).unwrap();
+    for b in &batches {
+        w.write(b).unwrap();
+    }
+    w.close().unwrap();
+    fs::rename(tmp, path).unwrap();
+}
+
+#[test]
+fn vectors_are_read_in_place_from_multi_page_shards() {
+    // BLIP-2's shape: 32 KiB of f32 per row, so 1100 rows make two row groups (32 MiB each) of
+    // about 32 data pages each, and rows start at every alignment the page headers leave.
+    let (q, e) = (32, 256);
+    let s = Synth::new(q, e, 20, 11);
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store =
+            Store::create_or_open(dir.path(), StoreOptions::new(FP, q, e).with_dtype(dtype))
+                .unwrap();
+        add_range(&mut store, &s, 0..1100);
+        assert_eq!(store.shards_with_vector_copies(), 0, "{dtype}");
+        // What this test is about: several row groups, many pages each.
+        {
+            use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
+            let shard = files(dir.path())
+                .into_iter()
+                .find(|f| f.starts_with("shard-") && f.ends_with(".parquet"))
+                .unwrap();
+            let meta = ParquetMetaDataReader::new()
+                .with_page_index_policy(PageIndexPolicy::Required)
+                .parse_and_finish(&File::open(dir.path().join(shard)).unwrap())
+                .unwrap();
+            let col = (0..meta.file_metadata().schema_descr().num_columns())
+                .find(|&i| {
+                    meta.file_metadata().schema_descr().column(i).path().parts()[0]
+                        == "image_embeds"
+                })
+                .unwrap();
+            let pages: Vec<usize> = meta
+                .offset_index()
+                .unwrap()
+                .iter()
+                .map(|g| g[col].page_locations().len())
+                .collect();
+            let groups = if dtype == Dtype::F32 { 2 } else { 1 };
+            assert_eq!(pages.len(), groups, "{dtype}: {pages:?}");
+            assert!(pages[0] >= 8, "{dtype}: {pages:?}");
+        }
+        let rows_bytes: u64 = files(dir.path())
+            .iter()
+            .filter(|f| f.ends_with(".rows"))
+            .map(|f| fs::metadata(dir.path().join(f)).unwrap().len())
+            .sum();
+        assert!(rows_bytes < 1100 * 300, "row files hold {rows_bytes} bytes");
+        let ro = Store::open_readonly(dir.path()).unwrap();
+        for id in [0u64, 1, 63, 64, 511, 1023, 1024, 1099] {
+            let want: Vec<f32> = match dtype {
+                Dtype::F32 => s.record(id).embeds,
+                Dtype::F16 => s
+                    .record(id)
+                    .embeds
+                    .iter()
+                    .map(|x| half::f16::from_f32(*x).to_f32())
+                    .collect(),
+            };
+            assert_eq!(store.embeds(id).unwrap(), want, "{dtype} image {id}");
+            assert_eq!(ro.embeds(id).unwrap(), want, "{dtype} image {id}");
+        }
+        let t = s.text(3);
+        assert_eq!(
+            ro.search_exact(&t, 10).unwrap(),
+            store.search_exact(&t, 10).unwrap()
+        );
     }
 }
 
@@ -341,6 +437,23 @@ fn damaged_derived_files_are_named_by_readers_and_rebuilt_by_writers() {
             assert_eq!(ro.search_ann(&t, 5, 64).unwrap(), want);
         }
     }
+    // A shard rewritten under its row file (same rows, another layout): the row file's vector
+    // offsets no longer apply. Readers name both files; a writer rebuilds the row file, which
+    // now keeps a copy of the vectors because the new pages are compressed.
+    let shard = named(".parquet")
+        .into_iter()
+        .rfind(|f| f.starts_with("shard-"))
+        .unwrap();
+    recompress(&dir.path().join(&shard));
+    let err = Store::open_readonly(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains(&shard) && err.contains(&shard.replace(".parquet", ".rows")),
+        "{err}"
+    );
+    let rw = Store::create_or_open(dir.path(), opts()).unwrap();
+    assert_eq!(rw.shards_with_vector_copies(), 1);
+    assert_eq!(rw.search_exact(&t, 5).unwrap(), want);
+    assert_eq!(rw.search_ann(&t, 5, 64).unwrap(), want_ann);
 }
 
 #[test]
@@ -962,6 +1075,13 @@ fn v1_store_is_refused_by_readers_and_upgraded_by_writers() {
     let want = store.search_exact(&t, 10).unwrap();
     drop(store);
     make_v1(dir.path());
+    // The first shard as releases before in-place vectors wrote it.
+    let mut shards: Vec<String> = files(dir.path())
+        .into_iter()
+        .filter(|f| f.ends_with(".parquet") && f.starts_with("shard-"))
+        .collect();
+    shards.sort();
+    recompress(&dir.path().join(&shards[0]));
 
     let err = Store::open_readonly(dir.path()).unwrap_err().to_string();
     assert!(err.contains("blipdex index upgrade"), "{err}");
@@ -987,6 +1107,7 @@ fn v1_store_is_refused_by_readers_and_upgraded_by_writers() {
     assert_eq!(rw.iter().collect::<Vec<_>>(), rows);
     assert_eq!(rw.search_exact(&t, 10).unwrap(), want);
     assert_eq!(rw.search_ann(&t, 10, 64).unwrap(), want);
+    assert_eq!(rw.shards_with_vector_copies(), 1);
     drop(rw);
     let left = files(dir.path());
     assert!(
@@ -998,6 +1119,12 @@ fn v1_store_is_refused_by_readers_and_upgraded_by_writers() {
     let ro = Store::open_readonly(dir.path()).unwrap();
     assert_eq!(ro.iter().collect::<Vec<_>>(), rows);
     assert_eq!(ro.get(7).unwrap().caption.as_deref(), Some("seven"));
+    drop(ro);
+    // Compaction rewrites every shard with its vectors in place.
+    let mut rw = Store::open_writable(dir.path()).unwrap();
+    rw.compact().unwrap();
+    assert_eq!(rw.shards_with_vector_copies(), 0);
+    assert_eq!(rw.search_exact(&t, 10).unwrap(), want);
 }
 
 #[test]
