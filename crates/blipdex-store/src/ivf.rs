@@ -51,6 +51,9 @@ const TRAIN_ITERS: usize = 4;
 /// Training sample: this many representatives per list, at most `MAX_SAMPLE`.
 pub(crate) const SAMPLE_PER_LIST: usize = 32;
 pub(crate) const MAX_SAMPLE: usize = 1 << 17;
+/// Vectors assigned to lists together (a cache block of the brute-force assignment).
+const ASSIGN_BATCH: usize = 64;
+
 /// hnsw_rs beam when assigning a vector to its list (the nearest centroid): approximate
 /// assignment costs a little list quality, not correctness (every entry is still scored).
 const ASSIGN_EF: usize = 24;
@@ -236,9 +239,15 @@ impl Coarse {
         self.search(t, n, (2 * n).max(PROBE_EF))
     }
 
-    /// The list a vector belongs to (approximate when the graph is used).
-    pub fn nearest(&self, v: &[f32]) -> usize {
-        self.search(v, 1, ASSIGN_EF).first().copied().unwrap_or(0)
+    /// The list each vector of `vs` (n x E) belongs to (approximate when the graph is used).
+    pub fn nearest(&self, vs: &[f32]) -> Vec<u32> {
+        match &self.graph {
+            Some(_) => vs
+                .chunks_exact(self.e)
+                .map(|v| self.search(v, 1, ASSIGN_EF).first().map_or(0, |&l| l as u32))
+                .collect(),
+            None => crate::kernels::nearest_rows(&self.centroids, vs, self.e),
+        }
     }
 }
 
@@ -257,8 +266,8 @@ pub(crate) fn train(samples: &[f32], e: usize, nlist: usize, params: &HnswParams
     for _ in 0..TRAIN_ITERS {
         let coarse = Coarse::new(centroids.clone(), e, params);
         let assign: Vec<usize> = samples
-            .par_chunks_exact(e)
-            .map(|v| coarse.nearest(v))
+            .par_chunks(ASSIGN_BATCH * e)
+            .flat_map_iter(|vs| coarse.nearest(vs).into_iter().map(|l| l as usize))
             .collect();
         lloyd_update(samples.chunks_exact(e), &assign, &mut centroids, e);
     }
@@ -354,15 +363,26 @@ pub(crate) fn entries_for<'v>(
     coarse: &Coarse,
     vectors: &RowVectors<'v>,
 ) -> Entries {
-    rows.into_par_iter()
-        .fold(Entries::default, |mut acc, r| {
-            let reps = representatives(&vectors(r), q, e, m);
-            for rep in reps.chunks_exact(e) {
+    // Rows in small groups, so that their representatives are assigned to lists together.
+    let per_task = ASSIGN_BATCH.div_ceil(m.clamp(1, q)).max(1);
+    let (start, end) = (rows.start, rows.end);
+    (0..(end - start).div_ceil(per_task))
+        .into_par_iter()
+        .fold(Entries::default, |mut acc, t| {
+            let group = start + t * per_task..(start + (t + 1) * per_task).min(end);
+            let mut reps = Vec::new();
+            let mut owners = Vec::new();
+            for r in group {
+                let rv = representatives(&vectors(r), q, e, m);
+                owners.extend(std::iter::repeat_n(r as u32, rv.len() / e));
+                reps.extend(rv);
+            }
+            let lists = coarse.nearest(&reps);
+            for ((rep, list), r) in reps.chunks_exact(e).zip(lists).zip(owners) {
                 let mut code = vec![0i8; e];
-                let scale = quantize_i8(rep, &mut code);
-                acc.lists.push(coarse.nearest(rep) as u32);
-                acc.rows.push(r as u32);
-                acc.scales.push(scale);
+                acc.scales.push(quantize_i8(rep, &mut code));
+                acc.lists.push(list);
+                acc.rows.push(r);
                 acc.codes.extend(code);
             }
             acc

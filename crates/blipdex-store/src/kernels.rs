@@ -85,6 +85,78 @@ dispatch_avx2! {
     ) -> usize
 }
 
+dispatch_avx2! {
+    /// For each row of `vs` (n x E), the row of `centres` (nlist x E) with the largest dot
+    /// product (the first on ties): what [`dot`] against every centre gives, bit for bit.
+    fn nearest_rows / nearest_rows_avx2 = nearest_rows_generic(centres: &[f32], vs: &[f32], e: usize) -> Vec<u32>
+}
+
+/// [`dot`] of one vector `c` with four others at once: each value of `c` is loaded once for
+/// four products. Each of the four sums is accumulated exactly as `dot(c, v[k])` does.
+#[inline(always)]
+fn dot4(c: &[f32], v: [&[f32]; 4]) -> [f32; 4] {
+    let mut acc = [[0f32; LANES]; 4];
+    let n = c.len() - c.len() % LANES;
+    for i in (0..n).step_by(LANES) {
+        let cc = &c[i..i + LANES];
+        for (a, vk) in acc.iter_mut().zip(&v) {
+            let vv = &vk[i..i + LANES];
+            for l in 0..LANES {
+                a[l] += cc[l] * vv[l];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for ((o, a), vk) in out.iter_mut().zip(&acc).zip(&v) {
+        let mut s: f32 = a.iter().sum();
+        for (x, y) in c[n..].iter().zip(&vk[n..]) {
+            s += x * y;
+        }
+        *o = s;
+    }
+    out
+}
+
+#[inline(always)]
+fn nearest_rows_generic(centres: &[f32], vs: &[f32], e: usize) -> Vec<u32> {
+    // Blocks of centres small enough to stay in L2 while every vector passes over them: one
+    // trip through memory per block rather than one per vector (thousands of lists are MBs).
+    const BLOCK: usize = 64;
+    let mut best = vec![(f32::NEG_INFINITY, 0u32); vs.len() / e];
+    for (b, block) in centres.chunks(BLOCK * e).enumerate() {
+        let base = (b * BLOCK) as u32;
+        let mut quads = vs.chunks_exact(4 * e);
+        let mut done = 0;
+        for quad in quads.by_ref() {
+            let v = [
+                &quad[..e],
+                &quad[e..2 * e],
+                &quad[2 * e..3 * e],
+                &quad[3 * e..],
+            ];
+            for (j, c) in block.chunks_exact(e).enumerate() {
+                for (k, s) in dot4(c, v).into_iter().enumerate() {
+                    let x = &mut best[done + k];
+                    if s > x.0 {
+                        *x = (s, base + j as u32);
+                    }
+                }
+            }
+            done += 4;
+        }
+        for (k, v) in quads.remainder().chunks_exact(e).enumerate() {
+            for (j, c) in block.chunks_exact(e).enumerate() {
+                let s = dot(c, v);
+                let x = &mut best[done + k];
+                if s > x.0 {
+                    *x = (s, base + j as u32);
+                }
+            }
+        }
+    }
+    best.into_iter().map(|b| b.1).collect()
+}
+
 /// Runs `f` compiled for AVX2 where the CPU has it. `f` must be `#[inline(always)]` code (and
 /// call only such code) for the AVX2 build to reach its loops; results are the same bits.
 #[inline(always)]
@@ -291,6 +363,28 @@ mod tests {
         let mut out = vec![0f32; v.len()];
         widen(&odd[1..], crate::Dtype::F32, &mut out);
         assert_eq!(out, v);
+        // Blocked nearest centre: the first best by `dot`, on every path; 7 vectors (a group of
+        // four and a remainder) against 150 centres (blocks of 64 and a partial one).
+        let centres: Vec<f32> = (0..150 * e)
+            .map(|i| ((i * 104_729) as f32 * 0.0007).cos())
+            .collect();
+        let vs = &v[..7 * e];
+        let naive: Vec<u32> = vs
+            .chunks_exact(e)
+            .map(|x| {
+                let mut best = (f32::NEG_INFINITY, 0u32);
+                for (j, c) in centres.chunks_exact(e).enumerate() {
+                    let s = dot(c, x);
+                    if s > best.0 {
+                        best = (s, j as u32);
+                    }
+                }
+                best.1
+            })
+            .collect();
+        assert_eq!(nearest_rows(&centres, vs, e), naive);
+        assert_eq!(nearest_rows_generic(&centres, vs, e), naive);
+        assert!(naive.iter().any(|&j| j >= 64), "{naive:?}");
         let codes: Vec<i8> = (0..40 * e)
             .map(|i| ((i * 31 % 255) as i32 - 127) as i8)
             .collect();
