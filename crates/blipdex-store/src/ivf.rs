@@ -244,7 +244,11 @@ impl Coarse {
         match &self.graph {
             Some(_) => vs
                 .chunks_exact(self.e)
-                .map(|v| self.search(v, 1, ASSIGN_EF).first().map_or(0, |&l| l as u32))
+                .map(|v| {
+                    self.search(v, 1, ASSIGN_EF)
+                        .first()
+                        .map_or(0, |&l| l as u32)
+                })
                 .collect(),
             None => crate::kernels::nearest_rows(&self.centroids, vs, self.e),
         }

@@ -79,6 +79,14 @@
 //! error. Their layouts are documented in `rows.rs` and `ivf.rs`: little-endian sections on
 //! 64-byte boundaries, read in place through a memory map.
 //!
+//! The vectors are stored once, in the shard: its `image_embeds` pages are PLAIN and
+//! uncompressed, so each row's Q*E values are contiguous bytes of the Parquet file, located
+//! through its offset index when the row file is written and compared there with the values
+//! written; the row file records those offsets and the shard's length (both checked at open).
+//! zstd saved 7% of f16 embeddings and 13% of byte-stream-split f32, for a second, decoded copy.
+//! Shards from earlier releases (compressed pages) get a row file holding a copy of the vectors
+//! instead; compaction rewrites them.
+//!
 //! # What a reader holds in memory
 //!
 //! Opening maps every row file and segment and reads only two small sections of each row file
@@ -90,9 +98,9 @@
 //! and the hnsw_rs graph over them. The path and hash lookups a writer needs (about 150 bytes
 //! per image) are built on first use. Vectors, strings and index entries are read from the page
 //! cache; searching touches the IVF entries of the probed lists and the vectors of the images it
-//! rescores, so the page cache a fast search wants is the IVF files plus, ideally, the row
-//! files' vectors (Q*E*4 bytes per image in f32, half that in f16: for millions of images on one
-//! machine, create the index with `dtype` f16).
+//! rescores, so the page cache a fast search wants is the IVF files plus, ideally, the shards'
+//! embedding pages (Q*E*4 bytes per image in f32, half that in f16: for millions of images on
+//! one machine, create the index with `dtype` f16).
 //!
 //! # Updates: append-only rows plus patch files
 //!
@@ -144,8 +152,8 @@
 //! # Search
 //!
 //! Score of an image for a unit text embedding t: max over its Q unit query vectors q of
-//! dot(q, t) (BLIP-2's ITC score), computed on the row files' vectors, i.e. exactly the values
-//! of the Parquet column. [`Store::search_exact`] scans every live image in parallel.
+//! dot(q, t) (BLIP-2's ITC score), computed on the stored values of the Parquet column.
+//! [`Store::search_exact`] scans every live image in parallel.
 //! [`Store::search_ann`] asks the IVF index for candidates and rescores them exactly, so every
 //! returned score is exact; only membership is approximate. Deleted and superseded rows stay
 //! in the index and are skipped while scanning; [`Store::compact`] drops them.
