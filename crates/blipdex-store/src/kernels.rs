@@ -71,6 +71,13 @@ dispatch_avx2! {
 }
 
 dispatch_avx2! {
+    /// [`max_sim`] on little-endian f32 values of any alignment (a Parquet page's), read in
+    /// place: the same bits as `max_sim` on an aligned copy, without the copy (which halved
+    /// the rescoring's throughput).
+    fn max_sim_f32_bytes / max_sim_f32_bytes_avx2 = max_sim_f32_bytes_generic(bytes: &[u8], t: &[f32]) -> (f32, u16)
+}
+
+dispatch_avx2! {
     /// Scores int8 entries (`codes`: n x E, one `scales` each) against the quantized query
     /// `tq` (scale `ts`): pushes `(scale * ts * dot, row)` for the entries whose row passes
     /// `keep`; returns how many it pushed.
@@ -95,15 +102,22 @@ dispatch_avx2! {
 /// four products. Each of the four sums is accumulated exactly as `dot(c, v[k])` does.
 #[inline(always)]
 fn dot4(c: &[f32], v: [&[f32]; 4]) -> [f32; 4] {
-    let mut acc = [[0f32; LANES]; 4];
+    // Written like `dot` (zipped chunks, one accumulator array per product) so that LLVM
+    // vectorizes it: indexed slices of an array of slices stayed scalar.
     let n = c.len() - c.len() % LANES;
-    for i in (0..n).step_by(LANES) {
-        let cc = &c[i..i + LANES];
-        for (a, vk) in acc.iter_mut().zip(&v) {
-            let vv = &vk[i..i + LANES];
-            for l in 0..LANES {
-                a[l] += cc[l] * vv[l];
-            }
+    let mut acc = [[0f32; LANES]; 4];
+    for ((((x, y0), y1), y2), y3) in c[..n]
+        .chunks_exact(LANES)
+        .zip(v[0][..n].chunks_exact(LANES))
+        .zip(v[1][..n].chunks_exact(LANES))
+        .zip(v[2][..n].chunks_exact(LANES))
+        .zip(v[3][..n].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[0][i] += x[i] * y0[i];
+            acc[1][i] += x[i] * y1[i];
+            acc[2][i] += x[i] * y2[i];
+            acc[3][i] += x[i] * y3[i];
         }
     }
     let mut out = [0f32; 4];
@@ -199,15 +213,18 @@ pub(crate) fn widen(bytes: &[u8], dtype: crate::Dtype, out: &mut [f32]) {
     }
 }
 
-/// [`max_sim`] on vectors stored as `dtype` bytes (f16, or f32 that is not aligned), each
-/// widened into `buf` just before its dot product (it stays in L1); equal to `max_sim` on the
-/// widened vectors, bit for bit.
+/// [`max_sim`] on vectors stored as `dtype` bytes (f16, or f32 that is not aligned): f32 is read
+/// in place, f16 widened a vector at a time into `buf` just before its dot product (it stays in
+/// L1); equal to `max_sim` on the widened vectors, bit for bit.
 pub(crate) fn max_sim_widened(
     bytes: &[u8],
     dtype: crate::Dtype,
     t: &[f32],
     buf: &mut Vec<f32>,
 ) -> (f32, u16) {
+    if dtype == crate::Dtype::F32 {
+        return max_sim_f32_bytes(bytes, t);
+    }
     let e = t.len();
     buf.resize(e, 0.0);
     let mut best = f32::NEG_INFINITY;
@@ -215,6 +232,43 @@ pub(crate) fn max_sim_widened(
     for (i, v) in bytes.chunks_exact(e * dtype.bytes()).enumerate() {
         widen(v, dtype, buf);
         let s = dot_dispatch(buf, t);
+        if s > best {
+            best = s;
+            arg = i as u16;
+        }
+    }
+    (best, arg)
+}
+
+/// [`dot`] of little-endian f32 bytes (any alignment) with `b`: the same operations in the same
+/// order, so the same bits as `dot` on the decoded values.
+#[inline(always)]
+fn dot_le_bytes(a: &[u8], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), 4 * b.len());
+    let f = |x: &[u8]| f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+    let mut acc = [0f32; LANES];
+    let n = b.len() - b.len() % LANES;
+    for (x, y) in a[..4 * n]
+        .chunks_exact(4 * LANES)
+        .zip(b[..n].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            acc[i] += f(&x[4 * i..4 * i + 4]) * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in a[4 * n..].chunks_exact(4).zip(&b[n..]) {
+        s += f(x) * y;
+    }
+    s
+}
+
+#[inline(always)]
+fn max_sim_f32_bytes_generic(bytes: &[u8], t: &[f32]) -> (f32, u16) {
+    let mut best = f32::NEG_INFINITY;
+    let mut arg = 0u16;
+    for (i, v) in bytes.chunks_exact(4 * t.len()).enumerate() {
+        let s = dot_le_bytes(v, t);
         if s > best {
             best = s;
             arg = i as u16;
@@ -315,6 +369,10 @@ mod tests {
             let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
             let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4, "len {len}");
+            // The same bits from unaligned little-endian bytes.
+            let mut odd = vec![0u8; 4 * len + 1];
+            odd[1..].copy_from_slice(bytemuck::cast_slice(&a));
+            assert_eq!(dot_le_bytes(&odd[1..], &b).to_bits(), dot(&a, &b).to_bits());
         }
     }
 
@@ -359,6 +417,8 @@ mod tests {
         let mut odd = vec![0u8; vb.len() + 1];
         odd[1..].copy_from_slice(vb);
         let f = max_sim_widened(&odd[1..], crate::Dtype::F32, &t, &mut Vec::new());
+        assert_eq!((f.0.to_bits(), f.1), (a.0.to_bits(), a.1));
+        let f = max_sim_f32_bytes_generic(&odd[1..], &t);
         assert_eq!((f.0.to_bits(), f.1), (a.0.to_bits(), a.1));
         let mut out = vec![0f32; v.len()];
         widen(&odd[1..], crate::Dtype::F32, &mut out);
