@@ -1,15 +1,20 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// One error type for the whole library stack. Every variant says what went wrong and, where a
 /// user can act, what to do; the server maps each variant to exactly one gRPC status.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Clone`, because one failure often answers many callers (a batch of queries, the images of
+/// one failed forward pass). Callers act on the variant, never on the message text.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A file the user named does not exist or cannot be read.
-    #[error("cannot read {path}: {source}")]
+    /// (The OS error is in the message and deliberately not a `source()`: a report that
+    /// prints the chain would name it twice.)
+    #[error("cannot read {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: Arc<std::io::Error>,
     },
 
     /// The bytes are not an image we can decode (corrupt, truncated, unknown format).
@@ -65,6 +70,10 @@ pub enum Error {
     #[error("internal tensor error: {0}")]
     Tensor(String),
 
+    /// An invariant of blipdex itself does not hold: a bug, never the input's fault.
+    #[error("internal error (a bug in blipdex, please report it): {0}")]
+    Internal(String),
+
     /// An index directory holds embeddings of another model (or other dimensions) than the one
     /// asked for. Embeddings of two models must never mix, so this is never silently fixed.
     #[error(
@@ -89,8 +98,16 @@ pub enum Error {
     #[error("overloaded: {0}")]
     Overloaded(String),
 
-    /// The embedded store is unusable: corrupt or unreadable files, a locked directory, an
-    /// unknown image id, a failed commit.
+    /// Another process holds the index's writer lock (one writer at a time). Transient: an
+    /// ingest or a caption flush commits and lets go; readers are never blocked by it.
+    #[error(
+        "index {dir} is open for writing by another process (one writer at a time); wait for it \
+         to finish, or stop it"
+    )]
+    Locked { dir: PathBuf },
+
+    /// The embedded store is unusable: corrupt or unreadable files, an unknown image id, a
+    /// failed commit.
     #[error("index {dir}: {reason}")]
     Store { dir: PathBuf, reason: String },
 }
@@ -101,7 +118,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            cause: Arc::new(source),
         }
     }
 

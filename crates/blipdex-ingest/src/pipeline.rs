@@ -344,11 +344,18 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
 /// store captions; wait for it (a minute at most) instead of failing the ingest.
 fn open_writer(index: &Path, options: StoreOptions) -> Result<Store> {
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut said = false;
     loop {
         match Store::create_or_open(index, options.clone()) {
-            Err(Error::Store { reason, .. })
-                if reason.contains("another process") && Instant::now() < deadline =>
-            {
+            Err(Error::Locked { .. }) if Instant::now() < deadline => {
+                if !said {
+                    tracing::info!(
+                        "index {} is being written by another process (an ingest, or a server \
+                         storing captions); waiting up to 60 s for it",
+                        index.display()
+                    );
+                    said = true;
+                }
                 std::thread::sleep(std::time::Duration::from_millis(250));
             }
             other => return other,

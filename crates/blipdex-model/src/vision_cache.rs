@@ -85,10 +85,8 @@ pub fn write(dir: &Path, hash: &str, states: &Tensor, dtype: CacheDtype) -> Resu
         .map_err(terr)?;
     let tmp = parent.join(format!(".tmp-{hash}-{}", std::process::id()));
     let map = HashMap::from([(KEY.to_string(), t)]);
-    candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::Io {
-        path: tmp.clone(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    candle_core::safetensors::save(&map, &tmp)
+        .map_err(|e| Error::io(&tmp, std::io::Error::other(e.to_string())))?;
     // Durable before it becomes visible under its final name.
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())

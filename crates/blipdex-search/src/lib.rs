@@ -17,7 +17,7 @@ use blipdex_model::opt::LinearStorage;
 use blipdex_model::tokenizer::TextTokenizer;
 use blipdex_model::vision_cache;
 use blipdex_model::{Blip2, CaptionRequest, Captioner, Generated, LoadOptions, ModelFiles};
-use blipdex_store::{Batch, Store, StoreOptions};
+use blipdex_store::{Batch, Store};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
@@ -297,12 +297,14 @@ impl Engine {
             .clone()
     }
 
-    /// Picks up what a later ingest committed: reopens the index when its manifest generation
-    /// moved on. Queries running meanwhile keep the snapshot they started with. Returns whether
-    /// a new snapshot was installed.
+    /// Picks up what a later ingest committed, and an index deleted and built again in the same
+    /// place (another identity, usually a lower generation): reopens the index when the
+    /// manifest on disk is not the one being served. Queries running meanwhile keep the
+    /// snapshot they started with. Returns whether a new snapshot was installed. A missing index
+    /// is an error and the current snapshot stays.
     pub fn refresh(&self) -> Result<bool> {
-        let current = self.store().generation();
-        if Store::read_generation(&self.index)? == current {
+        let serving = self.store().version();
+        if Store::read_version(&self.index)? == serving {
             return Ok(false);
         }
         let fresh = Store::open_readonly(&self.index)?;
@@ -314,16 +316,33 @@ impl Engine {
             });
         }
         let mut guard = self.store.write().unwrap_or_else(PoisonError::into_inner);
-        if fresh.generation() > guard.generation() {
+        let replaced = fresh.index_id() != guard.index_id();
+        // Two refreshes may race (the maintenance loop's and a caption flush's): the later
+        // generation of the same index wins; another index, or a lower generation that is what
+        // the disk holds now (a restored copy), replaces what is served.
+        let install = replaced
+            || fresh.generation() > guard.generation()
+            || Store::read_version(&self.index).is_ok_and(|v| v == fresh.version());
+        if !install || fresh.version() == guard.version() {
+            return Ok(false);
+        }
+        if replaced || fresh.generation() < guard.generation() {
+            tracing::warn!(
+                dir = %self.index.display(),
+                was_generation = guard.generation(),
+                generation = fresh.generation(),
+                images = fresh.len(),
+                "the index was replaced; serving the new one"
+            );
+        } else {
             tracing::info!(
                 generation = fresh.generation(),
                 images = fresh.len(),
                 "index reloaded"
             );
-            *guard = Arc::new(fresh);
-            return Ok(true);
         }
-        Ok(false)
+        *guard = Arc::new(fresh);
+        Ok(true)
     }
 
     /// The rules a query text must meet (non-blank, at most [`MAX_QUERY_BYTES`]).
@@ -614,13 +633,13 @@ impl Engine {
                 }
                 Err(e) => {
                     for (i, _, _) in chunk {
-                        out[*i] = Some(Err(clone_error(&e)));
+                        out[*i] = Some(Err(e.clone()));
                     }
                 }
             }
         }
         out.into_iter()
-            .map(|o| o.unwrap_or_else(|| Err(Error::Tensor("vision state not computed".into()))))
+            .map(|o| o.unwrap_or_else(|| Err(Error::Internal("vision state not computed".into()))))
             .collect()
     }
 
@@ -667,7 +686,7 @@ impl Engine {
                     Err(e) => {
                         for (ti, (_, ids)) in requests.iter().enumerate() {
                             if ids.contains(id) {
-                                prob.insert((ti, *id), Err(clone_error(&e)));
+                                prob.insert((ti, *id), Err(e.clone()));
                             }
                         }
                     }
@@ -703,8 +722,8 @@ impl Engine {
                 ids.iter()
                     .map(|id| match prob.get(&(ti, *id)) {
                         Some(Ok(v)) => Ok(*v),
-                        Some(Err(e)) => Err(clone_error(e)),
-                        None => Err(Error::Tensor("ITM pair lost".into())),
+                        Some(Err(e)) => Err(e.clone()),
+                        None => Err(Error::Internal("ITM pair lost".into())),
                     })
                     .collect(),
             );
@@ -759,7 +778,7 @@ impl Engine {
     ) -> Vec<Result<CaptionOutcome>> {
         let captioner = match self.captioner() {
             Ok(c) => c,
-            Err(e) => return items.iter().map(|_| Err(clone_error(&e))).collect(),
+            Err(e) => return items.iter().map(|_| Err(e.clone())).collect(),
         };
         let mut out: Vec<Option<Result<CaptionOutcome>>> = (0..items.len()).map(|_| None).collect();
         // (request) → [(item index, content hash, bytes)]
@@ -842,10 +861,10 @@ impl Engine {
             let mut imgs = Vec::new();
             let mut idx = Vec::new();
             for (i, hash, bytes) in members {
-                match captioner
-                    .processor
-                    .load_bytes(&bytes, &format!("image {}", &hash[..12.min(hash.len())]))
-                {
+                match captioner.processor.load_bytes(
+                    &bytes,
+                    &format!("with content hash {}", &hash[..12.min(hash.len())]),
+                ) {
                     Ok(img) => {
                         imgs.push(img);
                         idx.push((i, hash));
@@ -876,13 +895,13 @@ impl Engine {
                 }
                 Err(e) => {
                     for (i, _) in idx {
-                        out[i] = Some(Err(clone_error(&e)));
+                        out[i] = Some(Err(e.clone()));
                     }
                 }
             }
         }
         out.into_iter()
-            .map(|o| o.unwrap_or_else(|| Err(Error::Tensor("caption not computed".into()))))
+            .map(|o| o.unwrap_or_else(|| Err(Error::Internal("caption not computed".into()))))
             .collect()
     }
 
@@ -897,21 +916,14 @@ impl Engine {
         if pending.is_empty() {
             return Ok(0);
         }
-        let snapshot = self.store();
-        let options = StoreOptions::new(
-            snapshot.model_fingerprint(),
-            snapshot.num_query(),
-            snapshot.dim(),
-        )
-        .with_dtype(snapshot.dtype())
-        .with_hnsw(snapshot.hnsw_params());
         // An ingest may hold the writer lock: wait a little (it commits in seconds), else keep
-        // the captions queued for the next flush.
+        // the captions queued for the next flush. Never creates an index: one deleted under a
+        // running server stays deleted, and the captions stay queued.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut writer = loop {
-            match Store::create_or_open(&self.index, options.clone()) {
+            match Store::open_writable(&self.index) {
                 Ok(w) => break w,
-                Err(Error::Store { reason, .. }) if reason.contains("another process") => {
+                Err(Error::Locked { .. }) => {
                     if std::time::Instant::now() >= deadline {
                         tracing::info!(
                             "index is being written; {} captions stay queued",
@@ -924,6 +936,13 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         };
+        if writer.model_fingerprint() != self.fingerprint {
+            return Err(Error::ModelMismatch {
+                dir: self.index.clone(),
+                stored: writer.model_fingerprint().to_string(),
+                requested: self.fingerprint.clone(),
+            });
+        }
         let mut batch = Batch::new();
         let mut written = Vec::new();
         for (hash, caption) in &pending {
@@ -972,66 +991,6 @@ type Pending = (usize, String, Vec<u8>);
 
 /// Errors are not `Clone` (they may hold an `io::Error`); fan one out to many results, keeping
 /// its kind so the server maps every copy to the same status.
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::Io { path, source } => Error::Io {
-            path: path.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::BadImage { what, reason } => Error::BadImage {
-            what: what.clone(),
-            reason: reason.clone(),
-        },
-        Error::ImageTooLarge {
-            what,
-            width,
-            height,
-            pixels,
-            limit,
-        } => Error::ImageTooLarge {
-            what: what.clone(),
-            width: *width,
-            height: *height,
-            pixels: *pixels,
-            limit: *limit,
-        },
-        Error::BadModel { model, reason } => Error::BadModel {
-            model: model.clone(),
-            reason: reason.clone(),
-        },
-        Error::Hub { repo, file, reason } => Error::Hub {
-            repo: repo.clone(),
-            file: file.clone(),
-            reason: reason.clone(),
-        },
-        Error::BadTensor { file, name, reason } => Error::BadTensor {
-            file: file.clone(),
-            name: name.clone(),
-            reason: reason.clone(),
-        },
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
-        Error::Unsupported(m) => Error::Unsupported(m.clone()),
-        Error::Tokenizer(m) => Error::Tokenizer(m.clone()),
-        Error::Tensor(m) => Error::Tensor(m.clone()),
-        Error::ModelMismatch {
-            dir,
-            stored,
-            requested,
-        } => Error::ModelMismatch {
-            dir: dir.clone(),
-            stored: stored.clone(),
-            requested: requested.clone(),
-        },
-        Error::FileChanged { path } => Error::FileChanged { path: path.clone() },
-        Error::NotFound(m) => Error::NotFound(m.clone()),
-        Error::Overloaded(m) => Error::Overloaded(m.clone()),
-        Error::Store { dir, reason } => Error::Store {
-            dir: dir.clone(),
-            reason: reason.clone(),
-        },
-    }
-}
-
 fn dir_bytes(dir: &Path) -> u64 {
     fn walk(p: &Path, total: &mut u64, depth: usize) {
         let Ok(rd) = std::fs::read_dir(p) else { return };

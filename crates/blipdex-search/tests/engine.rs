@@ -439,6 +439,71 @@ fn search_filters_pages_images_and_refresh() -> Result<()> {
     Ok(())
 }
 
+/// An index deleted and built again in the same place (another identity, a lower generation) is
+/// picked up by refresh; a deleted one keeps the served snapshot, and a caption flush neither
+/// re-creates it nor drops the queued captions.
+#[test]
+fn replaced_and_deleted_index() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (root, index) = (tmp.path().join("photos"), tmp.path().join("index"));
+    copy_photos(&root)?;
+    run_ingest(&root, &index, None, None)?;
+    // Two more commits, so that the served generation is above the new index's.
+    for i in 0..2 {
+        let more = tmp.path().join(format!("more{i}"));
+        std::fs::create_dir_all(&more)?;
+        let src = fixtures().join("photos/rocket.jpg");
+        let mut img = image::open(&src)?.to_rgb8();
+        if let Some(p) = img.get_pixel_mut_checked(1, i) {
+            p.0 = [p.0[0].wrapping_add(7), p.0[1], p.0[2]];
+        }
+        img.save(more.join("r.png"))?;
+        run_ingest(&more, &index, None, None)?;
+    }
+    let eng = engine(&index, true)?;
+    let old = eng.store();
+    ensure!(old.len() == 7, "{}", old.len());
+
+    // Deleted: refresh fails, the snapshot stays, a flush creates nothing and keeps the caption.
+    let row = old.iter().next().context("a row")?.clone();
+    let items = vec![(
+        CaptionSource::ImageId(row.image_id),
+        CaptionRequest::default(),
+    )];
+    eng.caption_many(&old, &items).pop().context("one")??;
+    ensure!(eng.stats().captions_pending == 1);
+    std::fs::remove_dir_all(&index)?;
+    ensure!(eng.refresh().is_err(), "refresh of a deleted index");
+    ensure!(eng.store().len() == 7 && eng.store().generation() == old.generation());
+    ensure!(eng.flush_captions().is_err(), "flush into a deleted index");
+    ensure!(!index.exists(), "the flush re-created the deleted index");
+    ensure!(
+        eng.stats().captions_pending == 1,
+        "the queued caption was dropped"
+    );
+
+    // Built again in its place with two photos: a lower generation, picked up anyway.
+    let two = tmp.path().join("two");
+    std::fs::create_dir_all(&two)?;
+    for name in ["rocket.jpg", "astronaut.jpg"] {
+        std::fs::copy(fixtures().join("photos").join(name), two.join(name))?;
+    }
+    run_ingest(&two, &index, None, None)?;
+    let fresh = Store::open_readonly(&index)?;
+    ensure!(fresh.generation() < old.generation() && fresh.index_id() != old.index_id());
+    ensure!(eng.refresh()?, "replaced index picked up");
+    ensure!(eng.store().len() == 2 && eng.store().index_id() == fresh.index_id());
+    ensure!(!eng.refresh()?, "no change, no reload");
+    // The queued caption goes where its image is, if it is in the new index.
+    let n = eng.flush_captions()?;
+    let has = fresh.by_content_hash(&row.content_hash).is_some();
+    ensure!(
+        n == usize::from(has) && eng.stats().captions_pending == 0,
+        "{n} {has}"
+    );
+    Ok(())
+}
+
 /// A new image (one pixel changed) so it is not a duplicate of an indexed one.
 fn image_variant(src: &Path, dest: &Path) -> Result<()> {
     let mut img = image::open(src)?.to_rgb8();

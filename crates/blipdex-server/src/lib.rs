@@ -149,13 +149,14 @@ pub fn status_from(e: &Error) -> Status {
         )),
         Error::Overloaded(_) => Status::resource_exhausted(msg),
         // The disk, the index being rewritten or the hub: transient, worth a retry.
-        Error::Io { .. } | Error::Store { .. } | Error::Hub { .. } => {
+        Error::Io { .. } | Error::Store { .. } | Error::Hub { .. } | Error::Locked { .. } => {
             Status::unavailable(format!("{msg}; retry later"))
         }
         Error::BadModel { .. }
         | Error::BadTensor { .. }
         | Error::Tokenizer(_)
-        | Error::Tensor(_) => Status::internal(format!(
+        | Error::Tensor(_)
+        | Error::Internal(_) => Status::internal(format!(
             "{msg}; this is a server-side failure, see the server log"
         )),
     }
@@ -482,42 +483,58 @@ fn with_tls(
     )
 }
 
-/// Picks up new index generations and writes captions back, on their intervals.
+/// Picks up new index generations and writes captions back, on their intervals. The two run
+/// independently: a flush can wait seconds for an ingest's writer lock, and a reload must never
+/// wait behind it.
 async fn maintain(shared: Arc<Shared>, refresh: Option<Duration>, flush: Option<Duration>) {
-    let mut refresh = refresh.map(interval);
-    let mut flush = flush.map(interval);
+    tokio::join!(
+        every(shared.clone(), refresh, Tick::Refresh),
+        every(shared, flush, Tick::Flush)
+    );
+}
+
+async fn every(shared: Arc<Shared>, period: Option<Duration>, what: Tick) {
+    let Some(period) = period else { return };
+    let mut timer = interval(period);
+    // A lasting failure (a deleted index, a full disk) is logged when it starts and when it
+    // changes, not at every tick.
+    let mut last_error: Option<String> = None;
     loop {
-        let tick = tokio::select! {
-            _ = tick(&mut refresh) => Tick::Refresh,
-            _ = tick(&mut flush) => Tick::Flush,
-        };
+        timer.tick().await;
         let Some(engine) = shared.engine.get().cloned() else {
             continue;
         };
         let metrics = shared.metrics.clone();
-        let done = tokio::task::spawn_blocking(move || match tick {
-            Tick::Refresh => match engine.refresh() {
-                Ok(changed) => {
-                    if changed {
-                        let s = engine.store();
-                        metrics.index_images.set(s.len() as i64);
-                        metrics.index_generation.set(s.generation() as i64);
-                    }
+        let done = tokio::task::spawn_blocking(move || match what {
+            Tick::Refresh => engine.refresh().map(|changed| {
+                if changed {
+                    let s = engine.store();
+                    metrics.index_images.set(s.len() as i64);
+                    metrics.index_generation.set(s.generation() as i64);
                 }
-                Err(e) => tracing::warn!("cannot pick up the new index generation: {e}"),
-            },
-            Tick::Flush => match engine.flush_captions() {
-                Ok(0) => {}
-                Ok(n) => {
+            }),
+            Tick::Flush => engine.flush_captions().map(|n| {
+                if n > 0 {
                     metrics.captions_flushed.inc_by(n as u64);
                     tracing::info!("wrote {n} captions to the index");
                 }
-                Err(e) => tracing::warn!("cannot write captions to the index: {e}"),
-            },
+            }),
         })
         .await;
-        if let Err(e) = done {
-            tracing::warn!("maintenance task: {e}");
+        match done {
+            Ok(Ok(())) => {
+                if let Some(was) = last_error.take() {
+                    tracing::info!("{} works again (it failed with: {was})", what.name());
+                }
+            }
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!("{}: {msg}", what.doing());
+                    last_error = Some(msg);
+                }
+            }
+            Err(e) => tracing::warn!("maintenance task: {e}"),
         }
     }
 }
@@ -528,19 +545,26 @@ enum Tick {
     Flush,
 }
 
+impl Tick {
+    fn doing(self) -> &'static str {
+        match self {
+            Tick::Refresh => "cannot pick up the index's new generation",
+            Tick::Flush => "cannot write captions to the index",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Tick::Refresh => "index reload",
+            Tick::Flush => "caption write-back",
+        }
+    }
+}
+
 fn interval(every: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval(every.max(Duration::from_millis(10)));
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     i
-}
-
-async fn tick(i: &mut Option<tokio::time::Interval>) {
-    match i {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
-    }
 }
 
 /// Loads the engine (in the background; health says NOT_SERVING until it is ready) and serves

@@ -958,6 +958,67 @@ async fn a_running_server_picks_up_a_later_ingest() -> Result<()> {
     server.stop().await
 }
 
+/// A caption flush waits (seconds) for a writer lock someone else holds; a new generation
+/// committed meanwhile must still be served at once: reload never waits behind a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_does_not_wait_behind_a_caption_flush() -> Result<()> {
+    let ix = index_of(&["rocket.jpg", "astronaut.jpg"])?;
+    let config = ServerConfig {
+        caption_flush_every: Some(Duration::from_millis(100)),
+        ..quick_config()
+    };
+    let server = Running::serving(config, engine_options(&ix.index, true)).await?;
+    let mut client = server.client().await?;
+    let hits = client
+        .search_text(text("a rocket", 2))
+        .await?
+        .into_inner()
+        .hits;
+    let (a, b) = (hits[0].image_id, hits[1].image_id);
+    // A caption queued for write-back, and the writer lock held here, as an ingest would.
+    let by_id = CaptionRequest {
+        source: Some(caption_request::Source::ImageId(a)),
+        ..Default::default()
+    };
+    client.caption(by_id).await?;
+    let index = ix.index.clone();
+    let mut writer = blocking(move || blipdex_store::Store::open_writable(&index)).await?;
+    let before = client.get_stats(GetStatsRequest {}).await?.into_inner();
+    // Flush ticks now wait for the lock, up to 5 s each.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (writer, info) = blocking(move || {
+        let info = writer.set_caption(b, "set by the ingest");
+        (writer, info)
+    })
+    .await;
+    let generation = info?.generation;
+    let committed = Instant::now();
+    loop {
+        let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
+        if s.generation == generation {
+            break;
+        }
+        ensure!(
+            s.generation == before.generation && committed.elapsed() < Duration::from_secs(2),
+            "generation {generation} not served after {:?}: {s:?}",
+            committed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once the lock is free the queued caption is written.
+    drop(writer);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
+        if s.captions_pending == 0 && s.generation > generation {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "caption never written: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_auth_on_and_off() -> Result<()> {
     let ix = index_of(&["rocket.jpg", "astronaut.jpg"])?;

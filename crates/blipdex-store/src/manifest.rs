@@ -53,6 +53,11 @@ pub(crate) struct Manifest {
     pub format_version: u32,
     /// Bumped by every manifest write; a server polls it to hot-reload.
     pub generation: u64,
+    /// Drawn when the store is created and kept by every later write, so that a reader can tell
+    /// a replaced index (deleted and built again in the same place) from a later generation of
+    /// the one it serves. Empty in stores created before it existed.
+    #[serde(default)]
+    pub index_id: String,
     pub model_fingerprint: String,
     pub num_query: usize,
     pub dim: usize,
@@ -71,6 +76,21 @@ pub(crate) struct Manifest {
     pub ivf: Option<IvfRef>,
 }
 
+/// 128 bits that differ between any two stores ever created (time, process, address, count).
+fn new_index_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    h.update(&(&COUNT as *const AtomicU64 as usize).to_le_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}
+
 impl Manifest {
     pub fn new(
         fingerprint: &str,
@@ -83,6 +103,7 @@ impl Manifest {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             generation: 0,
+            index_id: new_index_id(),
             model_fingerprint: fingerprint.into(),
             num_query,
             dim,

@@ -370,7 +370,7 @@ impl<'a> Vectors<'a> {
     }
 
     /// As f32: borrowed when stored as aligned f32, copied or widened otherwise.
-    pub fn to_cow(&self) -> std::borrow::Cow<'a, [f32]> {
+    pub fn to_cow(self) -> std::borrow::Cow<'a, [f32]> {
         if self.dtype == Dtype::F32 {
             if let Ok(v) = bytemuck::try_cast_slice(self.bytes) {
                 return std::borrow::Cow::Borrowed(v);
@@ -379,7 +379,7 @@ impl<'a> Vectors<'a> {
         std::borrow::Cow::Owned(self.to_vec())
     }
 
-    pub fn to_vec(&self) -> Vec<f32> {
+    pub fn to_vec(self) -> Vec<f32> {
         let mut buf = Vec::new();
         self.as_f32(&mut buf).to_vec()
     }

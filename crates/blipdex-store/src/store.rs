@@ -172,6 +172,19 @@ fn is_hex_hash(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Which index a directory holds and how far it is: a later commit moves `generation`; deleting
+/// the index and building another in its place changes `index_id` (and usually lowers the
+/// generation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexVersion {
+    pub index_id: String,
+    pub generation: u64,
+}
+
+fn not_an_index(dir: &Path) -> Error {
+    Error::store(dir, format!("no {MANIFEST}: not a blipdex index"))
+}
+
 impl Store {
     /// Opens `dir` for writing, creating the directory and an empty store if needed. Takes the
     /// directory's writer lock, checks the model fingerprint and shape, deletes files no
@@ -179,22 +192,30 @@ impl Store {
     /// files that are missing or damaged from the Parquet shards, and upgrades a v1 store in
     /// place (one atomic manifest write; an interrupted upgrade resumes at the next open).
     pub fn create_or_open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_inner(dir.as_ref(), options, true)
+    }
+
+    fn open_inner(dir: &Path, options: StoreOptions, create: bool) -> Result<Self> {
+        let dir = dir.to_path_buf();
         validate_options(&dir, &options)?;
-        fs::create_dir_all(&dir).map_err(|e| fsutil::write_err(&dir, e))?;
+        if create {
+            fs::create_dir_all(&dir).map_err(|e| fsutil::write_err(&dir, e))?;
+        } else if !dir.join(MANIFEST).is_file() {
+            return Err(not_an_index(&dir));
+        }
         let lock_path = dir.join(LOCK);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| fsutil::write_err(&lock_path, e))?;
+            .map_err(|e| match e.kind() {
+                // Deleted since the check above: still not an index to write to.
+                std::io::ErrorKind::NotFound if !create => not_an_index(&dir),
+                _ => fsutil::write_err(&lock_path, e),
+            })?;
         if lock.try_lock_exclusive().is_err() {
-            return Err(Error::store(
-                &dir,
-                "another process has it open for writing (one writer at a time; readers use \
-                 Store::open_readonly)",
-            ));
+            return Err(Error::Locked { dir });
         }
         let manifest = match Manifest::read(&dir)? {
             Some(m) => {
@@ -211,6 +232,7 @@ impl Store {
                 }
                 m
             }
+            None if !create => return Err(not_an_index(&dir)),
             None => {
                 let mut hnsw = options.hnsw;
                 hnsw.vectors_per_image = hnsw.vectors_per_image.min(options.num_query);
@@ -260,15 +282,15 @@ impl Store {
     }
 
     /// Opens an existing store for writing with the model and shape its manifest records (for
-    /// maintenance: upgrade, compaction); never creates one.
+    /// maintenance: upgrade, compaction; and a server's caption write-back); never creates one,
+    /// not even when the directory is deleted while it opens.
     pub fn open_writable(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let m = Manifest::read(dir)?
-            .ok_or_else(|| Error::store(dir, format!("no {MANIFEST}: not a blipdex index")))?;
+        let m = Manifest::read(dir)?.ok_or_else(|| not_an_index(dir))?;
         let options = StoreOptions::new(&m.model_fingerprint, m.num_query, m.dim)
             .with_dtype(m.dtype)
             .with_hnsw(m.hnsw_params);
-        Self::create_or_open(dir, options)
+        Self::open_inner(dir, options, false)
     }
 
     /// The store format version of the index in `dir` (2 for this build; 1 needs an upgrade).
@@ -276,7 +298,7 @@ impl Store {
         let dir = dir.as_ref();
         Manifest::read(dir)?
             .map(|m| m.format_version)
-            .ok_or_else(|| Error::store(dir, format!("no {MANIFEST}: not a blipdex index")))
+            .ok_or_else(|| not_an_index(dir))
     }
 
     /// Opens the committed state of `dir` for reading only (no lock, no cleanup; a writer may
@@ -286,8 +308,7 @@ impl Store {
         let dir = dir.as_ref().to_path_buf();
         let mut attempt = 0;
         loop {
-            let manifest = Manifest::read(&dir)?
-                .ok_or_else(|| Error::store(&dir, format!("no {MANIFEST}: not a blipdex index")))?;
+            let manifest = Manifest::read(&dir)?.ok_or_else(|| not_an_index(&dir))?;
             if manifest.format_version == FORMAT_V1 {
                 return Err(Error::store(
                     &dir,
@@ -326,15 +347,37 @@ impl Store {
 
     /// The generation of the manifest currently in `dir` (cheap: reads only the manifest).
     pub fn read_generation(dir: impl AsRef<Path>) -> Result<u64> {
+        Ok(Self::read_version(dir)?.generation)
+    }
+
+    /// Which index `dir` holds now and at which generation (cheap: reads only the manifest).
+    /// A server compares it with [`Store::version`] to pick up later commits and replacements.
+    pub fn read_version(dir: impl AsRef<Path>) -> Result<IndexVersion> {
         let dir = dir.as_ref();
         Manifest::read(dir)?
-            .map(|m| m.generation)
-            .ok_or_else(|| Error::store(dir, format!("no {MANIFEST}: not a blipdex index")))
+            .map(|m| IndexVersion {
+                index_id: m.index_id,
+                generation: m.generation,
+            })
+            .ok_or_else(|| not_an_index(dir))
     }
 
     /// Generation of the manifest this store reflects; bumped by every manifest write.
     pub fn generation(&self) -> u64 {
         self.manifest.generation
+    }
+
+    /// The identity drawn when the store was created (empty for stores older than it).
+    pub fn index_id(&self) -> &str {
+        &self.manifest.index_id
+    }
+
+    /// This snapshot's identity and generation.
+    pub fn version(&self) -> IndexVersion {
+        IndexVersion {
+            index_id: self.manifest.index_id.clone(),
+            generation: self.manifest.generation,
+        }
     }
 
     pub fn dir(&self) -> &Path {

@@ -719,7 +719,7 @@ fn one_writer_at_a_time_readers_any_time() {
     let dir = tempfile::tempdir().unwrap();
     let _w = Store::create_or_open(dir.path(), opts()).unwrap();
     let err = Store::create_or_open(dir.path(), opts()).err().unwrap();
-    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
     let mut ro = Store::open_readonly(dir.path()).unwrap();
     assert!(ro.commit(Batch::new()).is_err());
     let err = Store::open_readonly(tempfile::tempdir().unwrap().path())
@@ -959,6 +959,32 @@ fn reader_hot_reloads_by_generation() {
     assert!(now > ro.generation());
     let ro = Store::open_readonly(dir.path()).unwrap();
     assert_eq!((ro.generation(), ro.len()), (now, 20));
+    // The identity survives every commit, compaction and reopen; another store has its own.
+    let id = ro.index_id().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    w.compact().unwrap();
+    drop(w);
+    let w = Store::open_writable(dir.path()).unwrap();
+    assert_eq!(w.index_id(), id);
+    assert_eq!(Store::read_version(dir.path()).unwrap(), w.version());
+    drop(w);
+    let other = tempfile::tempdir().unwrap();
+    let o = Store::create_or_open(other.path(), opts()).unwrap();
+    assert_ne!(o.index_id(), id);
+}
+
+#[test]
+fn open_writable_never_creates_an_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gone = tmp.path().join("gone");
+    let err = Store::open_writable(&gone).err().unwrap();
+    assert!(err.to_string().contains("not a blipdex index"), "{err}");
+    assert!(!gone.exists());
+    // An existing directory that holds no index is left as it was.
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    assert!(Store::open_writable(&empty).is_err());
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0);
 }
 
 #[test]
