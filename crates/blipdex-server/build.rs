@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .file_descriptor_set_path(out.join("blipdex_v1_descriptor.bin"))
+        // prost's codec, but a request that does not decode is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_protos(&[proto], &[root])?;
     Ok(())
 }

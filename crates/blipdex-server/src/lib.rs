@@ -15,6 +15,7 @@
 //! ```
 
 mod auth;
+mod codec;
 pub mod metrics;
 mod service;
 mod worker;
@@ -424,7 +425,22 @@ impl Server {
             auth = config.auth_token.is_some(),
             "listening"
         );
+        // Requests that do not decode never reach a handler: count them here (see codec.rs).
+        let count_undecodable = {
+            let metrics = shared.metrics.clone();
+            move |mut res: tonic::codegen::http::Response<tonic::body::Body>| {
+                if let Some(rpc) = res.headers_mut().remove(codec::UNDECODABLE) {
+                    metrics.observe(
+                        rpc.to_str().unwrap_or("unknown"),
+                        tonic::Code::InvalidArgument,
+                        0.0,
+                    );
+                }
+                res
+            }
+        };
         let served = builder
+            .layer(tower::util::MapResponseLayer::new(count_undecodable))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

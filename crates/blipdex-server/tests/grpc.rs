@@ -835,6 +835,86 @@ async fn bad_input_gets_a_clear_status_and_the_server_keeps_serving() -> Result<
     server.stop().await
 }
 
+/// Sends bytes as they are (to send what no generated client would).
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> std::result::Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> std::result::Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+/// The value of one sample line of the metrics text, 0 when absent.
+fn sample(metrics: &Metrics, line_start: &str) -> f64 {
+    String::from_utf8_lossy(&metrics.render())
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A request that is not valid protobuf for its message (here a query that is not UTF-8) is
+/// the client's error, INVALID_ARGUMENT, and is counted like every other request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_requests_are_invalid_argument_and_counted() -> Result<()> {
+    let ix = index_of(&["rocket.jpg"])?;
+    let server = Running::serving(quick_config(), engine_options(&ix.index, false)).await?;
+    let counted = r#"blipdex_requests_total{code="INVALID_ARGUMENT",rpc="SearchText"}"#;
+    let before = sample(&server.metrics, counted);
+    let mut raw = tonic::client::Grpc::new(server.channel().await?);
+    raw.ready().await?;
+    // Field 1 (query, a string), two bytes that are not UTF-8.
+    let bad = vec![0x0a, 0x02, 0xff, 0xfe];
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/blipdex.v1.Retrieval/SearchText");
+    let s = code_of(raw.unary(tonic::Request::new(bad), path, RawCodec).await);
+    ensure!(
+        s.code() == Code::InvalidArgument && s.message().contains("SearchTextRequest"),
+        "{s:?}"
+    );
+    ensure!(
+        s.metadata().get("x-blipdex-undecodable").is_none(),
+        "internal mark leaked: {s:?}"
+    );
+    ensure!(sample(&server.metrics, counted) == before + 1.0);
+    let mut client = server.client().await?;
+    still_serving_n(&mut client, 1).await?;
+    server.stop().await
+}
+
 /// A PNG header claiming `w`×`h` pixels, with no pixel data.
 fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
