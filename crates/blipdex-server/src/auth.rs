@@ -39,9 +39,14 @@ impl Interceptor for BearerAuth {
                  (BLIPDEX_AUTH_TOKEN)"
             )))
         };
-        let Some(value) = request.metadata().get("authorization") else {
+        let mut values = request.metadata().get_all("authorization").iter();
+        let Some(value) = values.next() else {
             return refuse("missing authorization");
         };
+        // Proxies and servers disagree on which of several copies counts: accept none.
+        if values.next().is_some() {
+            return refuse("more than one authorization header");
+        }
         let given = value.as_bytes();
         let given = given
             .strip_prefix(b"Bearer ")

@@ -1124,6 +1124,17 @@ async fn bearer_token_auth_on_and_off() -> Result<()> {
         let s = code_of(anonymous.search_text(req).await);
         ensure!(s.code() == Code::Unauthenticated, "{bad}: {s:?}");
     }
+    // Two authorization headers, even with the right token first, are refused.
+    let mut req = tonic::Request::new(text("a rocket", 1));
+    req.metadata_mut()
+        .append("authorization", "Bearer s3cret-token".parse()?);
+    req.metadata_mut()
+        .append("authorization", "Bearer wrong".parse()?);
+    let s = code_of(anonymous.search_text(req).await);
+    ensure!(
+        s.code() == Code::Unauthenticated && s.message().contains("more than one"),
+        "{s:?}"
+    );
     let token: tonic::metadata::MetadataValue<_> = "Bearer s3cret-token".parse()?;
     let mut authed = RetrievalClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
         r.metadata_mut().insert("authorization", token.clone());
