@@ -95,7 +95,21 @@ pub fn walk(roots: &[PathBuf], filters: &Filters) -> (Vec<FileEntry>, Vec<WalkPr
                     continue;
                 }
             };
-            if !entry.file_type().is_file() || !filters.wants(entry.path()) {
+            if !filters.wants(entry.path()) {
+                continue;
+            }
+            let kind = entry.file_type();
+            if !kind.is_file() {
+                // Named like a photo but not one: say so rather than skip it silently.
+                let reason = if kind.is_dir() {
+                    "a directory named like an image: its contents are walked, it is not indexed"
+                } else {
+                    "not a regular file (a FIFO, socket or device): not read"
+                };
+                problems.push(WalkProblem {
+                    path: entry.path().to_path_buf(),
+                    reason: reason.into(),
+                });
                 continue;
             }
             // Overlapping roots must not yield a file twice.
@@ -140,6 +154,34 @@ mod tests {
     }
 
     #[cfg(unix)]
+    #[test]
+    fn things_named_like_images_that_are_not_files_are_reported() -> std::io::Result<()> {
+        let d = tempfile::tempdir()?;
+        std::fs::create_dir(d.path().join("album.jpg"))?;
+        std::fs::write(d.path().join("album.jpg/inside.png"), b"x")?;
+        let _socket = std::os::unix::net::UnixListener::bind(d.path().join("sock.jpg"))?;
+        let (files, problems) = walk(
+            &[d.path().to_path_buf()],
+            &Filters::new(&[], &[]).expect("filters"),
+        );
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(files[0].path.ends_with("album.jpg/inside.png"));
+        let reason = |name: &str| {
+            problems
+                .iter()
+                .find(|p| p.path.ends_with(name))
+                .map(|p| p.reason.clone())
+                .unwrap_or_default()
+        };
+        assert!(reason("album.jpg").contains("directory"), "{problems:?}");
+        assert!(
+            reason("sock.jpg").contains("not a regular file"),
+            "{problems:?}"
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        Ok(())
+    }
+
     #[test]
     fn symlink_cycles_terminate() -> std::io::Result<()> {
         let d = tempfile::tempdir()?;
