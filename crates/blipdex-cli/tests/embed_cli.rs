@@ -332,3 +332,35 @@ fn bad_inputs_fail_with_a_clear_message() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A mistyped local path that is also a valid repo id (`models/itm-x` next to `models/`) is
+/// named as a missing directory, not only as a hub failure.
+#[test]
+fn mistyped_local_model_path_says_no_such_directory() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir(tmp.path().join("models"))?;
+    let out = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args([
+            "embed",
+            "--model",
+            "models/itm-x",
+            "--text",
+            "a cat",
+            "--output",
+            "o.safetensors",
+        ])
+        .current_dir(tmp.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", tmp.path().join("hf"))
+        .env_remove("RUST_LOG")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "{err}");
+    ensure!(
+        err.contains("models/itm-x")
+            && err.contains("no such directory")
+            && err.contains("repo id"),
+        "{err}"
+    );
+    Ok(())
+}

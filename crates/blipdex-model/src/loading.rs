@@ -48,7 +48,24 @@ impl ModelFiles {
             ));
         }
         if looks_like_repo_id(spec) {
-            return Self::from_hub(spec, revision.unwrap_or("main"));
+            let hub = Self::from_hub(spec, revision.unwrap_or("main"));
+            // `models/itm-x` with a local `models/`: most likely a mistyped path, not a repo.
+            let first = path.components().next().map(|c| c.as_os_str());
+            let local_parent = first.is_some_and(|f| Path::new(f).is_dir());
+            return match hub {
+                Err(e) if local_parent => Err(Error::bad_model(
+                    spec,
+                    format!(
+                        "no such directory (in {}), and as a Hugging Face repo id it failed too: \
+                         {e}",
+                        std::env::current_dir().map_or_else(
+                            |_| "the current directory".into(),
+                            |d| d.display().to_string()
+                        )
+                    ),
+                )),
+                other => other,
+            };
         }
         Err(Error::bad_model(
             spec,
