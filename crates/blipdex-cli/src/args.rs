@@ -99,15 +99,33 @@ impl ImageInputArgs {
 
     /// The pixel values [N,3,H,W] (f32, CPU) and a name per image (its file, or its row in
     /// --pixel-values); `None` when no image was given. Images are preprocessed with the
-    /// checkpoint's processor settings found in `model_dir`.
+    /// checkpoint's processor settings found in `model_dir`. One unreadable image fails all.
     pub fn load(
         &self,
         model_dir: &Path,
     ) -> anyhow::Result<Option<(Tensor, Vec<serde_json::Value>)>> {
+        Ok(self
+            .load_images(model_dir, true)?
+            .and_then(|l| l.pixel_values.map(|px| (px, l.names))))
+    }
+
+    /// Like [`Self::load`], but an image file that cannot be read or decoded is set aside with
+    /// its reason instead of failing the others.
+    pub fn load_lenient(&self, model_dir: &Path) -> anyhow::Result<Option<Loaded>> {
+        self.load_images(model_dir, false)
+    }
+
+    fn load_images(&self, model_dir: &Path, strict: bool) -> anyhow::Result<Option<Loaded>> {
         if let Some(path) = &self.pixel_values {
             let px = read_pixel_values(path)?;
-            let names = (0..px.dim(0)?).map(serde_json::Value::from).collect();
-            return Ok(Some((px, names)));
+            let names: Vec<serde_json::Value> =
+                (0..px.dim(0)?).map(serde_json::Value::from).collect();
+            return Ok(Some(Loaded {
+                pixel_values: Some(px),
+                rows: (0..names.len()).collect(),
+                names,
+                failed: Vec::new(),
+            }));
         }
         if self.images.is_empty() {
             return Ok(None);
@@ -116,17 +134,47 @@ impl ImageInputArgs {
             .with_max_pixels(self.max_image_pixels);
         let (h, w) = (processor.config.height, processor.config.width);
         let mut data = Vec::with_capacity(self.images.len() * 3 * h * w);
-        for path in &self.images {
-            data.extend(processor.pixel_values_from_file(path)?);
+        let (mut names, mut rows, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, path) in self.images.iter().enumerate() {
+            let name = serde_json::Value::from(path.display().to_string());
+            match processor.pixel_values_from_file(path) {
+                Ok(px) => {
+                    data.extend(px);
+                    names.push(name);
+                    rows.push(i);
+                }
+                Err(e) if !strict => failed.push((i, name, e.to_string())),
+                Err(e) => return Err(e.into()),
+            }
         }
-        let px = Tensor::from_vec(data, (self.images.len(), 3, h, w), &Device::Cpu)?;
-        let names = self
-            .images
-            .iter()
-            .map(|p| p.display().to_string().into())
-            .collect();
-        Ok(Some((px, names)))
+        let pixel_values = if names.is_empty() {
+            None
+        } else {
+            Some(Tensor::from_vec(
+                data,
+                (names.len(), 3, h, w),
+                &Device::Cpu,
+            )?)
+        };
+        Ok(Some(Loaded {
+            pixel_values,
+            names,
+            rows,
+            failed,
+        }))
     }
+}
+
+/// Images given on the command line, preprocessed.
+pub struct Loaded {
+    /// [N,3,H,W] of the images that could be read; `None` when none could.
+    pub pixel_values: Option<Tensor>,
+    /// One per row of `pixel_values`.
+    pub names: Vec<serde_json::Value>,
+    /// The position among the given images of each row of `pixel_values`.
+    pub rows: Vec<usize>,
+    /// (position, image, why) of each image that could not be read or decoded.
+    pub failed: Vec<(usize, serde_json::Value, String)>,
 }
 
 /// `pixel_values` [N,3,H,W] (any float dtype) from a safetensors file, as f32.

@@ -53,24 +53,44 @@ pub struct Caption {
     pub token_ids: Vec<u32>,
     /// Decoded with special tokens skipped, stripped.
     pub text: String,
+    /// Why this image could not be captioned (unreadable or not an image); the others still are.
+    pub error: Option<String>,
 }
 
 pub fn run(args: &CaptionArgs) -> anyhow::Result<()> {
     let captions = captions(args)?;
-    for c in captions {
-        if args.json {
-            let line =
-                serde_json::json!({"image": c.image, "token_ids": c.token_ids, "text": c.text});
-            println!("{line}");
-        } else {
-            let image = match &c.image {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            println!("{image}\t{}", c.text);
+    let mut failed = 0;
+    for c in &captions {
+        match (&c.error, args.json) {
+            (Some(why), true) => {
+                println!("{}", serde_json::json!({"image": c.image, "error": why}));
+                failed += 1;
+            }
+            (Some(why), false) => {
+                eprintln!("{}: {why}", display(&c.image));
+                failed += 1;
+            }
+            (None, true) => println!(
+                "{}",
+                serde_json::json!({"image": c.image, "token_ids": c.token_ids, "text": c.text})
+            ),
+            (None, false) => println!("{}\t{}", display(&c.image), c.text),
         }
     }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be captioned (see above); the others were",
+            captions.len()
+        );
+    }
     Ok(())
+}
+
+fn display(image: &serde_json::Value) -> String {
+    match image {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// Everything `run` prints, without printing it.
@@ -94,24 +114,44 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
     // Validate the decoding settings before any image is read.
     captioner.generation_for(&req)?;
 
-    let (pixel_values, names) = args
+    // One unreadable image among many is reported, not a reason to caption none.
+    let loaded = args
         .input
-        .load(&files.dir)?
+        .load_lenient(&files.dir)?
         .context("nothing to caption: give --image or --pixel-values")?;
-    let batch_size = args.input.batch_size();
-    let n = pixel_values.dim(0)?;
-    let mut out = Vec::with_capacity(n);
-    for start in (0..n).step_by(batch_size) {
-        let len = batch_size.min(n - start);
-        let rows = captioner.generate(&pixel_values.narrow(0, start, len)?, &req)?;
-        for (i, g) in rows.into_iter().enumerate() {
-            out.push(Caption {
-                image: names[start + i].clone(),
-                token_ids: g.token_ids,
-                text: g.text,
-            });
+    // In the order the images were given.
+    let mut out: Vec<(usize, Caption)> = loaded
+        .failed
+        .into_iter()
+        .map(|(at, image, why)| {
+            let c = Caption {
+                image,
+                token_ids: Vec::new(),
+                text: String::new(),
+                error: Some(why),
+            };
+            (at, c)
+        })
+        .collect();
+    if let Some(pixel_values) = &loaded.pixel_values {
+        let batch_size = args.input.batch_size();
+        let n = pixel_values.dim(0)?;
+        for start in (0..n).step_by(batch_size) {
+            let len = batch_size.min(n - start);
+            let rows = captioner.generate(&pixel_values.narrow(0, start, len)?, &req)?;
+            for (i, g) in rows.into_iter().enumerate() {
+                let c = Caption {
+                    image: loaded.names[start + i].clone(),
+                    token_ids: g.token_ids,
+                    text: g.text,
+                    error: None,
+                };
+                out.push((loaded.rows[start + i], c));
+            }
         }
     }
+    out.sort_by_key(|(at, _)| *at);
+    let out: Vec<Caption> = out.into_iter().map(|(_, c)| c).collect();
     Ok(out)
 }
 
@@ -210,6 +250,45 @@ mod tests {
                 assert_eq!(c.image, serde_json::json!(i));
             }
         }
+    }
+
+    /// A bad file among good ones: the good ones are captioned, the bad one reported.
+    #[test]
+    fn one_bad_image_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let junk = dir.path().join("junk.jpg");
+        std::fs::write(&junk, b"not a jpeg").expect("write");
+        let model = fixtures().join("models/caption-a");
+        let good = fixtures().join("photos/rocket.jpg");
+        let args = parse(&[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--image",
+            junk.to_str().expect("utf-8"),
+            "--image",
+            good.to_str().expect("utf-8"),
+            "--max-new-tokens",
+            "3",
+        ]);
+        let got = captions(&args).expect("captions");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].error.is_some(),
+            "given first, reported first: {got:?}"
+        );
+        let ok = got
+            .iter()
+            .find(|c| c.error.is_none())
+            .expect("the good one");
+        assert!(ok.image.as_str().is_some_and(|s| s.ends_with("rocket.jpg")));
+        assert!(!ok.token_ids.is_empty());
+        let bad = got.iter().find(|c| c.error.is_some()).expect("the bad one");
+        assert!(bad.image.as_str().is_some_and(|s| s.ends_with("junk.jpg")));
+        assert!(
+            bad.error.as_deref().is_some_and(|e| e.contains("junk.jpg")),
+            "{bad:?}"
+        );
+        assert!(run(&args).is_err(), "a failed image makes the run fail");
     }
 
     #[test]
