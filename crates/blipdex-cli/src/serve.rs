@@ -164,6 +164,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             device: args.model.device.clone(),
             dtype: args.model.dtype.clone(),
             max_image_pixels: args.max_image_pixels,
+            // As `blipdex ingest --caption-model` does: every new image gets its caption stored.
+            caption_model: args.caption_model.clone(),
             ..Default::default()
         };
         let s = crate::ingest::run_job(&job)?;

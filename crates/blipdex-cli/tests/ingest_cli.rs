@@ -407,8 +407,9 @@ fn walk_files(dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
-/// The quickstart's first command: `serve --ingest PHOTOS` indexes the folder, serves it
-/// (metrics show the images), and SIGTERM stops it cleanly.
+/// The quickstart's first command: `serve --ingest PHOTOS` indexes the folder (with
+/// `--caption-model`, storing a caption per image as `ingest` does), serves it (metrics show the
+/// images), and SIGTERM stops it cleanly.
 #[test]
 fn serve_ingests_then_serves_and_stops_on_sigterm() -> Result<()> {
     use std::io::{Read, Write};
@@ -428,6 +429,8 @@ fn serve_ingests_then_serves_and_stops_on_sigterm() -> Result<()> {
             s(&index)?,
             "--model",
             s(&fixtures().join("models/itm-a"))?,
+            "--caption-model",
+            s(&fixtures().join("models/caption-a"))?,
             "--listen",
             &grpc,
             "--metrics-listen",
@@ -469,5 +472,11 @@ fn serve_ingests_then_serves_and_stops_on_sigterm() -> Result<()> {
     );
     ensure!(status.success(), "exit {status:?} after SIGTERM: {stderr}");
     ensure!(stderr.contains("5 new"), "{stderr}");
+    let store = blipdex_store::Store::open_readonly(&index)?;
+    let captioned = store.iter().filter(|r| r.caption.is_some()).count();
+    ensure!(
+        captioned == 5,
+        "{captioned} of 5 images captioned at ingest"
+    );
     Ok(())
 }
