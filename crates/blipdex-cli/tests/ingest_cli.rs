@@ -480,3 +480,68 @@ fn serve_ingests_then_serves_and_stops_on_sigterm() -> Result<()> {
     );
     Ok(())
 }
+
+/// An ingest that fails on a full disk still lists what it rejected before the failure, and
+/// the index keeps its last committed generation. Needs root for a small tmpfs; without it the
+/// test says so and passes vacuously, unless BLIPDEX_REQUIRE_TMPFS is set.
+#[test]
+fn full_disk_ingest_still_lists_its_rejects() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt)?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        ensure!(
+            std::env::var_os("BLIPDEX_REQUIRE_TMPFS").is_none(),
+            "BLIPDEX_REQUIRE_TMPFS is set but a tmpfs cannot be mounted here"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return Ok(());
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    // One undecodable file first, then more distinct photos (trailing bytes change the hash,
+    // not the pixels) than 256 KiB of commits of one image each can hold.
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir(&photos)?;
+    std::fs::write(photos.join("000-junk.jpg"), b"not a jpeg")?;
+    let rocket = std::fs::read(fixtures().join("photos/rocket.jpg"))?;
+    for i in 0..300u32 {
+        let mut bytes = rocket.clone();
+        bytes.extend_from_slice(&i.to_le_bytes());
+        std::fs::write(photos.join(format!("r{i:03}.jpg")), bytes)?;
+    }
+    let index = mnt.join("index");
+    let out = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args([
+            "ingest",
+            "--commit-every",
+            "1",
+            "--index",
+            s(&index)?,
+            "--model",
+        ])
+        .arg(fixtures().join("models/itm-a"))
+        .arg(&photos)
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "256 KiB never filled up: {stderr}");
+    ensure!(stderr.contains("No space left"), "{stderr}");
+    let rejects = std::fs::read_to_string(index.join("rejects.jsonl"))
+        .with_context(|| format!("no rejects.jsonl after the failure: {stderr}"))?;
+    ensure!(rejects.contains("000-junk.jpg"), "{rejects}");
+    let store = blipdex_store::Store::open_readonly(&index)?;
+    ensure!(!store.is_empty(), "not even one commit fit");
+    Ok(())
+}

@@ -327,9 +327,15 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         Ok(())
     });
     progress.finish();
-    result?;
-
     summary.rejected = rejects.len();
+    if let Err(e) = result {
+        // What was rejected before the failure is still worth a list (best effort: the failure
+        // may be the full disk; a failed commit has freed its own files by now).
+        if let Err(w) = write_rejects(&index, &rejects) {
+            tracing::warn!("{} rejected files not listed: {w}", rejects.len());
+        }
+        return Err(e);
+    }
     write_rejects(&index, &rejects)?;
     summary.seconds = start.elapsed().as_secs_f64();
     summary.images_per_s = if summary.seconds > 0.0 {
@@ -578,8 +584,14 @@ fn write_rejects(index: &Path, rejects: &[Reject]) -> Result<()> {
     let tmp: PathBuf = index.join(".rejects.jsonl.tmp");
     let mut text = String::new();
     for r in rejects {
+        // A reason on one line (decoders' messages may hold newlines): `jq -r .reason` output
+        // and grep stay one line per file.
+        let r = Reject {
+            path: r.path.clone(),
+            reason: r.reason.split_whitespace().collect::<Vec<_>>().join(" "),
+        };
         text.push_str(
-            &serde_json::to_string(r).map_err(|e| Error::InvalidArgument(e.to_string()))?,
+            &serde_json::to_string(&r).map_err(|e| Error::InvalidArgument(e.to_string()))?,
         );
         text.push('\n');
     }
@@ -640,5 +652,35 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_reasons_are_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rejects = [
+            Reject {
+                path: "a\nb.jpg".into(),
+                reason: "bad\nheader:\r\n  truncated".into(),
+            },
+            Reject {
+                path: "c.jpg".into(),
+                reason: "empty".into(),
+            },
+        ];
+        write_rejects(dir.path(), &rejects).expect("write");
+        let text = std::fs::read_to_string(dir.path().join("rejects.jsonl")).expect("read");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["reason"], "bad header: truncated");
+        // The path is kept exactly: it names the file.
+        assert_eq!(lines[0]["path"], "a\nb.jpg");
     }
 }
