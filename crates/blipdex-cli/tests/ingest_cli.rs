@@ -545,3 +545,32 @@ fn full_disk_ingest_still_lists_its_rejects() -> Result<()> {
     ensure!(!store.is_empty(), "not even one commit fit");
     Ok(())
 }
+
+/// A model that cannot serve the index stops `serve` with one clear error, printed once.
+#[test]
+fn serve_start_up_error_is_printed_once() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let index = tmp.path().join("index");
+    run_json(&[
+        "ingest",
+        "--json",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&fixtures().join("models/itm-a"))?,
+        s(&fixtures().join("photos"))?,
+    ])?;
+    let out = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args(["serve", "--index", s(&index)?, "--model"])
+        .arg(fixtures().join("models/itm-b"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "{stderr}");
+    ensure!(
+        stderr.matches("holds embeddings of model").count() == 1,
+        "printed other than once:\n{stderr}"
+    );
+    Ok(())
+}

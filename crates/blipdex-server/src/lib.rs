@@ -363,7 +363,7 @@ impl Server {
                         tracing::info!("serving");
                     }
                     Ok(Err(e)) => {
-                        tracing::error!("cannot load the model: {e}");
+                        // Returned by `run` (and printed once by the CLI), not logged here too.
                         let _ = load_error.set(e);
                         let _ = stop_tx.send(());
                     }
