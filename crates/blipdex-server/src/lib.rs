@@ -461,6 +461,7 @@ impl Server {
             })
             .await;
             match joined {
+                Ok(Ok(0)) => {}
                 Ok(Ok(n)) => {
                     metrics.captions_flushed.inc_by(n as u64);
                     tracing::info!("wrote {n} captions to the index");
