@@ -21,16 +21,19 @@ pub struct IngestArgs {
     /// Retrieval checkpoint: directory or hub repo id.
     #[arg(long, env = "BLIPDEX_MODEL")]
     pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) of --model [default: main].
     #[arg(long, env = "BLIPDEX_REVISION")]
     pub revision: Option<String>,
     /// A TOML ingest job (see pipelines/); flags override its keys.
     #[arg(long, env = "BLIPDEX_PIPELINE")]
     pub pipeline: Option<PathBuf>,
+    /// Images per forward pass of the model [default: 8].
     #[arg(long, env = "BLIPDEX_BATCH_SIZE")]
     pub batch_size: Option<usize>,
-    /// Images per atomic commit.
+    /// Images per atomic commit: the most work a crash can cost [default: 256].
     #[arg(long, env = "BLIPDEX_COMMIT_EVERY")]
     pub commit_every: Option<usize>,
+    /// Threads that read, hash, decode and resize images [default: 0 = one per core].
     #[arg(long, env = "BLIPDEX_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
     /// cpu, cuda or cuda:N.
@@ -39,8 +42,21 @@ pub struct IngestArgs {
     /// Vision tower precision: f32, f16, bf16.
     #[arg(long, env = "BLIPDEX_DTYPE")]
     pub dtype: Option<String>,
+    /// Reject images with more pixels than this (decompression-bomb guard) [default: 178956970].
     #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<u64>,
+    /// Glob a file's path must match to be indexed (repeatable: any of them); replaces the
+    /// pipeline file's `include`.
+    #[arg(long, env = "BLIPDEX_INCLUDE", value_delimiter = ',')]
+    pub include: Vec<String>,
+    /// Glob that excludes a file, e.g. '**/.thumbnails/**' (repeatable); replaces the pipeline
+    /// file's `exclude`.
+    #[arg(long, env = "BLIPDEX_EXCLUDE", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// Store embeddings as f16 on disk (half the size; scores change by ~1e-3). Only when the
+    /// index is created; an existing index keeps its precision.
+    #[arg(long, env = "BLIPDEX_F16_EMBEDDINGS")]
+    pub f16_embeddings: bool,
     /// Also store a caption per image, made by this captioning checkpoint.
     #[arg(long, env = "BLIPDEX_CAPTION_MODEL")]
     pub caption_model: Option<String>,
@@ -78,6 +94,13 @@ impl IngestArgs {
             dtype
         );
         set!(max_image_pixels, caption_model, vision_cache);
+        if !self.include.is_empty() {
+            job.include = self.include.clone();
+        }
+        if !self.exclude.is_empty() {
+            job.exclude = self.exclude.clone();
+        }
+        job.f16_embeddings |= self.f16_embeddings;
         Ok(job)
     }
 }

@@ -13,12 +13,15 @@ const MAX_TOP_K: usize = 10_000;
 
 #[derive(Args, Debug)]
 pub struct SearchArgs {
+    /// Index directory (built by `blipdex ingest`).
     #[arg(long, env = "BLIPDEX_INDEX")]
     pub index: PathBuf,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// What to look for, in words (at most 4096 bytes).
     #[arg(long, env = "BLIPDEX_QUERY")]
     pub query: String,
+    /// Hits to return.
     #[arg(long, env = "BLIPDEX_TOP_K", default_value_t = 10)]
     pub top_k: usize,
     /// Rerank the first N hits by ITM match probability (recomputed from the image files).
@@ -30,6 +33,8 @@ pub struct SearchArgs {
     /// ANN search breadth: images rescored exactly (larger = better recall, slower).
     #[arg(long, env = "BLIPDEX_EF", default_value_t = blipdex_store::DEFAULT_EF)]
     pub ef: usize,
+    /// Print one JSON object: {"hits": [{image_id, path, itc_score, and itm_score, caption or
+    /// error where present}]}.
     #[arg(long, env = "BLIPDEX_JSON")]
     pub json: bool,
 }

@@ -574,3 +574,75 @@ fn serve_start_up_error_is_printed_once() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every option of every command says what it does in `--help` (not only its env/default).
+#[test]
+fn every_option_has_a_description() -> Result<()> {
+    let mut missing = Vec::new();
+    for cmd in ["ingest", "search", "serve", "caption", "embed"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+            .args([cmd, "--help"])
+            .output()?;
+        let help = String::from_utf8(out.stdout)?;
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if !t.starts_with("--") || t.starts_with("--help") {
+                continue;
+            }
+            // The description follows the flag on its line (after two spaces) or on the next
+            // line, before any [env: ...] / [default: ...].
+            let same = t.split_once("  ").map_or("", |(_, d)| d.trim());
+            let next = lines.get(i + 1).map_or("", |n| n.trim());
+            let described = |d: &str| !d.is_empty() && !d.starts_with('[') && !d.starts_with('-');
+            if !(described(same) || (same.is_empty() && described(next))) {
+                missing.push(format!("{cmd} {t}"));
+            }
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        "options without a description: {missing:#?}"
+    );
+    Ok(())
+}
+
+/// The pipeline file's `include`, `exclude` and `f16_embeddings` are flags too.
+#[test]
+fn include_exclude_and_f16_are_flags() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let index = tmp.path().join("index");
+    let photos = fixtures().join("photos");
+    let pngs = std::fs::read_dir(&photos)?
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "png"))
+        })
+        .count();
+    ensure!(pngs >= 2, "fixture photos changed: {pngs} PNGs");
+    run_json(&[
+        "ingest",
+        "--json",
+        "--f16-embeddings",
+        "--include",
+        "**/*.png",
+        "--exclude",
+        "**/camera_gray.png",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&fixtures().join("models/itm-a"))?,
+        s(&photos)?,
+    ])?;
+    let store = blipdex_store::Store::open_readonly(&index)?;
+    ensure!(store.dtype() == blipdex_store::Dtype::F16);
+    ensure!(
+        store.len() == pngs - 1,
+        "{} images, {pngs} PNGs",
+        store.len()
+    );
+    ensure!(store
+        .iter()
+        .all(|r| r.path.ends_with(".png") && !r.path.ends_with("camera_gray.png")));
+    Ok(())
+}
