@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use blipdex_ingest::{IngestJob, IngestModels};
+use blipdex_ingest::{IngestJob, IngestModels, ProgressMode};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::{Blip2, Captioner, LoadOptions, ModelFiles};
 use clap::Args;
@@ -67,6 +67,10 @@ pub struct IngestArgs {
     /// Print the final summary as one JSON line.
     #[arg(long, env = "BLIPDEX_JSON")]
     pub json: bool,
+    /// Progress on stderr: auto (a bar on a terminal, a line every 10 s otherwise), json (one
+    /// {"progress": {done, total, images_per_s, elapsed_s}} line a second and at the end), none.
+    #[arg(long, env = "BLIPDEX_PROGRESS", value_parser = ["auto", "json", "none"])]
+    pub progress: Option<String>,
 }
 
 impl IngestArgs {
@@ -101,6 +105,12 @@ impl IngestArgs {
             job.exclude = self.exclude.clone();
         }
         job.f16_embeddings |= self.f16_embeddings;
+        job.progress = match self.progress.as_deref() {
+            Some("json") => ProgressMode::Json,
+            Some("none") => ProgressMode::None,
+            Some(_) => ProgressMode::Auto,
+            None => job.progress,
+        };
         Ok(job)
     }
 }

@@ -646,3 +646,29 @@ fn include_exclude_and_f16_are_flags() -> Result<()> {
         .all(|r| r.path.ends_with(".png") && !r.path.ends_with("camera_gray.png")));
     Ok(())
 }
+
+/// `--progress json`: machine-readable progress lines on stderr, the last one complete.
+#[test]
+fn json_progress_lines() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args(["ingest", "--progress", "json", "--index"])
+        .arg(tmp.path().join("index"))
+        .arg("--model")
+        .arg(fixtures().join("models/itm-a"))
+        .arg(fixtures().join("photos"))
+        .env_remove("RUST_LOG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{stderr}");
+    let lines: Vec<Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("progress").is_some())
+        .collect();
+    ensure!(lines.len() >= 2, "{stderr}");
+    let last = &lines[lines.len() - 1]["progress"];
+    ensure!(last["total"] == 5 && last["done"] == 5, "{last}");
+    ensure!(lines[0]["progress"]["done"] == 0, "{stderr}");
+    Ok(())
+}

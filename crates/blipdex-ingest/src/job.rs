@@ -46,6 +46,23 @@ pub struct IngestJob {
     /// Keep each new image's vision encoder states in `<index>/vision-cache` ("f16" or "f32")
     /// so ITM reranking reads them instead of re-running the vision tower.
     pub vision_cache: Option<String>,
+    /// How progress is shown on stderr.
+    #[serde(default)]
+    pub progress: ProgressMode,
+}
+
+/// How an ingest shows its progress on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressMode {
+    /// A bar on a terminal, a line every 10 s otherwise.
+    #[default]
+    Auto,
+    /// One JSON object a line, every second and at the end:
+    /// `{"progress": {"done", "total", "images_per_s", "elapsed_s"}}` (`done` counts files read).
+    Json,
+    /// Nothing.
+    None,
 }
 
 mod defaults {

@@ -5,5 +5,5 @@ pub mod job;
 pub mod pipeline;
 pub mod walk;
 
-pub use job::IngestJob;
+pub use job::{IngestJob, ProgressMode};
 pub use pipeline::{ingest, ingest_with, IngestModels, IngestSummary};

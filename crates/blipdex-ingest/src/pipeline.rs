@@ -15,7 +15,7 @@ use blipdex_store::{Batch, Dtype, ImageRecord, Store, StoreOptions};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::job::IngestJob;
+use crate::job::{IngestJob, ProgressMode};
 use crate::walk::{canonical_root, walk, FileEntry, Filters};
 
 /// The final report; `--json` prints it as one line.
@@ -194,7 +194,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let progress = Progress::new(todo.len());
+    let progress = Progress::new(todo.len(), job.progress);
 
     let result = std::thread::scope(|scope| -> Result<()> {
         let (work_tx, work_rx) = crossbeam_channel::bounded::<FileEntry>(threads * 4);
@@ -602,6 +602,7 @@ fn write_rejects(index: &Path, rejects: &[Reject]) -> Result<()> {
 /// A progress bar on a terminal, periodic log lines otherwise.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    mode: ProgressMode,
     total: usize,
     done: std::cell::Cell<usize>,
     last_log: std::cell::Cell<Instant>,
@@ -609,8 +610,9 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    fn new(total: usize, mode: ProgressMode) -> Self {
+        let terminal = mode == ProgressMode::Auto && std::io::stderr().is_terminal();
+        let bar = terminal.then(|| {
             let b = indicatif::ProgressBar::new(total as u64);
             if let Ok(style) = indicatif::ProgressStyle::with_template(
                 "{bar:40} {pos}/{len} images, {per_sec}, ETA {eta}",
@@ -619,32 +621,56 @@ impl Progress {
             }
             b
         });
-        Self {
+        let p = Self {
             bar,
+            mode,
             total,
             done: 0.into(),
             last_log: Instant::now().into(),
             start: Instant::now(),
-        }
+        };
+        p.json_line();
+        p
     }
 
     fn tick(&self) {
         self.done.set(self.done.get() + 1);
+        let every = match self.mode {
+            ProgressMode::Json => 1,
+            _ => 10,
+        };
         if let Some(b) = &self.bar {
             b.inc(1);
-        } else if self.last_log.get().elapsed().as_secs() >= 10 {
+        } else if self.last_log.get().elapsed().as_secs() >= every {
             self.last_log.set(Instant::now());
-            let rate = self.done.get() as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
-            tracing::info!(
-                "ingest: {}/{} files, {rate:.1} images/s",
-                self.done.get(),
-                self.total
-            );
-            eprintln!(
-                "ingest: {}/{} files, {rate:.1} images/s",
-                self.done.get(),
-                self.total
-            );
+            match self.mode {
+                ProgressMode::Json => self.json_line(),
+                ProgressMode::Auto => {
+                    let rate = self.done.get() as f64 / self.elapsed();
+                    eprintln!(
+                        "ingest: {}/{} files, {rate:.1} images/s",
+                        self.done.get(),
+                        self.total
+                    );
+                }
+                ProgressMode::None => {}
+            }
+        }
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn json_line(&self) {
+        if self.mode == ProgressMode::Json {
+            let line = serde_json::json!({"progress": {
+                "done": self.done.get(),
+                "total": self.total,
+                "images_per_s": self.done.get() as f64 / self.elapsed(),
+                "elapsed_s": self.elapsed(),
+            }});
+            eprintln!("{line}");
         }
     }
 
@@ -652,6 +678,7 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+        self.json_line();
     }
 }
 
