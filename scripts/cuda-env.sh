@@ -30,6 +30,8 @@ for so in cudart cublas cublasLt nvrtc curand; do
   ln -sf "$(basename "$real")" "$lib/lib$so.so"
 done
 if [ ! -f "$lib/libcuda.so" ]; then
+  # The stub's names come from cudarc's sources: on a fresh machine cargo has not fetched them yet.
+  ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs >/dev/null 2>&1 || cargo fetch >&2
   src=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
   grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$src" | sed -E 's/^pub unsafe fn (.*)/void \1(void) {}/' | sort -u \
     >"$dl/libcuda-stub.c"
