@@ -989,8 +989,6 @@ impl Engine {
 /// An image waiting for a caption: (item index, content hash, encoded bytes).
 type Pending = (usize, String, Vec<u8>);
 
-/// Errors are not `Clone` (they may hold an `io::Error`); fan one out to many results, keeping
-/// its kind so the server maps every copy to the same status.
 fn dir_bytes(dir: &Path) -> u64 {
     fn walk(p: &Path, total: &mut u64, depth: usize) {
         let Ok(rd) = std::fs::read_dir(p) else { return };

@@ -4,8 +4,6 @@
 //! [`UNDECODABLE`], so that the server's outer layer counts it in `blipdex_requests_total`
 //! (no handler ever sees such a request) and strips the mark.
 
-use std::marker::PhantomData;
-
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -36,11 +34,11 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        StrictDecoder(self.0.decoder(), PhantomData)
+        StrictDecoder(self.0.decoder())
     }
 }
 
-pub struct StrictDecoder<U>(ProstDecoder<U>, PhantomData<U>);
+pub struct StrictDecoder<U>(ProstDecoder<U>);
 
 impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
     type Item = U;

@@ -263,12 +263,12 @@ fn dot_le_bytes(a: &[u8], b: &[f32]) -> f32 {
     s
 }
 
+/// The largest score and its position (the first on ties): the max over an image's vectors.
 #[inline(always)]
-fn max_sim_f32_bytes_generic(bytes: &[u8], t: &[f32]) -> (f32, u16) {
+fn arg_max(scores: impl Iterator<Item = f32>) -> (f32, u16) {
     let mut best = f32::NEG_INFINITY;
     let mut arg = 0u16;
-    for (i, v) in bytes.chunks_exact(4 * t.len()).enumerate() {
-        let s = dot_le_bytes(v, t);
+    for (i, s) in scores.enumerate() {
         if s > best {
             best = s;
             arg = i as u16;
@@ -278,17 +278,13 @@ fn max_sim_f32_bytes_generic(bytes: &[u8], t: &[f32]) -> (f32, u16) {
 }
 
 #[inline(always)]
+fn max_sim_f32_bytes_generic(bytes: &[u8], t: &[f32]) -> (f32, u16) {
+    arg_max(bytes.chunks_exact(4 * t.len()).map(|v| dot_le_bytes(v, t)))
+}
+
+#[inline(always)]
 pub(crate) fn max_sim_generic(vectors: &[f32], t: &[f32]) -> (f32, u16) {
-    let mut best = f32::NEG_INFINITY;
-    let mut arg = 0u16;
-    for (i, v) in vectors.chunks_exact(t.len()).enumerate() {
-        let s = dot(v, t);
-        if s > best {
-            best = s;
-            arg = i as u16;
-        }
-    }
-    (best, arg)
+    arg_max(vectors.chunks_exact(t.len()).map(|v| dot(v, t)))
 }
 
 /// Scalar-quantizes `v` into `out` (same length): `v ~ scale * out`, symmetric, round to

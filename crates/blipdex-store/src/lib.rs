@@ -66,7 +66,8 @@
 //!
 //! `manifest.json` holds the format version (2), `generation` (bumped by every manifest write),
 //! `index_id` (drawn when the store is created and kept by every write, so that a reader tells a
-//! later generation from an index deleted and built again in the same place), `model_fingerprint`, `num_query` (Q), `dim` (E), `dtype`, `next_image_id`, the total row
+//! later generation from an index deleted and built again in the same place),
+//! `model_fingerprint`, `num_query` (Q), `dim` (E), `dtype`, `next_image_id`, the total row
 //! count, the shard and patch files (each with the generation that added it and its row count),
 //! the index parameters, and the IVF state: the centroid file, its list count and the rows it
 //! was trained on, and the segments with the row range and entry count of each. Every name in
