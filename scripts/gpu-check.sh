@@ -2,7 +2,7 @@
 # GPU check for a lent CUDA machine (x86-64, CUDA driver >= 13.0, PyTorch + transformers installed, no package
 # registries, at most 64 MiB of tree carried). Ends well inside 10 minutes. Build the binary here first:
 #
-#   bash scripts/gpu-build.sh     # target/gpu-bin/blipdex.xz and model-tests.xz (the model crate's CUDA tests)
+#   bash scripts/gpu-build.sh     # target/gpu-bin/blipdex.xz and kernels-tests.xz (the kernels crate's CUDA tests)
 #
 # then run `bash scripts/gpu-check.sh` there with target/gpu-bin carried. Steps, each with its own time limit, so
 # one failure does not hide the others:
@@ -95,12 +95,12 @@ PY
 
 if want flash && [ "$DEV" = cuda ]; then
 step "0. flash attention (BLIPDEX_CUDA_FLASH=1)"
-if [ -f target/gpu-bin/model-tests.xz ]; then
-  $PY -c "import lzma,shutil; shutil.copyfileobj(lzma.open('target/gpu-bin/model-tests.xz'), open('$WORK/model-tests','wb'))"
-  chmod +x "$WORK/model-tests"
-  timeout 120 "$WORK/model-tests" cuda_flash --nocapture --test-threads 1 || status=1
+if [ -f target/gpu-bin/kernels-tests.xz ]; then
+  $PY -c "import lzma,shutil; shutil.copyfileobj(lzma.open('target/gpu-bin/kernels-tests.xz'), open('$WORK/kernels-tests','wb'))"
+  chmod +x "$WORK/kernels-tests"
+  timeout 120 "$WORK/kernels-tests" cuda_flash --nocapture --test-threads 1 || status=1
 else
-  echo "no target/gpu-bin/model-tests.xz (scripts/gpu-build.sh makes it): kernel test skipped"; status=1
+  echo "no target/gpu-bin/kernels-tests.xz (scripts/gpu-build.sh makes it): kernel test skipped"; status=1
 fi
 BLIPDEX_CUDA_FLASH=1 parity parity-flash.json f32 f16 bf16
 fi

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use blipdex_core::Error;
 use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
-use blipdex_model::{Blip2, LoadOptions, ModelFiles};
+use blipdex_model::{Blip2, Kernels, LoadOptions, ModelFiles};
 use candle_core::{DType, Device, Tensor};
-use clap::Args;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args};
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -23,6 +24,14 @@ pub struct ModelArgs {
     /// Precision of the vision tower: f32, f16 or bf16 (the Q-Former always runs in f32).
     #[arg(long, env = "BLIPDEX_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// On CUDA, blipdex's own kernels (layout copies, bias + GELU, softmax, residual adds) and
+    /// cuBLASLt linears; off: candle's CUDA ops, for comparison (true/false, 1/0).
+    #[arg(long, env = "BLIPDEX_CUDA_KERNELS", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub cuda_kernels: bool,
+    /// On CUDA in a `--features flash-attn` build (sm_80+), the fused attention kernels; off: the
+    /// unfused ops (true/false, 1/0).
+    #[arg(long, env = "BLIPDEX_CUDA_FLASH", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
+    pub cuda_flash: bool,
 }
 
 impl ModelArgs {
@@ -30,6 +39,10 @@ impl ModelArgs {
         Ok(LoadOptions {
             device: parse_device(&self.device)?,
             dtype: parse_dtype(&self.dtype)?,
+            kernels: Kernels {
+                cuda: self.cuda_kernels,
+                cuda_flash: self.cuda_flash,
+            },
         })
     }
 

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use blipdex_model::caption::GenerationConfig;
-use blipdex_model::opt::LinearStorage;
 use blipdex_model::{Blip2, Captioner};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
@@ -141,13 +140,13 @@ fn profiled(
     if !on {
         return Ok(None);
     }
-    blipdex_model::profile::enable(true);
+    blipdex_kernels::profile::enable(true);
     let t = Instant::now();
     let r = f();
     let total = t.elapsed().as_secs_f64();
-    blipdex_model::profile::enable(false);
+    blipdex_kernels::profile::enable(false);
     r?;
-    let mut ops: Vec<_> = blipdex_model::profile::take()
+    let mut ops: Vec<_> = blipdex_kernels::profile::take()
         .into_iter()
         .map(|(name, s, calls)| json!([name, s * 1e3, calls]))
         .collect();
@@ -219,10 +218,7 @@ fn caption(a: &CaptionBench) -> anyhow::Result<()> {
     anyhow::ensure!(a.max_new_tokens > 0, "--max-new-tokens must be at least 1");
     let threads = set_threads(a.common.threads);
     let files = a.model.resolve()?;
-    let storage = match a.quantize {
-        Some(Quantize::Q8) => LinearStorage::Q8,
-        None => LinearStorage::Float,
-    };
+    let storage = Quantize::storage(a.quantize);
     let t = Instant::now();
     let c = Captioner::load(&files, &a.model.load_options()?, storage)?;
     let load_s = t.elapsed().as_secs_f64();

@@ -16,6 +16,16 @@ pub enum Quantize {
     Q8,
 }
 
+impl Quantize {
+    /// The language model's Linear storage for an optional `--quantize`.
+    pub fn storage(q: Option<Quantize>) -> LinearStorage {
+        match q {
+            Some(Quantize::Q8) => LinearStorage::Q8,
+            None => LinearStorage::Float,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct CaptionArgs {
     /// Checkpoint (a Blip2ForConditionalGeneration with an OPT language model, e.g.
@@ -100,11 +110,7 @@ pub fn captions(args: &CaptionArgs) -> anyhow::Result<Vec<Caption>> {
     }
     let files = args.model.resolve()?;
     let opts = args.model.load_options()?;
-    let storage = match args.quantize {
-        Some(Quantize::Q8) => LinearStorage::Q8,
-        None => LinearStorage::Float,
-    };
-    let captioner = Captioner::load(&files, &opts, storage)?;
+    let captioner = Captioner::load(&files, &opts, Quantize::storage(args.quantize))?;
     let req = CaptionRequest {
         prompt: args.prompt.clone().unwrap_or_default(),
         max_new_tokens: args.max_new_tokens,

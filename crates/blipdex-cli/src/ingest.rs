@@ -153,6 +153,7 @@ pub fn run_job(job: &IngestJob) -> anyhow::Result<blipdex_ingest::IngestSummary>
     let opts = LoadOptions {
         device: parse_device(&job.device)?,
         dtype: parse_dtype(&job.dtype)?,
+        ..LoadOptions::default()
     };
     let model = Blip2::load(&files, &opts)?;
     let captioner = match job.caption_model.as_deref() {

@@ -1,15 +1,16 @@
-//! `blipdex search`: ITC search (ANN or exact) with optional ITM reranking.
+//! `blipdex search`: the server's text search from the command line, through the same query
+//! API (`blipdex_search::Query`): ITC ranking (ANN or exact), filters, ITM reranking of the
+//! first N of the whole ranking, the page, and captions.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use blipdex_search::{Engine, EngineOptions, SearchParams};
+use anyhow::bail;
+use blipdex_model::ModelFiles;
+use blipdex_search::{Answer, Engine, EngineOptions, Query, SearchParams};
 use clap::Args;
 
 use crate::args::ModelArgs;
-
-/// Most results one query may ask for.
-const MAX_TOP_K: usize = 10_000;
+use crate::caption::Quantize;
 
 #[derive(Args, Debug)]
 pub struct SearchArgs {
@@ -24,7 +25,17 @@ pub struct SearchArgs {
     /// Hits to return.
     #[arg(long, env = "BLIPDEX_TOP_K", default_value_t = 10)]
     pub top_k: usize,
-    /// Rerank the first N hits by ITM match probability (recomputed from the image files).
+    /// Skip this many of the best hits (the next page: --offset 10 --top-k 10).
+    #[arg(long, env = "BLIPDEX_OFFSET", default_value_t = 0)]
+    pub offset: usize,
+    /// Only images with a path starting with this.
+    #[arg(long, env = "BLIPDEX_PATH_PREFIX")]
+    pub path_prefix: Option<String>,
+    /// Only hits whose ITC score is at least this.
+    #[arg(long, env = "BLIPDEX_MIN_SCORE")]
+    pub min_score: Option<f32>,
+    /// Rerank the first N hits of the whole ranking by ITM match probability (recomputed from
+    /// the image files), then cut the page.
     #[arg(long, env = "BLIPDEX_RERANK", default_value_t = 0)]
     pub rerank: usize,
     /// Brute-force ITC over every image instead of the ANN index.
@@ -33,6 +44,14 @@ pub struct SearchArgs {
     /// ANN search breadth: images rescored exactly (larger = better recall, slower).
     #[arg(long, env = "BLIPDEX_EF", default_value_t = blipdex_store::DEFAULT_EF)]
     pub ef: usize,
+    /// Caption each hit that has no stored caption with this checkpoint (a
+    /// Blip2ForConditionalGeneration, e.g. Salesforce/blip2-opt-2.7b); stored captions are
+    /// shown without it.
+    #[arg(long, env = "BLIPDEX_CAPTION_MODEL")]
+    pub caption_model: Option<String>,
+    /// Store the caption model's decoder Linear weights quantized.
+    #[arg(long, env = "BLIPDEX_QUANTIZE", value_enum)]
+    pub quantize: Option<Quantize>,
     /// Print one JSON object: {"hits": [{image_id, path, itc_score, and itm_score, caption or
     /// error where present}]}.
     #[arg(long, env = "BLIPDEX_JSON")]
@@ -40,30 +59,34 @@ pub struct SearchArgs {
 }
 
 pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
-    if args.query.trim().is_empty() {
-        bail!("empty --query");
-    }
-    if args.top_k == 0 || args.top_k > MAX_TOP_K {
-        bail!("--top-k must be between 1 and {MAX_TOP_K}");
-    }
-    let files = args.model.resolve()?;
-    let mut opts = EngineOptions::new(&args.index, files);
-    opts.load = args.model.load_options()?;
-    let engine = Engine::load(&opts)?;
-    let store = engine.store();
-    let t = engine
-        .embed_texts(&[args.query.as_str()])?
-        .pop()
-        .context("no text embedding")?;
-    let params = SearchParams {
-        top_k: args.top_k.max(args.rerank),
-        exact: args.exact,
-        ef: args.ef,
-        ..Default::default()
+    let query = Query::Text {
+        text: args.query.clone(),
+        params: SearchParams {
+            top_k: args.top_k,
+            offset: args.offset,
+            exact: args.exact,
+            ef: args.ef,
+            path_prefix: args.path_prefix.clone(),
+            min_score: args.min_score,
+        },
+        rerank_top_n: args.rerank,
+        with_captions: args.caption_model.is_some(),
     };
-    let mut out = engine.search_text(&store, &t, &params)?;
-    engine.rerank(&store, &args.query, &mut out, args.rerank)?;
-    out.truncate(args.top_k);
+    // The query's own rules (limits, a blank query) before minutes of model loading.
+    query.validate(args.caption_model.is_some())?;
+    let mut opts = EngineOptions::new(&args.index, args.model.resolve()?);
+    opts.load = args.model.load_options()?;
+    opts.caption_model = args
+        .caption_model
+        .as_deref()
+        .map(|c| ModelFiles::resolve(c, None))
+        .transpose()?;
+    opts.caption_storage = Quantize::storage(args.quantize);
+    let engine = Engine::load(&opts)?;
+    let out = match engine.answer_one(query)? {
+        Answer::Hits { hits, .. } => hits,
+        Answer::Caption(_) => bail!("a search was answered with a caption"),
+    };
 
     if args.json {
         let hits: Vec<serde_json::Value> = out
@@ -98,7 +121,17 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .map(|e| format!("  ({e})"))
                 .unwrap_or_default();
-            println!("{:>3}. {:.4}{itm}  {}{err}", rank + 1, h.itc_score, h.path);
+            let caption = h
+                .caption
+                .as_deref()
+                .map(|c| format!("\n       {c}"))
+                .unwrap_or_default();
+            println!(
+                "{:>3}. {:.4}{itm}  {}{err}{caption}",
+                args.offset + rank + 1,
+                h.itc_score,
+                h.path
+            );
         }
     }
     Ok(())

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use blipdex_model::image::DEFAULT_MAX_PIXELS;
-use blipdex_model::opt::LinearStorage;
 use blipdex_model::ModelFiles;
 use blipdex_search::{Engine, EngineOptions};
 use blipdex_server::{Limits, ServerConfig};
@@ -132,10 +131,7 @@ impl ServeArgs {
         let (model, revision) = (self.model.model.clone(), self.model.revision.clone());
         let caption = self.caption_model.clone();
         let caption_revision = self.caption_revision.clone();
-        let storage = match self.quantize {
-            Some(Quantize::Q8) => LinearStorage::Q8,
-            None => LinearStorage::Float,
-        };
+        let storage = Quantize::storage(self.quantize);
         let index = self.index.clone();
         let max_image_pixels = self.max_image_pixels;
         let vision_lru_bytes = self.vision_cache_mb.saturating_mul(1 << 20);

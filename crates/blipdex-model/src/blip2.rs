@@ -9,10 +9,11 @@ use candle_nn::VarBuilder;
 use blipdex_core::{Error, Result};
 
 use crate::config::Blip2Config;
-use crate::kernels::{linear_kn as linear, Linear};
 use crate::loading::ModelFiles;
 use crate::qformer::{Blip2QFormerModel, Blip2TextEmbeddings};
 use crate::vision::Blip2VisionModel;
+use blipdex_kernels::profile::span;
+use blipdex_kernels::{Kernels, Linear};
 
 /// Pairs per Q-Former pass in ITM, bounding memory whatever N×M is.
 const ITM_CHUNK: usize = 64;
@@ -26,6 +27,8 @@ pub(crate) fn terr(e: candle_core::Error) -> Error {
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// Which kernels run the model (blipdex's CUDA kernels, the fused CUDA attention).
+    pub kernels: Kernels,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +36,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            kernels: Kernels::default(),
         }
     }
 }
@@ -50,11 +54,12 @@ impl RetrievalHeads {
         let vb = vb.set_dtype(DType::F32);
         let h = cfg.qformer_config.hidden_size;
         let e = cfg.image_text_hidden_size;
+        let linear = |i, o, name| blipdex_kernels::linear_kn(i, o, vb.pp(name), cfg.kernels);
         Ok(Self {
             embeddings: Blip2TextEmbeddings::new(&cfg.qformer_config, vb.pp("embeddings"))?,
-            vision_projection: linear(h, e, vb.pp("vision_projection"))?,
-            text_projection: linear(h, e, vb.pp("text_projection"))?,
-            itm_head: linear(h, 2, vb.pp("itm_head"))?,
+            vision_projection: linear(h, e, "vision_projection")?.named("itc_projection"),
+            text_projection: linear(h, e, "text_projection")?.named("text_projection"),
+            itm_head: linear(h, 2, "itm_head")?.named("itm_head"),
         })
     }
 }
@@ -77,12 +82,13 @@ impl Blip2 {
                     .into(),
             ));
         }
-        let config = Blip2Config::from_json_str(&files.read_config()?).map_err(|e| {
-            Error::bad_model(
-                &files.name,
-                format!("config.json is not a BLIP-2 config: {e}"),
-            )
-        })?;
+        let config =
+            Blip2Config::from_json_with(&files.read_config()?, opts.kernels).map_err(|e| {
+                Error::bad_model(
+                    &files.name,
+                    format!("config.json is not a BLIP-2 config: {e}"),
+                )
+            })?;
         let vb = open_weights(files, opts)?;
         Self::new(config, vb).map_err(|e| {
             Error::bad_model(&files.name, format!("weights do not fit config.json: {e}"))
@@ -158,7 +164,7 @@ impl Blip2 {
                 self.query_tokens.dim(1)?,
                 self.query_tokens.dim(2)?,
             ))?;
-            crate::profile::span("qformer", vision_states.device(), || {
+            span("qformer", vision_states.device(), || {
                 self.qformer
                     .forward(&q, q.dim(1)?, None, Some(vision_states))
             })
@@ -169,13 +175,11 @@ impl Blip2 {
     /// ITC image side: `normalize(vision_projection(qformer_features))` [N, Q, E].
     pub fn image_embeds(&self, qformer_features: &Tensor) -> Result<Tensor> {
         let heads = self.heads()?;
-        crate::profile::span("itc_projection", qformer_features.device(), || {
-            l2_normalize(&crate::kernels::linear(
-                &heads.vision_projection,
-                qformer_features,
-            )?)
-        })
-        .map_err(terr)
+        heads
+            .vision_projection
+            .forward(qformer_features)
+            .and_then(|p| l2_normalize(&p))
+            .map_err(terr)
     }
 
     /// ITC text side: text-only Q-Former pass, `[CLS]` output, projected and normalized: [M, E].
@@ -186,7 +190,7 @@ impl Blip2 {
             let emb = heads.embeddings.forward(input_ids)?;
             let h = self.qformer.forward(&emb, 0, Some(attention_mask), None)?;
             let cls = h.narrow(1, 0, 1)?.squeeze(1)?;
-            l2_normalize(&crate::kernels::linear(&heads.text_projection, &cls)?)
+            l2_normalize(&heads.text_projection.forward(&cls)?)
         };
         run().map_err(terr)
     }
@@ -255,8 +259,7 @@ impl Blip2 {
                 let qmask = Tensor::ones((len, nq), tm.dtype(), &self.device)?;
                 let mask = Tensor::cat(&[&qmask, &tm], 1)?;
                 let h = self.qformer.forward(&embeds, nq, Some(&mask), Some(&v))?;
-                let logits =
-                    crate::kernels::linear(&heads.itm_head, &h.narrow(1, 0, nq)?)?.mean(1)?;
+                let logits = heads.itm_head.forward(&h.narrow(1, 0, nq)?)?.mean(1)?;
                 out.push(logits);
             }
             Tensor::cat(&out, 0)

@@ -256,12 +256,13 @@ impl LanguageHead {
 
     /// Load the language side of a checkpoint, with errors that say what is wrong.
     pub fn load(files: &ModelFiles, opts: &LoadOptions, storage: LinearStorage) -> Result<Self> {
-        let cfg = Blip2Config::from_json_str(&files.read_config()?).map_err(|e| {
-            Error::bad_model(
-                &files.name,
-                format!("config.json is not a BLIP-2 config: {e}"),
-            )
-        })?;
+        let cfg =
+            Blip2Config::from_json_with(&files.read_config()?, opts.kernels).map_err(|e| {
+                Error::bad_model(
+                    &files.name,
+                    format!("config.json is not a BLIP-2 config: {e}"),
+                )
+            })?;
         text_config(&cfg).map_err(Error::Unsupported)?;
         let vb = open_weights(files, opts)?;
         if !vb.contains_tensor("language_projection.weight") {
@@ -293,7 +294,7 @@ impl LanguageHead {
             let q = qformer_features
                 .to_device(&self.device)?
                 .to_dtype(self.dtype)?;
-            crate::profile::span("language_projection", &self.device, || {
+            blipdex_kernels::profile::span("language_projection", &self.device, || {
                 self.language_projection.forward(&q)
             })
         };
@@ -702,7 +703,9 @@ pub fn text_config(cfg: &Blip2Config) -> std::result::Result<OptConfig, String> 
          Blip2ForConditionalGeneration checkpoint such as Salesforce/blip2-opt-2.7b"
             .to_string()
     })?;
-    OptConfig::from_value(text).map_err(|e| format!("text_config: {e}"))
+    let mut opt = OptConfig::from_value(text).map_err(|e| format!("text_config: {e}"))?;
+    opt.kernels = cfg.kernels;
+    Ok(opt)
 }
 
 /// Tokens of a generated row up to and including its first EOS: what one image generated on

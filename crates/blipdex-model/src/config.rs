@@ -24,6 +24,9 @@ pub struct Blip2VisionConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "vision_defaults::qkv_bias")]
     pub qkv_bias: bool,
+    /// Not in `config.json`: which kernels run this tower (one of the load options).
+    #[serde(skip)]
+    pub kernels: blipdex_kernels::Kernels,
 }
 
 mod vision_defaults {
@@ -102,6 +105,9 @@ pub struct Blip2QFormerConfig {
     pub encoder_hidden_size: usize,
     #[serde(default)]
     pub use_qformer_text_input: bool,
+    /// Not in `config.json`: which kernels run this tower (one of the load options).
+    #[serde(skip)]
+    pub kernels: blipdex_kernels::Kernels,
 }
 
 mod qformer_defaults {
@@ -148,6 +154,10 @@ pub struct Blip2Config {
     pub image_text_hidden_size: usize,
     #[serde(default, alias = "image_token_id")]
     pub image_token_index: Option<u32>,
+    /// Not in `config.json`: which kernels run the model (one of the load options), copied
+    /// into each tower's config.
+    #[serde(skip)]
+    pub kernels: blipdex_kernels::Kernels,
 }
 
 mod top_defaults {
@@ -162,6 +172,11 @@ mod top_defaults {
 impl Blip2Config {
     /// Parse `config.json`, applying `Blip2Config.__post_init__`'s fix-ups and sanity checks.
     pub fn from_json_str(s: &str) -> Result<Self, String> {
+        Self::from_json_with(s, blipdex_kernels::Kernels::default())
+    }
+
+    /// [`Blip2Config::from_json_str`], the towers to run on `kernels`.
+    pub fn from_json_with(s: &str, kernels: blipdex_kernels::Kernels) -> Result<Self, String> {
         let mut cfg: Blip2Config = serde_json::from_str(s).map_err(|e| e.to_string())?;
         if let Some(mt) = &cfg.model_type {
             if mt != "blip-2" && mt != "blip_2" {
@@ -169,6 +184,9 @@ impl Blip2Config {
             }
         }
         cfg.qformer_config.encoder_hidden_size = cfg.vision_config.hidden_size;
+        cfg.kernels = kernels;
+        cfg.vision_config.kernels = kernels;
+        cfg.qformer_config.kernels = kernels;
         let v = &cfg.vision_config;
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(format!(

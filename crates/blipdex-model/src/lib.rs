@@ -4,23 +4,17 @@ pub mod blip2;
 pub mod caption;
 pub mod captioner;
 pub mod config;
-#[cfg(feature = "flash-attn")]
-mod cuda_flash;
-#[cfg(feature = "cuda")]
-mod cuda_kernels;
 pub mod image;
-pub mod kernels;
 pub mod loading;
 pub mod opt;
-pub mod profile;
 pub mod qformer;
-pub mod sgemm;
 pub mod tokenizer;
 pub mod vision;
 pub mod vision_cache;
 pub mod weights;
 
 pub use blip2::{Blip2, LoadOptions};
+pub use blipdex_kernels::Kernels;
 pub use captioner::{CaptionRequest, Captioner, Generated};
 pub use config::Blip2Config;
 pub use loading::ModelFiles;

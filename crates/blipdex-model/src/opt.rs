@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
-use crate::kernels::Linear;
-use crate::profile::span;
+use blipdex_kernels::profile::span;
+use blipdex_kernels::{layer_norm_in, to_dtype, AttentionSpec, Kernels, Linear, Part};
 
 /// transformers' `nn.LayerNorm` default; OPTConfig has no eps field.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -71,6 +71,9 @@ pub struct OptConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default = "opt_defaults::yes")]
     pub tie_word_embeddings: bool,
+    /// Not in `config.json`: which kernels run the model (one of the load options).
+    #[serde(skip)]
+    pub kernels: Kernels,
 }
 
 mod opt_defaults {
@@ -180,6 +183,7 @@ impl OptLinear {
         out_dim: usize,
         bias: bool,
         storage: LinearStorage,
+        kern: Kernels,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
@@ -195,7 +199,7 @@ impl OptLinear {
                 bias,
             });
         }
-        Ok(Self::Float(Linear::packed_or_stored(weight, bias)?))
+        Ok(Self::Float(Linear::packed_or_stored(weight, bias, kern)?))
     }
 
     fn is_quantized(&self) -> bool {
@@ -224,7 +228,7 @@ impl OptLinear {
 impl Module for OptLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Float(l) => crate::kernels::linear(l, xs),
+            Self::Float(l) => l.forward(xs),
             Self::Quantized { weight, bias } => {
                 // Quantized matmuls take f32 activations on every backend; the result goes back
                 // to the model dtype.
@@ -295,12 +299,14 @@ struct OptAttention {
     num_heads: usize,
     head_dim: usize,
     scaling: f64,
+    kern: Kernels,
 }
 
 impl OptAttention {
     fn new(cfg: &OptConfig, storage: LinearStorage, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
-        let lin = |name: &str| OptLinear::new(h, h, cfg.enable_bias, storage, vb.pp(name));
+        let lin =
+            |name: &str| OptLinear::new(h, h, cfg.enable_bias, storage, cfg.kernels, vb.pp(name));
         Ok(Self {
             q_proj: lin("q_proj")?,
             k_proj: lin("k_proj")?,
@@ -309,13 +315,8 @@ impl OptAttention {
             num_heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             scaling: (cfg.head_dim() as f64).powf(-0.5),
+            kern: cfg.kernels,
         })
-    }
-
-    fn heads(&self, x: Tensor, b: usize, t: usize) -> candle_core::Result<Tensor> {
-        x.reshape((b, t, self.num_heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
     }
 
     /// `mask`: additive f32 [B, 1, T, past + T].
@@ -332,46 +333,42 @@ impl OptAttention {
             let q = (self.q_proj.forward(x)? * self.scaling)?;
             Ok((q, self.k_proj.forward(x)?, self.v_proj.forward(x)?))
         })?;
-        let out = span("opt.attention", dev, || {
-            if cache.is_none() {
-                // The prompt pass: fused over [B, T, D] where the CPU runs it (the softmax in
-                // f32, as below); the cache keeps the per-head layout the steps read.
-                use crate::kernels::{fused_attention, AttentionSpec, Part};
-                let part = |src| Part { src, offset: 0 };
+        let heads = |x: Tensor| {
+            x.reshape((b, t, self.num_heads, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let out = match cache.as_ref() {
+            // The prompt pass: over [B, T, D] (fused where a kernel runs it); the cache keeps
+            // the per-head layout the steps read.
+            None => {
                 let spec = AttentionSpec {
+                    name: "opt.attention",
                     heads: self.num_heads,
                     dim: self.num_heads * self.head_dim,
                     scale: 1.0,
                     mask: Some(mask),
                 };
-                if let Some(out) = fused_attention(part(&q), part(&k), part(&v), spec)? {
-                    *cache = Some((self.heads(k, b, t)?, self.heads(v, b, t)?));
-                    return Ok(out);
-                }
+                let out =
+                    self.kern
+                        .attention(Part::whole(&q), Part::whole(&k), Part::whole(&v), spec)?;
+                *cache = Some((
+                    self.kern.contiguous(&heads(k)?)?,
+                    self.kern.contiguous(&heads(v)?)?,
+                ));
+                out
             }
-            let (q, k, v) = (
-                self.heads(q, b, t)?,
-                self.heads(k, b, t)?,
-                self.heads(v, b, t)?,
-            );
-            let (k, v) = match cache.as_ref() {
-                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                None => (k, v),
-            };
-            *cache = Some((k.clone(), v.clone()));
-            let dtype = q.dtype();
-            // Softmax in f32 (as transformers' eager attention) with an f32 mask, so that fully
-            // masked rows (left padding) stay finite in f16 too.
-            let scores = q
-                .matmul(&k.t()?)?
-                .to_dtype(DType::F32)?
-                .broadcast_add(mask)?;
-            let probs = crate::kernels::scaled_softmax_last_dim(scores, 1.0)?.to_dtype(dtype)?;
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))
-        })?;
+            Some((pk, pv)) => {
+                let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+                let k = Tensor::cat(&[pk, &k], 2)?;
+                let v = Tensor::cat(&[pv, &v], 2)?;
+                let out = span("opt.attention", dev, || {
+                    self.kern
+                        .attention_heads(&self.kern.contiguous(&q)?, &k, &v, 1.0, Some(mask))
+                })?;
+                *cache = Some((k, v));
+                out
+            }
+        };
         span("opt.out_proj", dev, || self.out_proj.forward(&out))
     }
 }
@@ -389,12 +386,12 @@ struct OptDecoderLayer {
 
 impl OptDecoderLayer {
     fn new(cfg: &OptConfig, storage: LinearStorage, vb: VarBuilder) -> candle_core::Result<Self> {
-        let h = cfg.hidden_size;
+        let (h, f, bias) = (cfg.hidden_size, cfg.ffn_dim, cfg.enable_bias);
         Ok(Self {
             self_attn: OptAttention::new(cfg, storage, vb.pp("self_attn"))?,
             self_attn_layer_norm: layer_norm(cfg, h, vb.pp("self_attn_layer_norm"))?,
-            fc1: OptLinear::new(h, cfg.ffn_dim, cfg.enable_bias, storage, vb.pp("fc1"))?,
-            fc2: OptLinear::new(cfg.ffn_dim, h, cfg.enable_bias, storage, vb.pp("fc2"))?,
+            fc1: OptLinear::new(h, f, bias, storage, cfg.kernels, vb.pp("fc1"))?,
+            fc2: OptLinear::new(f, h, bias, storage, cfg.kernels, vb.pp("fc2"))?,
             final_layer_norm: layer_norm(cfg, h, vb.pp("final_layer_norm"))?,
             activation: cfg.activation_function,
             do_layer_norm_before: cfg.do_layer_norm_before,
@@ -462,8 +459,22 @@ impl OptDecoder {
         )?;
         let (project_in, project_out) = if w != h {
             (
-                Some(OptLinear::new(w, h, false, storage, vb.pp("project_in"))?),
-                Some(OptLinear::new(h, w, false, storage, vb.pp("project_out"))?),
+                Some(OptLinear::new(
+                    w,
+                    h,
+                    false,
+                    storage,
+                    cfg.kernels,
+                    vb.pp("project_in"),
+                )?),
+                Some(OptLinear::new(
+                    h,
+                    w,
+                    false,
+                    storage,
+                    cfg.kernels,
+                    vb.pp("project_out"),
+                )?),
             )
         } else {
             (None, None)
@@ -638,6 +649,7 @@ impl OptForCausalLM {
                     "lm_head.weight",
                 )?,
                 None,
+                cfg.kernels,
             ))
         } else if !cfg.tie_word_embeddings {
             candle_core::bail!(
@@ -657,7 +669,7 @@ impl OptForCausalLM {
     /// Token embeddings [.., word_embed_proj_dim] of `ids` (u32), in the activations' dtype.
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let e = self.decoder.embed_tokens.forward(ids)?;
-        crate::kernels::to_dtype(&e, self.decoder.compute)
+        to_dtype(&e, self.decoder.compute)
     }
 
     /// bf16/f16 Linear weights packed for the CPU's GEMM are widened in registers and summed
@@ -674,7 +686,7 @@ impl OptForCausalLM {
         if !packed_half || !half(self.decoder.compute) {
             return Ok(false);
         }
-        let f32 = |ln: &LayerNorm| crate::kernels::layer_norm_in(ln, DType::F32);
+        let f32 = |ln: &LayerNorm| layer_norm_in(ln, DType::F32);
         let d = &mut self.decoder;
         d.embed_positions = d.embed_positions.to_dtype(DType::F32)?;
         if let Some(ln) = &d.final_layer_norm {
@@ -691,8 +703,8 @@ impl OptForCausalLM {
     /// Logits [.., vocab] of decoder hidden states.
     pub fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         match &self.lm_head {
-            LmHead::Tied(w) => crate::kernels::matmul_t(hidden, w),
-            LmHead::Linear(l) => crate::kernels::linear(l, hidden),
+            LmHead::Tied(w) => self.config.kernels.matmul_t(hidden, w),
+            LmHead::Linear(l) => l.forward(hidden),
         }
     }
 

@@ -1,14 +1,15 @@
 //! `Blip2QFormerModel` and the retrieval checkpoint's `Blip2TextEmbeddings`. Always run in f32,
 //! as transformers keeps the Q-Former and query tokens in f32 whatever the model dtype.
 
-use candle_core::{DType, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{
     embedding, layer_norm, Activation, Embedding, LayerNorm, LayerNormConfig, VarBuilder,
 };
 
+use blipdex_kernels::profile::span;
+use blipdex_kernels::{linear_kn, AttentionSpec, Kernels, Linear, Part};
+
 use crate::config::Blip2QFormerConfig;
-use crate::kernels::{linear_kn, Linear};
-use crate::profile::span;
 
 /// Turns a `[B, L]` 0/1 padding mask into the additive `[B, 1, 1, L]` mask of transformers
 /// (0 where attended, the dtype's lowest value where masked).
@@ -27,12 +28,19 @@ pub struct Blip2QFormerMultiHeadAttention {
     key_value: Option<Linear>,
     num_heads: usize,
     head_size: usize,
+    kern: Kernels,
 }
 
 /// `query`/`key`/`value` of one attention block fused along the output dimension: one GEMM
 /// where transformers runs two or three (more rows per product on the CPU, more tiles per
 /// launch on a GPU; each output is the same dot product).
-fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) -> Result<Linear> {
+fn fused_linear(
+    cfg: &Blip2QFormerConfig,
+    vb: &VarBuilder,
+    names: &[&str],
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Linear> {
     let mut ws = Vec::with_capacity(names.len());
     let mut bs = Vec::with_capacity(names.len());
     for name in names {
@@ -40,7 +48,11 @@ fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dim: usize) 
         ws.push(vb.get((out_dim, in_dim), "weight")?);
         bs.push(vb.get(out_dim, "bias")?);
     }
-    Linear::prepared(Tensor::cat(&ws, 0)?, Some(Tensor::cat(&bs, 0)?))
+    Linear::prepared(
+        Tensor::cat(&ws, 0)?,
+        Some(Tensor::cat(&bs, 0)?),
+        cfg.kernels,
+    )
 }
 
 impl Blip2QFormerMultiHeadAttention {
@@ -48,8 +60,9 @@ impl Blip2QFormerMultiHeadAttention {
         let h = cfg.hidden_size;
         let (query, key_value) = if is_cross_attention {
             (
-                linear_kn(h, h, vb.pp("query"))?,
+                linear_kn(h, h, vb.pp("query"), cfg.kernels)?,
                 Some(fused_linear(
+                    cfg,
                     &vb,
                     &["key", "value"],
                     cfg.encoder_hidden_size,
@@ -57,75 +70,43 @@ impl Blip2QFormerMultiHeadAttention {
                 )?),
             )
         } else {
-            (fused_linear(&vb, &["query", "key", "value"], h, h)?, None)
+            (
+                fused_linear(cfg, &vb, &["query", "key", "value"], h, h)?,
+                None,
+            )
         };
         Ok(Self {
             query,
             key_value,
             num_heads: cfg.num_attention_heads,
             head_size: h / cfg.num_attention_heads,
+            kern: cfg.kernels,
         })
-    }
-
-    /// `[B, T, n·H]` (n projections side by side) → n tensors `[B, heads, T, head_size]`.
-    fn split_heads(&self, x: Tensor, n: usize) -> Result<Vec<Tensor>> {
-        let (b, t, _) = x.dims3()?;
-        let x = x
-            .reshape((b, t, n, self.num_heads, self.head_size))?
-            .permute((2, 0, 3, 1, 4))?;
-        (0..n)
-            .map(|i| crate::kernels::contiguous(&x.i(i)?))
-            .collect()
     }
 
     /// `states` is the key/value source of cross-attention (the vision encoder's output);
     /// self-attention takes keys and values from `hidden` itself and ignores it. `mask` is
     /// additive, broadcastable to the scores.
     fn forward(&self, hidden: &Tensor, states: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, h) = hidden.dims3()?;
-        let scale = (self.head_size as f64).powf(-0.5);
-        let q = crate::kernels::linear(&self.query, hidden)?;
+        let h = hidden.dim(2)?;
+        let q = self.query.forward(hidden)?;
         let kv = match &self.key_value {
             None => None,
-            Some(kv) => Some(crate::kernels::linear(kv, states)?),
+            Some(kv) => Some(kv.forward(states)?),
         };
-        {
-            use crate::kernels::{fused_attention, AttentionSpec, Part};
-            let part = |src, offset| Part { src, offset };
-            let (q, k, v) = match &kv {
-                None => (part(&q, 0), part(&q, h), part(&q, 2 * h)),
-                Some(kv) => (part(&q, 0), part(kv, 0), part(kv, h)),
-            };
-            let spec = AttentionSpec {
-                heads: self.num_heads,
-                dim: h,
-                scale,
-                mask,
-            };
-            if let Some(out) = fused_attention(q, k, v, spec)? {
-                return Ok(out);
-            }
-        }
-        let (q, k, v) = match kv {
-            None => {
-                let qkv = self.split_heads(q, 3)?;
-                (qkv[0].clone(), qkv[1].clone(), qkv[2].clone())
-            }
-            Some(kv) => {
-                let q = self.split_heads(q, 1)?;
-                let kv = self.split_heads(kv, 2)?;
-                (q[0].clone(), kv[0].clone(), kv[1].clone())
-            }
+        let part = |src, offset| Part { src, offset };
+        let (q, k, v) = match &kv {
+            None => (part(&q, 0), part(&q, h), part(&q, 2 * h)),
+            Some(kv) => (part(&q, 0), part(kv, 0), part(kv, h)),
         };
-        let scores = q.matmul(&k.t()?)?;
-        // transformers scales before adding the mask; without one the scale fuses into the softmax.
-        let probs = match mask {
-            Some(m) => {
-                crate::kernels::scaled_softmax_last_dim((scores * scale)?.broadcast_add(m)?, 1.0)?
-            }
-            None => crate::kernels::scaled_softmax_last_dim(scores, scale)?,
+        let spec = AttentionSpec {
+            name: "qformer.attention",
+            heads: self.num_heads,
+            dim: h,
+            scale: (self.head_size as f64).powf(-0.5),
+            mask,
         };
-        crate::kernels::contiguous(&probs.matmul(&v)?.transpose(1, 2)?)?.reshape((b, t, h))
+        self.kern.attention(q, k, v, spec)
     }
 }
 
@@ -133,23 +114,25 @@ impl Blip2QFormerMultiHeadAttention {
 pub struct Blip2QFormerOutput {
     dense: Linear,
     layer_norm: LayerNorm,
+    kern: Kernels,
 }
 
 impl Blip2QFormerOutput {
     fn new(cfg: &Blip2QFormerConfig, in_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            dense: linear_kn(in_dim, cfg.hidden_size, vb.pp("dense"))?,
+            dense: linear_kn(in_dim, cfg.hidden_size, vb.pp("dense"), cfg.kernels)?,
             layer_norm: layer_norm(
                 cfg.hidden_size,
                 LayerNormConfig::from(cfg.layer_norm_eps),
                 vb.pp("LayerNorm"),
             )?,
+            kern: cfg.kernels,
         })
     }
 
     fn forward(&self, hidden: &Tensor, input: &Tensor) -> Result<Tensor> {
-        let dense = crate::kernels::linear(&self.dense, hidden)?;
-        Ok(crate::kernels::add_layer_norm(dense, input, &self.layer_norm)?.1)
+        let dense = self.dense.forward(hidden)?;
+        Ok(self.kern.add_layer_norm(dense, input, &self.layer_norm)?.1)
     }
 }
 
@@ -189,6 +172,7 @@ impl Blip2QFormerFeedForward {
             cfg.hidden_size,
             cfg.intermediate_size,
             vb.pp(format!("intermediate{suffix}")).pp("dense"),
+            cfg.kernels,
         )?;
         Ok(Self {
             intermediate,
@@ -204,7 +188,7 @@ impl Blip2QFormerFeedForward {
 
 impl Module for Blip2QFormerFeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = crate::kernels::linear_act(&self.intermediate, self.act, xs)?;
+        let h = self.intermediate.forward_act(self.act, xs)?;
         self.output.forward(&h, xs)
     }
 }

@@ -3,8 +3,8 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, VarBuilder};
 
-use crate::kernels::{add_layer_norm, contiguous, layer_norm_in, linear_kn, Linear};
-use crate::profile::span;
+use blipdex_kernels::profile::span;
+use blipdex_kernels::{layer_norm_in, linear_kn, to_dtype, Kernels, Linear};
 
 use crate::config::Blip2VisionConfig;
 
@@ -17,6 +17,7 @@ pub struct Blip2VisionEmbeddings {
     patch: (usize, usize),
     /// Side of the square position grid the checkpoint was trained on.
     grid: usize,
+    kern: Kernels,
 }
 
 impl Blip2VisionEmbeddings {
@@ -29,8 +30,9 @@ impl Blip2VisionEmbeddings {
         let patch_weight = vb
             .get((d, 3, ph, pw), "patch_embedding.weight")?
             .reshape((d, 3 * ph * pw))?;
-        let patch_embedding =
-            Linear::prepared(patch_weight, Some(vb.get(d, "patch_embedding.bias")?))?;
+        let patch_bias = Some(vb.get(d, "patch_embedding.bias")?);
+        let patch_embedding = Linear::prepared(patch_weight, patch_bias, cfg.kernels)?
+            .named("vision.patch_embedding");
         let position_embedding = vb.get((1, num_positions, d), "position_embedding")?;
         let grid = ((num_positions - 1) as f64).sqrt().round() as usize;
         Ok(Self {
@@ -39,6 +41,7 @@ impl Blip2VisionEmbeddings {
             position_embedding,
             patch: (ph, pw),
             grid,
+            kern: cfg.kernels,
         })
     }
 
@@ -60,9 +63,14 @@ impl Blip2VisionEmbeddings {
             .narrow(3, 0, gw * pw)?
             .reshape((b, c, gh, ph, gw, pw))?
             .permute((0, 2, 4, 1, 3, 5))?;
-        let x = contiguous(&x)?.reshape((b * gh * gw, c * ph * pw))?;
-        let patches =
-            crate::kernels::linear(&self.patch_embedding, &x)?.reshape((b, gh * gw, ()))?;
+        let x = self
+            .kern
+            .contiguous(&x)?
+            .reshape((b * gh * gw, c * ph * pw))?;
+        let patches = self
+            .patch_embedding
+            .forward(&x)?
+            .reshape((b, gh * gw, ()))?;
         let d = patches.dim(2)?;
         let class = self.class_embedding.expand((b, 1, d))?;
         let embeddings = Tensor::cat(&[&class, &patches], 1)?;
@@ -129,6 +137,7 @@ pub struct Blip2Attention {
     projection: Linear,
     num_heads: usize,
     scale: f64,
+    kern: Kernels,
 }
 
 impl Blip2Attention {
@@ -148,49 +157,24 @@ impl Blip2Attention {
             None
         };
         let head_dim = d / cfg.num_attention_heads;
+        let kern = cfg.kernels;
         Ok(Self {
-            qkv: Linear::prepared(qkv_w, bias)?,
-            projection: linear_kn(d, d, vb.pp("projection"))?,
+            qkv: Linear::prepared(qkv_w, bias, kern)?.named("vision.qkv"),
+            projection: linear_kn(d, d, vb.pp("projection"), kern)?.named("vision.proj"),
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
+            kern,
         })
     }
 }
 
 impl Module for Blip2Attention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = xs.dims3()?;
-        let hd = d / self.num_heads;
-        let dev = xs.device();
-        let qkv = span("vision.qkv", dev, || crate::kernels::linear(&self.qkv, xs))?;
-        if let Some(out) = span("vision.attention", dev, || {
-            crate::kernels::fused_self_attention(&qkv, self.num_heads, self.scale)
-        })? {
-            return span("vision.proj", dev, || {
-                crate::kernels::linear(&self.projection, &out)
-            });
-        }
-        let (q, k, v) = span("vision.split_heads", dev, || {
-            let qkv = qkv
-                .reshape((b, t, 3, self.num_heads, hd))?
-                .permute((2, 0, 3, 1, 4))?;
-            Ok((
-                contiguous(&qkv.i(0)?)?,
-                contiguous(&qkv.i(1)?)?,
-                contiguous(&qkv.i(2)?)?,
-            ))
-        })?;
-        let scores = span("vision.qk", dev, || q.matmul(&k.t()?))?;
-        let attn = span("vision.softmax", dev, || {
-            crate::kernels::scaled_softmax_last_dim(scores, self.scale)
-        })?;
-        let out = span("vision.av", dev, || attn.matmul(&v))?;
-        let out = span("vision.merge_heads", dev, || {
-            contiguous(&out.transpose(1, 2)?)?.reshape((b, t, d))
-        })?;
-        span("vision.proj", dev, || {
-            crate::kernels::linear(&self.projection, &out)
-        })
+        let qkv = self.qkv.forward(xs)?;
+        let out = self
+            .kern
+            .self_attention("vision.attention", &qkv, self.num_heads, self.scale)?;
+        self.projection.forward(&out)
     }
 }
 
@@ -202,9 +186,12 @@ pub struct Blip2Mlp {
 
 impl Blip2Mlp {
     pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
         Ok(Self {
-            fc1: linear_kn(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear_kn(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear_kn(d, cfg.intermediate_size, vb.pp("fc1"), cfg.kernels)?
+                .named("vision.fc1_act"),
+            fc2: linear_kn(cfg.intermediate_size, d, vb.pp("fc2"), cfg.kernels)?
+                .named("vision.fc2"),
             act: cfg.hidden_act,
         })
     }
@@ -212,11 +199,8 @@ impl Blip2Mlp {
 
 impl Module for Blip2Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dev = xs.device();
-        let h = span("vision.fc1_act", dev, || {
-            crate::kernels::linear_act(&self.fc1, self.act, xs)
-        })?;
-        span("vision.fc2", dev, || crate::kernels::linear(&self.fc2, &h))
+        let h = self.fc1.forward_act(self.act, xs)?;
+        self.fc2.forward(&h)
     }
 }
 
@@ -244,13 +228,11 @@ impl Blip2EncoderLayer {
     /// `next` of it (the next layer's layer_norm1, or post_layernorm after the last). Each
     /// residual add is fused with the layer norm that reads it.
     fn forward(&self, h: &Tensor, x: &Tensor, next: &LayerNorm) -> Result<(Tensor, Tensor)> {
-        let dev = h.device();
+        let kern = self.self_attn.kern;
         let a = self.self_attn.forward(x)?;
-        let (h, x) = span("vision.add_norm", dev, || {
-            add_layer_norm(a, h, &self.layer_norm2)
-        })?;
+        let (h, x) = kern.add_layer_norm(a, h, &self.layer_norm2)?;
         let m = self.mlp.forward(&x)?;
-        span("vision.add_norm", dev, || add_layer_norm(m, &h, next))
+        kern.add_layer_norm(m, &h, next)
     }
 }
 
@@ -322,7 +304,7 @@ impl Module for Blip2VisionModel {
             .first()
             .map_or(&self.post_layernorm, |l| &l.layer_norm1);
         let mut x = span("vision.layer_norm", dev, || {
-            crate::kernels::layer_norm(&h, first)
+            blipdex_kernels::layer_norm(&h, first)
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
             let next = self
@@ -331,7 +313,7 @@ impl Module for Blip2VisionModel {
                 .map_or(&self.post_layernorm, |l| &l.layer_norm1);
             (h, x) = layer.forward(&h, &x, next)?;
         }
-        crate::kernels::to_dtype(&x, self.dtype)
+        to_dtype(&x, self.dtype)
     }
 }
 

@@ -401,7 +401,7 @@ fn half_precision_agrees_with_f32() -> Result<()> {
                 bytes(&half_head),
                 bytes(&f32_head)
             );
-            if blipdex_model::sgemm::available() {
+            if blipdex_kernels::sgemm::available() {
                 ensure!(
                     half_head.dtype() == DType::F32,
                     "{name}: {dtype:?} weights packed for the CPU compute in f32"

@@ -72,6 +72,7 @@ fn half_precision_stays_close_to_f32() -> Result<()> {
                 &LoadOptions {
                     device: Device::Cpu,
                     dtype,
+                    ..LoadOptions::default()
                 },
             )
             .err()
@@ -88,6 +89,7 @@ fn half_precision_stays_close_to_f32() -> Result<()> {
             &LoadOptions {
                 device: Device::Cpu,
                 dtype,
+                ..LoadOptions::default()
             },
         )?;
         let v = model.get_image_features(get(&g, "pixel_values")?)?;

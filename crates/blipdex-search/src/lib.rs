@@ -6,6 +6,7 @@
 //! by [`Engine::refresh`] when a later ingest commits, so a query never sees a half-written state.
 
 mod images;
+mod query;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 pub use images::image_similarity;
+pub use query::{dedup_ids, Answer, BatchSizes, Query, IMAGE_CHUNK, MAX_BEAMS, MAX_NEW_TOKENS};
 
 /// Most results one query may ask for (`offset + top_k`); larger requests are refused.
 pub const MAX_RESULTS: usize = 10_000;
@@ -29,8 +31,6 @@ pub const MAX_RESULTS: usize = 10_000;
 pub const MAX_QUERY_BYTES: usize = 4096;
 /// Most image ids one rerank or caption request may name.
 pub const MAX_RERANK: usize = 1000;
-/// Images per vision-tower batch when recomputing states for ITM (bounds activation memory).
-const IMAGE_CHUNK: usize = 16;
 /// Images per caption batch.
 const CAPTION_CHUNK: usize = 8;
 /// Most hits one search may ask captions for.
@@ -744,17 +744,7 @@ impl Engine {
             .itm_many(store, &[(query, &ids)])?
             .pop()
             .unwrap_or_default();
-        for (h, s) in hits.iter_mut().zip(scores) {
-            match s {
-                Ok(p) => h.itm_score = Some(p),
-                Err(e) => h.error = Some(e.to_string()),
-            }
-        }
-        hits[..n].sort_by(|a, b| {
-            b.itm_score
-                .unwrap_or(f32::NEG_INFINITY)
-                .total_cmp(&a.itm_score.unwrap_or(f32::NEG_INFINITY))
-        });
+        query::apply_itm(hits, n, &scores);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use blipdex_core::Error;
 use blipdex_model::CaptionRequest as EngineCaptionRequest;
 use blipdex_search::{
-    CaptionOutcome, CaptionSource, Engine, SearchParams, MAX_QUERY_BYTES, MAX_RERANK, MAX_RESULTS,
+    dedup_ids, Answer, CaptionOutcome, CaptionSource, Engine, Query, SearchParams,
 };
 use crossbeam_channel::TrySendError;
 use tokio::sync::oneshot;
@@ -21,15 +21,11 @@ use tonic::{Request, Response, Status};
 use crate::auth::BearerAuth;
 use crate::pb::retrieval_server::{Retrieval, RetrievalServer};
 use crate::pb::{self, SearchOptions};
-use crate::worker::{dedup_ids, Found, Job, Lane, Reply};
+use crate::worker::{Job, Lane};
 use crate::{status_from, Shared};
 
 /// Hits per page when a request leaves `top_k` at 0.
 pub const DEFAULT_TOP_K: usize = 10;
-/// Longest caption a request may ask for.
-pub const MAX_NEW_TOKENS: u32 = 512;
-/// Widest beam search a request may ask for.
-pub const MAX_BEAMS: u32 = 16;
 
 pub(crate) type RetrievalService =
     OversizedIsInvalid<InterceptedService<RetrievalServer<Handlers>, BearerAuth>>;
@@ -63,12 +59,18 @@ impl Handlers {
     }
 
     /// Queues a job without waiting: a full queue is RESOURCE_EXHAUSTED.
-    async fn submit<T>(
-        &self,
-        rpc: &'static str,
-        lane: Lane,
-        make: impl FnOnce(Reply<T>) -> Job,
-    ) -> Result<T, Status> {
+    /// Validates `query`, queues it on its lane and awaits the engine's answer.
+    async fn submit(&self, rpc: &'static str, query: Query) -> Result<Answer, Status> {
+        let engine = self.engine()?;
+        query
+            .validate(engine.has_captioner())
+            .map_err(|e| status_from(&e))?;
+        // Queries that caption wait behind caption generation, the others never do.
+        let lane = if query.generates_captions() {
+            Lane::Caption
+        } else {
+            Lane::Search
+        };
         let (tx, rx) = oneshot::channel();
         {
             let jobs =
@@ -80,7 +82,7 @@ impl Handlers {
                     "the server is shutting down; retry elsewhere",
                 ));
             };
-            match sender.try_send(make(tx)) {
+            match sender.try_send(Job { query, reply: tx }) {
                 Ok(()) => self
                     .shared
                     .metrics
@@ -134,19 +136,6 @@ impl Handlers {
     }
 }
 
-fn check_query(q: &str) -> Result<(), Status> {
-    blipdex_search::Engine::check_query(q).map_err(|e| status_from(&e))
-}
-
-fn check_image(image: &[u8]) -> Result<(), Status> {
-    if image.is_empty() {
-        return Err(Status::invalid_argument(
-            "image is empty; send the encoded bytes of a JPEG, PNG, GIF, WebP, BMP or TIFF file",
-        ));
-    }
-    Ok(())
-}
-
 fn search_params(top_k: u32, options: Option<SearchOptions>) -> Result<SearchParams, Status> {
     let o = options.unwrap_or_default();
     let mut p = SearchParams {
@@ -164,14 +153,16 @@ fn search_params(top_k: u32, options: Option<SearchOptions>) -> Result<SearchPar
     if o.ef != 0 {
         p.ef = o.ef as usize;
     }
-    p.validate().map_err(|e| status_from(&e))?;
     Ok(p)
 }
 
-fn found(f: Found) -> pb::SearchResponse {
-    pb::SearchResponse {
-        hits: f.hits.into_iter().map(hit).collect(),
-        generation: f.generation,
+fn found(a: Answer) -> Result<pb::SearchResponse, Status> {
+    match a {
+        Answer::Hits { hits, generation } => Ok(pb::SearchResponse {
+            hits: hits.into_iter().map(hit).collect(),
+            generation,
+        }),
+        Answer::Caption(_) => Err(Status::internal("a search was answered with a caption")),
     }
 }
 
@@ -190,23 +181,6 @@ fn hit(h: blipdex_search::Hit) -> pb::Hit {
     }
 }
 
-/// Searches that caption their hits wait behind caption generation, the others never do.
-fn lane(with_captions: bool) -> Lane {
-    if with_captions {
-        Lane::Caption
-    } else {
-        Lane::Search
-    }
-}
-
-fn no_captioner() -> Status {
-    status_from(&Error::Unsupported(
-        "no caption model is loaded; start the server with --caption-model \
-         (e.g. Salesforce/blip2-opt-2.7b)"
-            .into(),
-    ))
-}
-
 #[tonic::async_trait]
 impl Retrieval for Handlers {
     async fn search_text(
@@ -214,36 +188,14 @@ impl Retrieval for Handlers {
         request: Request<pb::SearchTextRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         self.timed("SearchText", async {
-            let engine = self.engine()?;
             let r = request.into_inner();
-            check_query(&r.query)?;
-            let params = search_params(r.top_k, r.options)?;
-            let rerank_top_n = r.rerank_top_n as usize;
-            if rerank_top_n > MAX_RERANK {
-                return Err(Status::invalid_argument(format!(
-                    "rerank_top_n is {rerank_top_n}; at most {MAX_RERANK}"
-                )));
-            }
-            if params.offset + params.top_k.max(rerank_top_n) > MAX_RESULTS {
-                return Err(Status::invalid_argument(format!(
-                    "offset + max(top_k, rerank_top_n) must be at most {MAX_RESULTS}"
-                )));
-            }
-            if r.with_captions && !engine.has_captioner() {
-                return Err(no_captioner());
-            }
-            let f = self
-                .submit("SearchText", lane(r.with_captions), |reply| {
-                    Job::SearchText {
-                        query: r.query,
-                        params,
-                        rerank_top_n,
-                        with_captions: r.with_captions,
-                        reply,
-                    }
-                })
-                .await?;
-            Ok(found(f))
+            let query = Query::Text {
+                text: r.query,
+                params: search_params(r.top_k, r.options)?,
+                rerank_top_n: r.rerank_top_n as usize,
+                with_captions: r.with_captions,
+            };
+            found(self.submit("SearchText", query).await?)
         })
         .await
     }
@@ -253,24 +205,13 @@ impl Retrieval for Handlers {
         request: Request<pb::SearchImageRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         self.timed("SearchImage", async {
-            let engine = self.engine()?;
             let r = request.into_inner();
-            check_image(&r.image)?;
-            let params = search_params(r.top_k, r.options)?;
-            if r.with_captions && !engine.has_captioner() {
-                return Err(no_captioner());
-            }
-            let f = self
-                .submit("SearchImage", lane(r.with_captions), |reply| {
-                    Job::SearchImage {
-                        image: r.image,
-                        params,
-                        with_captions: r.with_captions,
-                        reply,
-                    }
-                })
-                .await?;
-            Ok(found(f))
+            let query = Query::Image {
+                image: r.image,
+                params: search_params(r.top_k, r.options)?,
+                with_captions: r.with_captions,
+            };
+            found(self.submit("SearchImage", query).await?)
         })
         .await
     }
@@ -280,33 +221,13 @@ impl Retrieval for Handlers {
         request: Request<pb::RerankRequest>,
     ) -> Result<Response<pb::SearchResponse>, Status> {
         self.timed("Rerank", async {
-            let engine = self.engine()?;
             let r = request.into_inner();
-            check_query(&r.query)?;
-            if r.image_ids.is_empty() {
-                return Err(Status::invalid_argument(
-                    "image_ids is empty; send the ids (Hit.image_id) of the images to score",
-                ));
-            }
-            let ids = dedup_ids(&r.image_ids);
-            if ids.len() > MAX_RERANK {
-                return Err(Status::invalid_argument(format!(
-                    "{} image ids; at most {MAX_RERANK} per request, split the request",
-                    ids.len()
-                )));
-            }
-            if r.with_captions && !engine.has_captioner() {
-                return Err(no_captioner());
-            }
-            let f = self
-                .submit("Rerank", lane(r.with_captions), |reply| Job::Rerank {
-                    query: r.query,
-                    ids,
-                    with_captions: r.with_captions,
-                    reply,
-                })
-                .await?;
-            Ok(found(f))
+            let query = Query::Rerank {
+                text: r.query,
+                ids: dedup_ids(&r.image_ids),
+                with_captions: r.with_captions,
+            };
+            found(self.submit("Rerank", query).await?)
         })
         .await
     }
@@ -316,68 +237,31 @@ impl Retrieval for Handlers {
         request: Request<pb::CaptionRequest>,
     ) -> Result<Response<pb::CaptionResponse>, Status> {
         self.timed("Caption", async {
-            let engine = self.engine()?;
-            if !engine.has_captioner() {
-                return Err(no_captioner());
-            }
             let r = request.into_inner();
             let source = match r.source {
                 Some(pb::caption_request::Source::ImageId(id)) => CaptionSource::ImageId(id),
-                Some(pb::caption_request::Source::Image(bytes)) => {
-                    check_image(&bytes)?;
-                    CaptionSource::Bytes(bytes)
-                }
+                Some(pb::caption_request::Source::Image(bytes)) => CaptionSource::Bytes(bytes),
                 None => {
                     return Err(Status::invalid_argument(
                         "no image: set image_id (an indexed image) or image (encoded bytes)",
                     ))
                 }
             };
-            if r.prompt.len() > MAX_QUERY_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "prompt is {} bytes; at most {MAX_QUERY_BYTES}",
-                    r.prompt.len()
-                )));
-            }
-            if let Some(n) = r.max_new_tokens {
-                if n == 0 || n > MAX_NEW_TOKENS {
-                    return Err(Status::invalid_argument(format!(
-                        "max_new_tokens is {n}; use 1 to {MAX_NEW_TOKENS}"
-                    )));
-                }
-            }
-            if let Some(n) = r.num_beams {
-                if n == 0 || n > MAX_BEAMS {
-                    return Err(Status::invalid_argument(format!(
-                        "num_beams is {n}; use 1 to {MAX_BEAMS}"
-                    )));
-                }
-            }
-            if let (Some(min), Some(max)) = (r.min_new_tokens, r.max_new_tokens) {
-                if min > max {
-                    return Err(Status::invalid_argument(format!(
-                        "min_new_tokens ({min}) is over max_new_tokens ({max})"
-                    )));
-                }
-            }
-            if r.min_new_tokens.is_some_and(|n| n > MAX_NEW_TOKENS) {
-                return Err(Status::invalid_argument(format!(
-                    "min_new_tokens must be at most {MAX_NEW_TOKENS}"
-                )));
-            }
             let request = EngineCaptionRequest {
                 prompt: r.prompt,
                 max_new_tokens: r.max_new_tokens.map(|n| n as usize),
                 min_new_tokens: r.min_new_tokens.map(|n| n as usize),
                 num_beams: r.num_beams.map(|n| n as usize),
             };
-            let c: CaptionOutcome = self
-                .submit("Caption", Lane::Caption, |reply| Job::Caption {
-                    source,
-                    request,
-                    reply,
-                })
-                .await?;
+            let c: CaptionOutcome = match self
+                .submit("Caption", Query::Caption { source, request })
+                .await?
+            {
+                Answer::Caption(c) => c,
+                Answer::Hits { .. } => {
+                    return Err(Status::internal("a caption was answered with hits"))
+                }
+            };
             Ok(pb::CaptionResponse {
                 text: c.generated.text,
                 token_ids: c.generated.token_ids,

@@ -454,6 +454,17 @@ impl Store {
         Some(self.state.vectors(row).to_vec())
     }
 
+    /// An image's ITC score for the unit text embedding `t` (len E): the max over its query
+    /// vectors of the dot product, by the kernel the searches score with (deleted images
+    /// included). `None` for an unknown id or a `t` of the wrong length.
+    pub fn itc_score(&self, image_id: u64, t: &[f32]) -> Option<f32> {
+        if t.len() != self.dim() {
+            return None;
+        }
+        let row = self.state.current_row(image_id)?;
+        Some(self.state.vectors(row).max_sim(t, &mut Vec::new()).0)
+    }
+
     /// The live image with these bytes.
     pub fn by_content_hash(&self, content_hash: &str) -> Option<ImageRow> {
         let id = self.logged(self.state.by_hash(content_hash))?;

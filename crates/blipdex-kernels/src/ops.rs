@@ -25,10 +25,168 @@ use candle_core::{
 use candle_nn::Activation;
 use rayon::prelude::*;
 
+use crate::layout::{AttentionSpec, Part};
+use crate::profile::span;
 use crate::sgemm;
 
 /// Elements per rayon task: enough to amortize the split, small enough to balance two cores.
 const CHUNK: usize = 16 * 1024;
+
+/// Which kernels run a model's ops, and the dispatch to them: attention (fused where a kernel
+/// takes it, the unfused ops otherwise), residual add + layer norm, softmax, layout copies,
+/// products against stored weights. A model takes one from its load options and copies it into
+/// its layers (each [`Linear`] holds its own); nothing here reads the environment. Each op is a
+/// [`profile`](crate::profile) span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    /// blipdex's CUDA kernels (bias + activation, softmax, residual add, layout copies) and
+    /// cuBLASLt linears; `false`: candle's own CUDA ops (for comparison). No effect elsewhere.
+    pub cuda: bool,
+    /// The fused CUDA attention of a `flash-attn` build (sm_80+); `false`: the unfused ops.
+    pub cuda_flash: bool,
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Self {
+            cuda: true,
+            cuda_flash: true,
+        }
+    }
+}
+
+impl Kernels {
+    /// Multi-head attention, `softmax(scale · q·kᵀ + mask) · v` per head, heads merged into
+    /// `[B, Tq, dim]`: fused where a kernel takes the inputs (see [`fused_attention`]), else
+    /// the heads split out of q, k and v and [`Kernels::attention_heads`].
+    pub fn attention(
+        self,
+        q: Part<'_>,
+        k: Part<'_>,
+        v: Part<'_>,
+        spec: AttentionSpec<'_>,
+    ) -> Result<Tensor> {
+        span(spec.name, q.src.device(), || {
+            if let Some(out) = fused_attention(self, q, k, v, spec)? {
+                return Ok(out);
+            }
+            let heads = |p| self.split_heads(p, spec.heads, spec.dim);
+            self.attention_heads(&heads(q)?, &heads(k)?, &heads(v)?, spec.scale, spec.mask)
+        })
+    }
+
+    /// [`Kernels::attention`] over a fused `[B, T, 3·D]` q/k/v projection, unmasked.
+    pub fn self_attention(
+        self,
+        name: &'static str,
+        qkv: &Tensor,
+        heads: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let dim = qkv.dim(D::Minus1)? / 3;
+        let part = |offset| Part { src: qkv, offset };
+        let spec = AttentionSpec {
+            name,
+            heads,
+            dim,
+            scale,
+            mask: None,
+        };
+        self.attention(part(0), part(dim), part(2 * dim), spec)
+    }
+
+    /// Columns `offset..offset + dim` of a `[B, T, width]` tensor as contiguous heads
+    /// `[B, heads, T, dim / heads]`: one copy (a view while the columns fall on whole heads).
+    pub fn split_heads(self, p: Part<'_>, heads: usize, dim: usize) -> Result<Tensor> {
+        let (b, t, width) = p.src.dims3()?;
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            candle_core::bail!("attention: {dim} columns do not split into {heads} heads");
+        }
+        let hd = dim / heads;
+        let x = if width.is_multiple_of(hd) && p.offset.is_multiple_of(hd) {
+            p.src
+                .reshape((b, t, width / hd, hd))?
+                .narrow(2, p.offset / hd, heads)?
+        } else {
+            p.src.narrow(2, p.offset, dim)?.reshape((b, t, heads, hd))?
+        };
+        span("attention.split_heads", p.src.device(), || {
+            contiguous(self, &x.transpose(1, 2)?)
+        })
+    }
+
+    /// Unfused attention over per-head `[B, H, T, hd]` tensors, heads merged into
+    /// `[B, Tq, H·hd]`, as transformers' eager attention: q·kᵀ, scaled, plus the mask, softmax
+    /// (in the mask's dtype, the result back in q's), times v. Unmasked, the scale is applied
+    /// inside the softmax.
+    pub fn attention_heads(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, h, tq, hd) = q.dims4()?;
+        let dev = q.device();
+        let scores = span("attention.qk", dev, || q.matmul(&k.t()?))?;
+        let probs = span("attention.softmax", dev, || match mask {
+            Some(m) => {
+                let scores = if scale == 1.0 {
+                    scores
+                } else {
+                    (scores * scale)?
+                };
+                let scores = scores.to_dtype(m.dtype())?.broadcast_add(m)?;
+                scaled_softmax_last_dim(self, scores, 1.0)?.to_dtype(q.dtype())
+            }
+            None => scaled_softmax_last_dim(self, scores, scale),
+        })?;
+        let out = span("attention.av", dev, || probs.matmul(v))?;
+        span("attention.merge_heads", dev, || {
+            contiguous(self, &out.transpose(1, 2)?)?.reshape((b, tq, h * hd))
+        })
+    }
+
+    /// `ln(x + residual)`, returning the sum (the next residual) and its normalization. On the
+    /// CPU in f32 one vectorized pass per row (see [`add_layer_norm`]); elsewhere the add (in
+    /// place on CUDA) then candle's layer norm. `x` must be fresh (a matmul output).
+    pub fn add_layer_norm(
+        self,
+        x: Tensor,
+        residual: &Tensor,
+        ln: &candle_nn::LayerNorm,
+    ) -> Result<(Tensor, Tensor)> {
+        span("add_layer_norm", &x.device().clone(), || {
+            add_layer_norm(self, x, residual, ln)
+        })
+    }
+
+    /// `x + y` for a fresh `x` (a matmul output nobody else holds) and `y` of the same shape:
+    /// in place on CUDA (candle's add is a third the bandwidth there), candle's add elsewhere.
+    pub fn add(self, x: Tensor, y: &Tensor) -> Result<Tensor> {
+        add_fresh(self, x, y)
+    }
+
+    /// `softmax(x * scale)` over the last dimension, in place when it can be. `x` must be a
+    /// fresh tensor nobody else holds (a matmul output or a masked sum).
+    pub fn softmax(self, x: Tensor, scale: f64) -> Result<Tensor> {
+        span("softmax", &x.device().clone(), || {
+            scaled_softmax_last_dim(self, x, scale)
+        })
+    }
+
+    /// `x.contiguous()`; on CUDA through blipdex's row copy kernel (candle's strided copy spends
+    /// its time on 64-bit index division: see `cuda`).
+    pub fn contiguous(self, x: &Tensor) -> Result<Tensor> {
+        contiguous(self, x)
+    }
+
+    /// x·Wᵀ for x `[.., K]` and a stored `[N, K]` weight (a tied embedding): see [`matmul_t`].
+    pub fn matmul_t(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        matmul_t(self, x, w)
+    }
+}
 
 /// A linear layer `y = x·Wᵀ + b` whose weight is laid out once, at load, for the product that
 /// runs it (see [`Linear::prepared`]).
@@ -36,6 +194,9 @@ const CHUNK: usize = 16 * 1024;
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    kern: Kernels,
+    /// Its profiling span.
+    name: &'static str,
 }
 
 #[derive(Clone, Debug)]
@@ -48,39 +209,48 @@ enum Weight {
 
 impl Linear {
     /// The weight as stored (`[out, in]`), nothing re-laid out.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, kern: Kernels) -> Self {
         Self {
             weight: Weight::Tensor(weight),
             bias,
+            kern,
+            name: "linear",
         }
+    }
+
+    /// The same layer, timed as `name` by [`crate::profile`].
+    pub fn named(self, name: &'static str) -> Self {
+        Self { name, ..self }
     }
 
     /// Laid out for the device's product: f32 on a CPU with AVX-512F, packed for [`sgemm`]
     /// (blipdex's GEMM); on other CPUs Wᵀ row-major for gemm (packed much faster for
     /// image-sized inputs: one image, 257 rows: fc2 106 → 190 GFLOP/s, qkv 166 → 205); on
     /// other devices as stored. Replaces the checkpoint-layout buffer: one copy of the weight.
-    pub fn prepared(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    pub fn prepared(weight: Tensor, bias: Option<Tensor>, kern: Kernels) -> Result<Self> {
         if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 {
-            return Ok(Self::new(weight, bias));
+            return Ok(Self::new(weight, bias, kern));
         }
         match Self::packed(&weight)? {
             Some(packed) => Ok(Self {
                 weight: Weight::Packed(packed),
-                bias,
+                ..Self::new(weight, bias, kern)
             }),
-            None => Self::relaid_out(weight, bias),
+            None => Ok(Self::new(transpose_f32(&weight)?.t()?, bias, kern)),
         }
     }
 
     /// For layers that run both few-row products (decoding) and prompt-sized ones: packed for
     /// [`sgemm`] where [`Linear::prepared`] packs (its GEMV streams the panels as fast as the
     /// stored rows), otherwise as stored, the layout of [`matmul_t`]'s streaming GEMV.
-    pub fn packed_or_stored(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let weight = match Self::packed(&weight)? {
-            Some(packed) => Weight::Packed(packed),
-            None => Weight::Tensor(weight),
-        };
-        Ok(Self { weight, bias })
+    pub fn packed_or_stored(weight: Tensor, bias: Option<Tensor>, kern: Kernels) -> Result<Self> {
+        Ok(match Self::packed(&weight)? {
+            Some(packed) => Self {
+                weight: Weight::Packed(packed),
+                ..Self::new(weight, bias, kern)
+            },
+            None => Self::new(weight, bias, kern),
+        })
     }
 
     /// The `[out, in]` weight packed for [`sgemm`] on a CPU with AVX-512F, in its dtype (bf16
@@ -107,11 +277,6 @@ impl Linear {
             }
             _ => None,
         })
-    }
-
-    /// The weight as the transposed view of a contiguous `[in, out]` buffer (gemm's layout).
-    fn relaid_out(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self::new(transpose_f32(&weight)?.t()?, bias))
     }
 
     /// The weight's dtype.
@@ -142,15 +307,27 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(self, x)
+        span(self.name, x.device(), || linear(self, x))
+    }
+}
+
+impl Linear {
+    /// `act(self(x))`, with the bias add and an erf GELU fused into one in-place pass.
+    pub fn forward_act(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
+        span(self.name, x.device(), || linear_act(self, act, x))
     }
 }
 
 /// candle_nn's `linear` (checkpoint names `weight`, `bias`), [`Linear::prepared`].
-pub fn linear_kn(in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
+pub fn linear_kn(
+    in_dim: usize,
+    out_dim: usize,
+    vb: candle_nn::VarBuilder,
+    kern: Kernels,
+) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = vb.get(out_dim, "bias")?;
-    Linear::prepared(weight, Some(bias))
+    Linear::prepared(weight, Some(bias), kern)
 }
 
 /// `w.t().contiguous()` for a contiguous f32 matrix, in 64-column tiles over rayon (candle's
@@ -191,16 +368,16 @@ fn transpose_tiles(src: &[f32], n: usize, k: usize) -> Vec<f32> {
 }
 
 /// `act(linear(x))`, with the bias add and an erf GELU fused into one in-place pass.
-pub fn linear_act(lin: &Linear, act: Activation, x: &Tensor) -> Result<Tensor> {
+fn linear_act(lin: &Linear, act: Activation, x: &Tensor) -> Result<Tensor> {
     match (act, &lin.weight) {
         (Activation::Gelu, Weight::Packed(w)) => {
             // GELU on the f32 sums, one rounding to a half-precision input's dtype after it.
-            let y = bias_gelu_erf(packed_linear_f32(w, lin.bias(), x)?, None)?;
+            let y = bias_gelu_erf(lin.kern, packed_linear_f32(w, lin.bias(), x)?, None)?;
             to_dtype(&y, x.dtype())
         }
         (Activation::Gelu, Weight::Tensor(w)) => {
-            let y = matmul_t(x, w)?;
-            bias_gelu_erf(y, lin.bias())
+            let y = matmul_t(lin.kern, x, w)?;
+            bias_gelu_erf(lin.kern, y, lin.bias())
         }
         (act, _) => act.forward(&linear(lin, x)?),
     }
@@ -208,9 +385,9 @@ pub fn linear_act(lin: &Linear, act: Activation, x: &Tensor) -> Result<Tensor> {
 
 /// `gelu_erf(x + bias)` (bias broadcast over the last dimension), in place when it can be.
 /// `x` must be a fresh tensor nobody else holds (a matmul output).
-pub fn bias_gelu_erf(x: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+fn bias_gelu_erf(kern: Kernels, x: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let in_place = match bias {
-        Some(b) => bias_in_place(&x, b),
+        Some(b) => bias_in_place(kern, &x, b),
         None => fast_path(&x),
     };
     if in_place {
@@ -229,15 +406,17 @@ pub fn bias_gelu_erf(x: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// `softmax(x * scale)` over the last dimension, in place when it can be.
 /// `x` must be a fresh tensor nobody else holds (a matmul output or a masked sum).
-pub fn scaled_softmax_last_dim(x: Tensor, scale: f64) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn scaled_softmax_last_dim(kern: Kernels, x: Tensor, scale: f64) -> Result<Tensor> {
     if fast_path(&x) {
         x.inplace_op1(&ScaledSoftmax(scale as f32))?;
         return Ok(x);
     }
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::kernels_enabled(&x)
+    if kern.cuda
+        && crate::cuda::kernels_enabled(&x)
         && x.is_contiguous()
-        && crate::cuda_kernels::softmax_supported(x.dtype(), x.dims())
+        && crate::cuda::softmax_supported(x.dtype(), x.dims())
     {
         x.inplace_op1(&ScaledSoftmax(scale as f32))?;
         return Ok(x);
@@ -248,57 +427,38 @@ pub fn scaled_softmax_last_dim(x: Tensor, scale: f64) -> Result<Tensor> {
 
 /// `x.contiguous()`; on CUDA through blipdex's row copy kernel (candle's strided copy spends its
 /// time on 64-bit index division: see `cuda_kernels`).
-pub fn contiguous(x: &Tensor) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn contiguous(kern: Kernels, x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::kernels_enabled(x)
+    if kern.cuda
+        && crate::cuda::kernels_enabled(x)
         && !x.is_contiguous()
-        && crate::cuda_kernels::contiguous_supported(x.dtype(), x.layout())
+        && crate::cuda::contiguous_supported(x.dtype(), x.layout())
     {
-        return x.apply_op1_no_bwd(&crate::cuda_kernels::Contiguous);
+        return x.apply_op1_no_bwd(&crate::cuda::Contiguous);
     }
     x.contiguous()
 }
 
-/// A strided view as (size, stride) pairs, outermost first: size-1 dimensions dropped and a
-/// dimension merged into the one before it when that one steps exactly over it. The CUDA copy
-/// kernel walks these (fewer dimensions, fewer divisions per row); `[(1, 1)]` for one element.
-pub fn merged_dims(dims: &[usize], strides: &[usize]) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> = Vec::new();
-    for (&d, &s) in dims.iter().zip(strides) {
-        if d == 1 {
-            continue;
-        }
-        match out.last_mut() {
-            Some((pd, ps)) if *ps == s * d => {
-                *pd *= d;
-                *ps = s;
-            }
-            _ => out.push((d, s)),
-        }
-    }
-    if out.is_empty() {
-        out.push((1, 1));
-    }
-    out
-}
-
 /// Whether the in-place bias kernels take `x` and `bias`: CPU f32, or CUDA in f32/f16/bf16.
-fn bias_in_place(x: &Tensor, bias: &Tensor) -> bool {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn bias_in_place(kern: Kernels, x: &Tensor, bias: &Tensor) -> bool {
     if fast_path(x) {
         return bias.dtype() == DType::F32 && bias.rank() == 1;
     }
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::kernels_enabled(x) && x.is_contiguous() && bias.is_contiguous() {
-        return crate::cuda_kernels::bias_supported(x.dtype(), x.dims(), bias.dtype(), bias.dims());
+    if kern.cuda && crate::cuda::kernels_enabled(x) && x.is_contiguous() && bias.is_contiguous() {
+        return crate::cuda::bias_supported(x.dtype(), x.dims(), bias.dtype(), bias.dims());
     }
     false
 }
 
 /// `x + y` for a fresh `x` (a matmul output nobody else holds) and `y` of the same shape: in
 /// place on CUDA (candle's add is a third the bandwidth there), candle's add elsewhere.
-pub fn add_fresh(x: Tensor, y: &Tensor) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn add_fresh(kern: Kernels, x: Tensor, y: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels::kernels_enabled(&x) && crate::cuda_kernels::add_supported(&x, y) {
+    if kern.cuda && crate::cuda::kernels_enabled(&x) && crate::cuda::add_supported(&x, y) {
         x.inplace_op2(y, &AddInPlace)?;
         return Ok(x);
     }
@@ -310,7 +470,8 @@ pub fn add_fresh(x: Tensor, y: &Tensor) -> Result<Tensor> {
 /// mean, the variance (two-pass, as PyTorch) and the output: candle's layer norm reads each row
 /// with a scalar loop into a zero-filled output, then the residual add is another pass.
 /// Elsewhere: [`add_fresh`] then candle's layer norm. `x` must be fresh (a matmul output).
-pub fn add_layer_norm(
+fn add_layer_norm(
+    kern: Kernels,
     x: Tensor,
     residual: &Tensor,
     ln: &candle_nn::LayerNorm,
@@ -324,7 +485,7 @@ pub fn add_layer_norm(
             return Ok((to_dtype(&h, x.dtype())?, to_dtype(&n, x.dtype())?));
         }
     }
-    let h = add_fresh(x, residual)?;
+    let h = add_fresh(kern, x, residual)?;
     let n = ln.forward(&h)?;
     Ok((h, n))
 }
@@ -568,7 +729,7 @@ impl InplaceOp2 for AddInPlace {
         y: &candle_core::CudaStorage,
         yl: &Layout,
     ) -> Result<()> {
-        crate::cuda_kernels::add(s, l, y, yl)
+        crate::cuda::add(s, l, y, yl)
     }
 }
 
@@ -577,18 +738,20 @@ pub const GEMV_MAX_ROWS: usize = 8;
 
 /// `linear(x)` = x·Wᵀ + b: on CUDA one cuBLASLt call with the bias in its epilogue where it
 /// applies; otherwise [`matmul_t`] with the bias added in place (CPU f32, CUDA kernels).
-pub fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
+fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let w = match &lin.weight {
         Weight::Packed(packed) => return packed_linear(packed, lin.bias(), x),
         Weight::Tensor(w) => w,
     };
     #[cfg(feature = "cuda")]
-    if let Some(y) = crate::cuda_kernels::lt_linear(x, w, lin.bias())? {
-        return Ok(y);
+    if lin.kern.cuda {
+        if let Some(y) = crate::cuda::lt_linear(x, w, lin.bias())? {
+            return Ok(y);
+        }
     }
-    let y = matmul_t(x, w)?;
+    let y = matmul_t(lin.kern, x, w)?;
     match lin.bias() {
-        Some(b) if bias_in_place(&y, b) => {
+        Some(b) if bias_in_place(lin.kern, &y, b) => {
             y.inplace_op2(b, &BIAS_ADD)?;
             Ok(y)
         }
@@ -602,48 +765,31 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One of attention's q, k, v: columns `offset..offset + dim` of a `[B, T, width]` tensor (a
-/// fused projection's output holds several side by side).
-#[derive(Clone, Copy)]
-pub struct Part<'a> {
-    pub src: &'a Tensor,
-    pub offset: usize,
-}
-
-/// How [`fused_attention`] combines its q, k, v.
-#[derive(Clone, Copy)]
-pub struct AttentionSpec<'a> {
-    pub heads: usize,
-    /// Width of q, k and v (`heads` × head size).
-    pub dim: usize,
-    /// Applied to q·kᵀ before the mask.
-    pub scale: f64,
-    /// Additive f32 mask `[B, 1, Tq, Tk]`, or `[B, 1, 1, Tk]` for every query alike.
-    pub mask: Option<&'a Tensor>,
-}
-
 /// Multi-head attention, `softmax(scale · q·kᵀ + mask) · v` per head, heads merged into
 /// `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per (image, head), the Tq × Tk scores
 /// made, masked, normalized and used inside that core's cache, q, k and v read straight out of
 /// the projections (no head split copies, no batched score tensor through memory). `None`
 /// elsewhere: the caller runs the unfused ops. On CUDA, built with `--features flash-attn`,
 /// unmasked: blipdex's fused CUDA kernels (`cuda_flash`).
-pub fn fused_attention(
+fn fused_attention(
+    kern: Kernels,
     q: Part<'_>,
     k: Part<'_>,
     v: Part<'_>,
     spec: AttentionSpec<'_>,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "flash-attn")]
-    if let Some(out) = crate::cuda_flash::flash_attention(q, k, v, &spec)? {
-        return Ok(Some(out));
+    if kern.cuda && kern.cuda_flash {
+        if let Some(out) = crate::cuda_flash::flash_attention(q, k, v, &spec)? {
+            return Ok(Some(out));
+        }
     }
     if [q, k, v].iter().any(|p| half_on_cpu(p.src)) {
         // Widened only where the f32 path below runs: elsewhere the copies would be wasted.
         if !sgemm::available() {
             return Ok(None);
         }
-        return widened_attention(q, k, v, spec);
+        return widened_attention(kern, q, k, v, spec);
     }
     let AttentionSpec {
         heads, dim, scale, ..
@@ -765,6 +911,7 @@ pub fn fused_attention(
 /// [`fused_attention`] of bf16/f16 inputs on the CPU: on f32 copies (one per distinct tensor),
 /// the output rounded back to q's dtype once (PyTorch's CPU attention also sums in f32).
 fn widened_attention(
+    kern: Kernels,
     q: Part<'_>,
     k: Part<'_>,
     v: Part<'_>,
@@ -789,22 +936,9 @@ fn widened_attention(
         mask: mask.as_ref(),
         ..spec
     };
-    fused_attention(part(&qs, q), part(&ks, k), part(&vs, v), spec)?
+    fused_attention(kern, part(&qs, q), part(&ks, k), part(&vs, v), spec)?
         .map(|out| to_dtype(&out, q.src.dtype()))
         .transpose()
-}
-
-/// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
-pub fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
-    let d = qkv.dim(D::Minus1)? / 3;
-    let part = |offset| Part { src: qkv, offset };
-    let spec = AttentionSpec {
-        heads,
-        dim: d,
-        scale,
-        mask: None,
-    };
-    fused_attention(part(0), part(d), part(2 * d), spec)
 }
 
 /// x·Wᵀ + b through [`sgemm`], in x's dtype (a bf16 or f16 input is widened and the f32 result
@@ -861,10 +995,13 @@ fn cpu_f32(s: &candle_core::Storage, range: Option<(usize, usize)>) -> Result<&[
 /// Otherwise x's leading dimensions are flattened into rows: one GEMM of B·T rows, as PyTorch's
 /// `F.linear` does, rather than candle_nn's B batched GEMMs of T rows against a broadcast weight
 /// (which pads each 257-row image to whole tiles on a GPU and repacks W per image on the CPU).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn matmul_t(kern: Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(y) = crate::cuda_kernels::lt_linear(x, w, None)? {
-        return Ok(y);
+    if kern.cuda {
+        if let Some(y) = crate::cuda::lt_linear(x, w, None)? {
+            return Ok(y);
+        }
     }
     // A narrowed view (the last position of each sequence) is fine for gemm but not for candle's
     // MKL matmul; a copy of a few rows is free next to the product.
@@ -1127,7 +1264,7 @@ impl InplaceOp2 for BiasAct {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<()> {
-        crate::cuda_kernels::bias_act(s, l, b, bl, self.gelu)
+        crate::cuda::bias_act(s, l, b, bl, self.gelu)
     }
 }
 
@@ -1181,7 +1318,7 @@ impl InplaceOp1 for ScaledSoftmax {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
-        crate::cuda_kernels::softmax(s, l, self.0)
+        crate::cuda::softmax(s, l, self.0)
     }
 }
 
@@ -1341,6 +1478,32 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::layout::merged_dims;
+
+    /// The default dispatch (every kernel on).
+    pub(crate) const K: Kernels = Kernels {
+        cuda: true,
+        cuda_flash: true,
+    };
+
+    /// The weight as the transposed view of a contiguous `[in, out]` buffer (gemm's layout).
+    fn relaid_out(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(Linear::new(transpose_f32(&weight)?.t()?, bias, K))
+    }
+
+    /// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
+    fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+        let dim = qkv.dim(D::Minus1)? / 3;
+        let part = |offset| Part { src: qkv, offset };
+        let spec = AttentionSpec {
+            name: "test",
+            heads,
+            dim,
+            scale,
+            mask: None,
+        };
+        fused_attention(K, part(0), part(dim), part(2 * dim), spec)
+    }
     use candle_core::IndexOp;
 
     fn erf64(x: f64) -> f64 {
@@ -1411,19 +1574,19 @@ pub(crate) mod tests {
             let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
 
             let want = x.broadcast_add(&bias)?.gelu_erf()?;
-            let got = bias_gelu_erf(x.copy()?, Some(&bias))?;
+            let got = bias_gelu_erf(K, x.copy()?, Some(&bias))?;
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-5, "bias+gelu n={n}: {d}");
 
             let want = candle_nn::ops::softmax_last_dim(&(&x * 0.125)?)?;
-            let got = scaled_softmax_last_dim(x.copy()?, 0.125)?;
+            let got = scaled_softmax_last_dim(K, x.copy()?, 0.125)?;
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-6, "softmax n={n}: {d}");
         }
         // Strided input takes candle's path and still agrees.
         let x = Tensor::randn(0f32, 1.0, (40, 30), &dev)?.t()?;
         let want = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
-        let got = scaled_softmax_last_dim(x, 1.0)?;
+        let got = scaled_softmax_last_dim(K, x, 1.0)?;
         let d = max_abs_diff(&got, &want)?;
         assert!(d < 1e-6, "strided softmax: {d}");
         Ok(())
@@ -1443,31 +1606,31 @@ pub(crate) mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let b = Tensor::randn(0f32, 1.0, n, &dev)?;
             let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
-            let got = linear(&Linear::new(w.clone(), Some(b)), &x)?;
+            let got = linear(&Linear::new(w.clone(), Some(b), K), &x)?;
             assert_eq!(got.dims(), want.dims());
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-4, "gemv m={m} k={k} n={n}: {d}");
             // bf16 rows (a bf16 tied lm_head) streamed and widened, f32 and bf16 inputs.
             let wb = w.to_dtype(DType::BF16)?;
             let want = x.broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
-            let d = max_abs_diff(&matmul_t(&x, &wb)?, &want)?;
+            let d = max_abs_diff(&matmul_t(K, &x, &wb)?, &want)?;
             assert!(d < 1e-4, "bf16 gemv m={m} k={k} n={n}: {d}");
             let xb = x.to_dtype(DType::BF16)?;
             let want = xb
                 .to_dtype(DType::F32)?
                 .broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
-            assert_rounding_of(&matmul_t(&xb, &wb)?, &want, "bf16 x bf16 gemv")?;
+            assert_rounding_of(&matmul_t(K, &xb, &wb)?, &want, "bf16 x bf16 gemv")?;
             // f16 rows against f32 activations stream at any row count (there is no candle
             // matmul for the mix).
             let wh = w.to_dtype(DType::F16)?;
             let want = x.broadcast_matmul(&wh.to_dtype(DType::F32)?.t()?)?;
-            let d = max_abs_diff(&matmul_t(&x, &wh)?, &want)?;
+            let d = max_abs_diff(&matmul_t(K, &x, &wh)?, &want)?;
             assert!(d < 1e-4, "f16 gemv m={m} k={k} n={n}: {d}");
         }
         // More rows than GEMV_MAX_ROWS go through candle's matmul unchanged.
         let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 16), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (4, 16), &dev)?;
-        let d = max_abs_diff(&matmul_t(&x, &w)?, &x.matmul(&w.t()?)?)?;
+        let d = max_abs_diff(&matmul_t(K, &x, &w)?, &x.matmul(&w.t()?)?)?;
         assert_eq!(d, 0.0);
         Ok(())
     }
@@ -1493,10 +1656,10 @@ pub(crate) mod tests {
                 let want = candle_nn::Linear::new(w.clone(), bias.clone()).forward(&x)?;
                 // As stored, gemm's layout, and packed for sgemm (on CPUs with AVX-512F).
                 for l in [
-                    Linear::new(w.clone(), bias.clone()),
-                    Linear::relaid_out(w.clone(), bias.clone())?,
-                    Linear::prepared(w.clone(), bias.clone())?,
-                    Linear::packed_or_stored(w.clone(), bias.clone())?,
+                    Linear::new(w.clone(), bias.clone(), K),
+                    relaid_out(w.clone(), bias.clone())?,
+                    Linear::prepared(w.clone(), bias.clone(), K)?,
+                    Linear::packed_or_stored(w.clone(), bias.clone(), K)?,
                 ] {
                     let got = linear(&l, &x)?;
                     assert_eq!(got.dims(), want.dims());
@@ -1508,18 +1671,18 @@ pub(crate) mod tests {
                 }
             }
             assert_eq!(
-                Linear::prepared(w.clone(), None)?.is_packed(),
+                Linear::prepared(w.clone(), None, K)?.is_packed(),
                 sgemm::available()
             );
             assert_eq!(
-                Linear::packed_or_stored(w.clone(), None)?.is_packed(),
+                Linear::packed_or_stored(w.clone(), None, K)?.is_packed(),
                 sgemm::available()
             );
         }
         // A width that does not match the weight is an error, not a silent reshape.
         let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
         let w = Tensor::zeros((37, 48), DType::F32, &dev)?;
-        assert!(matmul_t(&x, &w).is_err());
+        assert!(matmul_t(K, &x, &w).is_err());
         Ok(())
     }
 
@@ -1620,13 +1783,13 @@ pub(crate) mod tests {
         let x = Tensor::randn(0f32, 1.0, (1, 768), &Device::Cpu)?;
         for _ in 0..3 {
             let t = std::time::Instant::now();
-            std::hint::black_box(matmul_t(&x, &w)?);
+            std::hint::black_box(matmul_t(K, &x, &w)?);
             let a = t.elapsed();
             let t = std::time::Instant::now();
-            std::hint::black_box(matmul_t(&x, &wb)?);
+            std::hint::black_box(matmul_t(K, &x, &wb)?);
             let b = t.elapsed();
             let t = std::time::Instant::now();
-            std::hint::black_box(matmul_t(&x, &wh)?);
+            std::hint::black_box(matmul_t(K, &x, &wh)?);
             let c = t.elapsed();
             eprintln!("lm_head gemv: f32 rows {a:?}, bf16 rows {b:?}, f16 rows {c:?}");
         }
@@ -1645,8 +1808,8 @@ pub(crate) mod tests {
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             let w = half(Tensor::randn(0f32, 1.0, (37, 48), &dev)?)?;
             let b = half(Tensor::randn(0f32, 1.0, 37, &dev)?)?;
-            let l = Linear::prepared(w.clone(), Some(b.clone()))?;
-            let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?))?;
+            let l = Linear::prepared(w.clone(), Some(b.clone()), K)?;
+            let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?), K)?;
             assert_eq!(l.is_packed(), sgemm::available());
             if l.is_packed() {
                 assert_eq!(l.dtype(), dtype);
@@ -1678,7 +1841,7 @@ pub(crate) mod tests {
             let x = half(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
             let r = half(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
             let sum = (f32(&x)? + f32(&r)?)?;
-            let (h, n) = add_layer_norm(x.clone(), &r, &ln)?;
+            let (h, n) = add_layer_norm(K, x.clone(), &r, &ln)?;
             assert_rounding_of(&h, &sum, "residual sum")?;
             assert_rounding_of(&n, &ln32.forward(&sum)?, "add + layer norm")?;
             let n = layer_norm(&x, &ln)?;
@@ -1743,12 +1906,13 @@ pub(crate) mod tests {
         let want = p.matmul(&vh)?.transpose(1, 2)?.reshape((b, tq, dim))?;
         let part = |src, offset| Part { src, offset };
         let spec = AttentionSpec {
+            name: "test",
             heads,
             dim,
             scale: 0.25,
             mask: None,
         };
-        match fused_attention(part(&q, 0), part(&kv, 0), part(&kv, dim), spec)? {
+        match fused_attention(K, part(&q, 0), part(&kv, 0), part(&kv, dim), spec)? {
             Some(got) => {
                 let d = max_abs_diff(&got, &want)?;
                 assert!(d < 1e-5, "cross-attention: {d}");
@@ -1791,13 +1955,14 @@ pub(crate) mod tests {
             let p = candle_nn::ops::softmax_last_dim(&scores)?;
             let want = p.matmul(&vh)?.transpose(1, 2)?.reshape((b, t, dim))?;
             let spec = AttentionSpec {
+                name: "test",
                 heads,
                 dim,
                 scale: 0.5,
                 mask: Some(&mask),
             };
             let (q, k, v) = (part(&qkv, 0), part(&qkv, dim), part(&qkv, 2 * dim));
-            match fused_attention(q, k, v, spec)? {
+            match fused_attention(K, q, k, v, spec)? {
                 Some(got) => {
                     let d = max_abs_diff(&got, &want)?;
                     assert!(d < 1e-5, "mask {:?}: {d}", mask.dims());
@@ -1807,10 +1972,11 @@ pub(crate) mod tests {
             // A mask of another shape is left to the caller.
             let wrong = mask.narrow(3, 0, t - 1)?.contiguous()?;
             let spec = AttentionSpec {
+                name: "test",
                 mask: Some(&wrong),
                 ..spec
             };
-            assert!(fused_attention(q, k, v, spec)?.is_none());
+            assert!(fused_attention(K, q, k, v, spec)?.is_none());
         }
         // Half precision on the CPU runs widened and comes back in its dtype; not a whole
         // number of heads: left to the caller.
@@ -1855,7 +2021,7 @@ pub(crate) mod tests {
             let b = Tensor::randn(0f32, 1.0, d, &dev)?;
             let ln = candle_nn::LayerNorm::new(w, b, 1e-6);
             let want_h = (&x + &r)?;
-            let (h, n) = add_layer_norm(x.copy()?, &r, &ln)?;
+            let (h, n) = add_layer_norm(K, x.copy()?, &r, &ln)?;
             assert_eq!(max_abs_diff(&h, &want_h)?, 0.0);
             // Against f64 (candle's own E[x²] − mean² loses digits on rows with a large mean).
             for (got, input) in [(n, &want_h), (layer_norm(&r, &ln)?, &r)] {
@@ -1877,7 +2043,7 @@ pub(crate) mod tests {
             Tensor::zeros(6, DType::F32, &dev)?,
             1e-5,
         );
-        let (h, n) = add_layer_norm(x.copy()?, &r, &ln)?;
+        let (h, n) = add_layer_norm(K, x.copy()?, &r, &ln)?;
         assert_eq!(max_abs_diff(&h, &(&x + &r)?)?, 0.0);
         assert!(max_abs_diff(&n, &ln.forward(&(&x + &r)?)?)? < 1e-5);
         Ok(())
@@ -1936,8 +2102,8 @@ pub(crate) mod tests {
             let t = transpose_f32(&w)?;
             assert_eq!(t.dims(), &[k, n]);
             assert_eq!(max_abs_diff(&t, &w.t()?.contiguous()?)?, 0.0);
-            let lin = Linear::new(w.clone(), None);
-            let re = Linear::relaid_out(w.clone(), None)?;
+            let lin = Linear::new(w.clone(), None, K);
+            let re = relaid_out(w.clone(), None)?;
             let Weight::Tensor(rw) = &re.weight else {
                 anyhow::bail!("relaid out weight should stay a tensor")
             };
@@ -1957,7 +2123,7 @@ pub(crate) mod tests {
             &dev,
         )?;
         let want = candle_nn::ops::softmax_last_dim(&x)?.to_vec2::<f32>()?;
-        let got = scaled_softmax_last_dim(x.copy()?, 1.0)?.to_vec2::<f32>()?;
+        let got = scaled_softmax_last_dim(K, x.copy()?, 1.0)?.to_vec2::<f32>()?;
         for (a, b) in got.iter().flatten().zip(want.iter().flatten()) {
             assert!((a - b).abs() < 1e-7, "{got:?} vs {want:?}");
         }
@@ -1967,6 +2133,7 @@ pub(crate) mod tests {
 
 #[cfg(test)]
 mod attention_timing {
+    use super::tests::K;
     use super::*;
 
     #[test]
@@ -2035,6 +2202,7 @@ mod attention_timing {
         let mask = Tensor::from_vec(causal, (1, 1, t, t), &dev)?;
         let part = |src| Part { src, offset: 0 };
         let spec = AttentionSpec {
+            name: "test",
             heads: 12,
             dim: d,
             scale: 1.0,
@@ -2043,7 +2211,7 @@ mod attention_timing {
         let (mut best, mut sum) = (f64::MAX, 0.0);
         for _ in 0..50 {
             let c = std::time::Instant::now();
-            assert!(fused_attention(part(&q), part(&q), part(&q), spec)?.is_some());
+            assert!(fused_attention(K, part(&q), part(&q), part(&q), spec)?.is_some());
             best = best.min(c.elapsed().as_secs_f64());
             sum += c.elapsed().as_secs_f64();
         }

@@ -19,7 +19,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::kernels::{AttentionSpec, Part};
+use crate::layout::{AttentionSpec, Part};
 
 const MODULE: &str = "blipdex_flash";
 const SRC: &str = include_str!("flash_attention.cu");
@@ -28,13 +28,7 @@ static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 fn ptx(dev: &CudaDevice) -> Result<&'static str> {
     // mma.sync m16n8k16 with f32 accumulators and bf16 inputs: sm_80 and newer.
-    crate::cuda_kernels::compiled(&PTX, dev, SRC, "blipdex's flash attention kernels", 8)
-}
-
-/// Whether the fused kernels are wanted: yes unless `BLIPDEX_CUDA_FLASH=0`.
-fn requested() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BLIPDEX_CUDA_FLASH").map_or(true, |v| v != "0"))
+    crate::cuda::compiled(&PTX, dev, SRC, "blipdex's flash attention kernels", 8)
 }
 
 /// The kernel for a dtype and head size: its name and queries per block.
@@ -97,9 +91,7 @@ pub fn flash_attention(
 ) -> Result<Option<Tensor>> {
     let parts = [q, k, v];
     let dtype = q.src.dtype();
-    if !requested()
-        || spec.mask.is_some()
-        || !crate::cuda_kernels::enabled(q.src)
+    if spec.mask.is_some()
         || parts
             .iter()
             .any(|p| p.src.dtype() != dtype || !p.src.is_contiguous() || !p.src.device().is_cuda())
@@ -259,7 +251,7 @@ impl candle_core::CustomOp3 for FlashAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::max_abs_diff;
+    use crate::ops::tests::max_abs_diff;
     use candle_core::Device;
 
     /// `[B, T, heads·hd]` → `[B, heads, T, hd]`.

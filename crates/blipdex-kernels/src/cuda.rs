@@ -366,7 +366,7 @@ unsafe impl DeviceRepr for View {}
 /// The view of `l` the copy kernel takes: rank 1..=6 after merging dimensions that are already
 /// contiguous with each other, every offset within u32. `None` when it does not fit.
 fn view_of(l: &Layout) -> Option<View> {
-    let dims = crate::kernels::merged_dims(l.dims(), l.stride());
+    let dims = crate::layout::merged_dims(l.dims(), l.stride());
     let span: usize = dims.iter().map(|(d, s)| (d - 1) * s).sum::<usize>() + l.start_offset();
     if dims.len() > 6 || span >= u32::MAX as usize || l.shape().elem_count() >= u32::MAX as usize {
         return None;
@@ -446,20 +446,10 @@ impl candle_core::CustomOp1 for Contiguous {
     }
 }
 
-/// Whether blipdex's CUDA kernels are used for `x` (on CUDA, unless `BLIPDEX_CUDA_KERNELS=0`:
-/// candle's own kernels, for comparison).
-pub fn enabled(x: &Tensor) -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    x.device().is_cuda()
-        && *ON.get_or_init(|| std::env::var("BLIPDEX_CUDA_KERNELS").map_or(true, |v| v != "0"))
-}
-
-/// [`enabled`], and the NVRTC kernels compiled: where NVRTC is missing or fails, candle's own
-/// kernels run instead (slower, same results) and a warning says why, once.
+/// Whether blipdex's CUDA kernels can run on `x`: it is on CUDA and the NVRTC kernels compiled
+/// (where NVRTC is missing or fails, candle's own kernels run instead, slower, same results,
+/// and a warning says why, once). Whether they are wanted is the caller's `Kernels::cuda`.
 pub fn kernels_enabled(x: &Tensor) -> bool {
-    if !enabled(x) {
-        return false;
-    }
     let candle_core::Device::Cuda(dev) = x.device() else {
         return false;
     };
@@ -669,7 +659,7 @@ pub fn lt_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option
     };
     let dtype = x.dtype();
     let rows = x.elem_count() / k.max(1);
-    let fits = enabled(x)
+    let fits = x.device().is_cuda()
         && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
         && w.dtype() == dtype
         && w.is_contiguous()
