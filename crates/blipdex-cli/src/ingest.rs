@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use blipdex_ingest::{IngestJob, IngestModels, ProgressMode};
 use blipdex_model::opt::LinearStorage;
-use blipdex_model::{Blip2, Captioner, LoadOptions, ModelFiles};
+use blipdex_model::{Captioner, LoadOptions, ModelFiles, Retriever};
 use clap::Args;
 
 use crate::args::{parse_device, parse_dtype};
@@ -155,7 +155,7 @@ pub fn run_job(job: &IngestJob) -> anyhow::Result<blipdex_ingest::IngestSummary>
         dtype: parse_dtype(&job.dtype)?,
         ..LoadOptions::default()
     };
-    let model = Blip2::load(&files, &opts)?;
+    let retriever = Retriever::load(&files, &opts)?;
     let captioner = match job.caption_model.as_deref() {
         Some(spec) => {
             let cf = ModelFiles::resolve(spec, None)?;
@@ -166,8 +166,7 @@ pub fn run_job(job: &IngestJob) -> anyhow::Result<blipdex_ingest::IngestSummary>
     Ok(blipdex_ingest::ingest_with(
         job,
         IngestModels {
-            retrieval: &model,
-            files: &files,
+            retrieval: &retriever,
             captioner: captioner.as_ref(),
         },
     )?)

@@ -184,6 +184,39 @@ fn ingest_search_rerank_and_resync() -> Result<()> {
         );
     }
 
+    // The server's query through the CLI: pages of a reranked ranking are slices of it
+    // (neither overlap nor skip), and filters apply before the page.
+    let ids = |v: &Value| -> Vec<u64> {
+        v["hits"]
+            .as_array()
+            .map(|h| h.iter().filter_map(|h| h["image_id"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let text = texts[0];
+    let reranked = search(
+        &index,
+        &model,
+        text,
+        &["--top-k", "5", "--exact", "--rerank", "5"],
+    )?;
+    let page = ["--top-k", "2", "--offset", "2", "--exact", "--rerank", "5"];
+    let second = search(&index, &model, text, &page)?;
+    ensure!(
+        ids(&second) == ids(&reranked)[2..4],
+        "{second} vs {reranked}"
+    );
+    let nested = folder.join("nested");
+    let prefix = ["--top-k", "5", "--exact", "--path-prefix", s(&nested)?];
+    let inside = search(&index, &model, text, &prefix)?;
+    // Only the rocket (its copy lives under nested/deeper) has a path there.
+    ensure!(ids(&inside).len() == 1, "{inside}");
+    let exact = search(&index, &model, text, &["--top-k", "5", "--exact"])?;
+    let floor = exact["hits"][1]["itc_score"].as_f64().context("score")?;
+    let floor_s = format!("{floor}");
+    let above = ["--top-k", "5", "--exact", "--min-score", floor_s.as_str()];
+    let kept = search(&index, &model, text, &above)?;
+    ensure!(ids(&kept) == ids(&exact)[..2], "{kept} vs {exact}");
+
     // A deleted photo disappears; its duplicate's twin keeps the image alive.
     std::fs::remove_file(folder.join("camera_gray.png"))?;
     std::fs::remove_file(folder.join("rocket.jpg"))?;

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use blipdex_core::{Error, Result};
-use blipdex_model::image::{ImageConfig, ImageProcessor};
+use blipdex_model::image::ImageProcessor;
 use blipdex_model::vision_cache::{self, CacheDtype};
-use blipdex_model::{Blip2, CaptionRequest, Captioner, ModelFiles};
+use blipdex_model::{CaptionRequest, Captioner, Retriever};
 use blipdex_store::{Batch, Dtype, ImageRecord, Store, StoreOptions};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::job::{IngestJob, ProgressMode};
@@ -52,8 +52,7 @@ pub struct Reject {
 #[derive(Clone, Copy)]
 pub struct IngestModels<'a> {
     /// The retrieval checkpoint whose ITC embeddings are stored.
-    pub retrieval: &'a Blip2,
-    pub files: &'a ModelFiles,
+    pub retrieval: &'a Retriever,
     /// Stores a caption per image when given.
     pub captioner: Option<&'a Captioner>,
 }
@@ -91,13 +90,12 @@ fn path_string(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// Runs one ingest job with an already loaded retrieval model (no captions).
-pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<IngestSummary> {
+/// Runs one ingest job with an already loaded retrieval checkpoint (no captions).
+pub fn ingest(job: &IngestJob, retrieval: &Retriever) -> Result<IngestSummary> {
     ingest_with(
         job,
         IngestModels {
-            retrieval: model,
-            files,
+            retrieval,
             captioner: None,
         },
     )
@@ -105,7 +103,8 @@ pub fn ingest(job: &IngestJob, model: &Blip2, files: &ModelFiles) -> Result<Inge
 
 /// Runs one ingest job with already loaded models.
 pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSummary> {
-    let (model, files) = (models.retrieval, models.files);
+    let retriever = models.retrieval;
+    let (model, files) = (&retriever.model, &retriever.files);
     job.validate()?;
     let cache = job
         .vision_cache
@@ -117,12 +116,6 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         .index
         .clone()
         .ok_or_else(|| Error::InvalidArgument("no --index".into()))?;
-    if model.retrieval.is_none() {
-        return Err(Error::Unsupported(format!(
-            "{} has no ITC heads; ingest needs a retrieval checkpoint (Blip2ForImageTextRetrieval)",
-            files.name
-        )));
-    }
     let roots = job
         .roots
         .iter()
@@ -174,19 +167,18 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         }
     }
 
-    let processor = ImageProcessor::new(ImageConfig::from_model_dir(&files.dir)?)
-        .with_max_pixels(job.max_image_pixels)
-        .with_exif_orientation(true);
-    let (h, w) = (processor.config.height, processor.config.width);
+    let processor = retriever
+        .processor
+        .clone()
+        .with_max_pixels(job.max_image_pixels);
     // The captioner decodes the same image; preprocess twice only if its settings differ.
     let caption_processor = models
         .captioner
         .filter(|c| c.processor.config != processor.config)
         .map(|c| c.processor.clone());
     let embedder = Embedder {
-        model,
-        h,
-        w,
+        retriever,
+        processor: &processor,
         captioner: models.captioner,
         cache: cache.map(|d| (vision_cache::cache_dir(&index), d)),
     };
@@ -371,9 +363,9 @@ fn open_writer(index: &Path, options: StoreOptions) -> Result<Store> {
 
 /// The model side of the pipeline.
 struct Embedder<'a> {
-    model: &'a Blip2,
-    h: usize,
-    w: usize,
+    retriever: &'a Retriever,
+    /// The retrieval checkpoint's processor with the job's pixel limit.
+    processor: &'a ImageProcessor,
     captioner: Option<&'a Captioner>,
     /// Where and how to keep vision states for reranking.
     cache: Option<(PathBuf, CacheDtype)>,
@@ -395,27 +387,18 @@ impl Embedder<'_> {
             retrieval_px,
         ) {
             (None, Some(t)) => t.clone(),
-            (None, None) => stack(pixels.iter().map(|p| &p.retrieval), self.h, self.w)?,
-            (Some(_), _) => {
-                let (h, w) = (c.processor.config.height, c.processor.config.width);
-                stack(pixels.iter().filter_map(|p| p.caption.as_ref()), h, w)?
-            }
+            (None, None) => self
+                .processor
+                .stack(pixels.iter().map(|p| p.retrieval.as_slice()))?,
+            (Some(_), _) => c
+                .processor
+                .stack(pixels.iter().filter_map(|p| p.caption.as_deref()))?,
         };
         Ok(c.generate(&px, &CaptionRequest::default())?
             .into_iter()
             .map(|g| g.text)
             .collect())
     }
-}
-
-fn stack<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, h: usize, w: usize) -> Result<Tensor> {
-    let mut data = Vec::new();
-    let mut n = 0;
-    for r in rows {
-        data.extend_from_slice(r);
-        n += 1;
-    }
-    Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu).map_err(tensor_err)
 }
 
 /// What the current (uncommitted) round holds.
@@ -443,16 +426,10 @@ impl Round {
         }
         let t0 = Instant::now();
         let n = self.queue.len();
-        let px = stack(self.queue.iter().map(|q| &q.pixels.retrieval), m.h, m.w)?;
-        let vision = m.model.get_image_features(&px)?;
-        let embeds = m
-            .model
-            .image_embeds(&m.model.get_qformer_features(&vision)?)?;
-        let flat: Vec<f32> = embeds
-            .flatten_all()
-            .and_then(|t| t.to_dtype(candle_core::DType::F32))
-            .and_then(|t| t.to_vec1())
-            .map_err(tensor_err)?;
+        let px = m
+            .processor
+            .stack(self.queue.iter().map(|q| q.pixels.retrieval.as_slice()))?;
+        let (vision, embeds) = m.retriever.embed_pixels(&px)?;
         if let Some((dir, dtype)) = &m.cache {
             for (i, q) in self.queue.iter().enumerate() {
                 let states = vision.get(i).map_err(tensor_err)?;
@@ -465,18 +442,23 @@ impl Round {
         let pixels: Vec<&Pixels> = self.queue.iter().map(|q| &q.pixels).collect();
         let mut captions = m.captions(&pixels, Some(&px))?.into_iter();
         summary.captioned += captions.len();
-        let per = flat.len() / n;
-        for (q, e) in self.queue.drain(..).zip(flat.chunks_exact(per)) {
+        if embeds.len() != n {
+            return Err(Error::Internal(format!(
+                "{} embeddings for {n} images",
+                embeds.len()
+            )));
+        }
+        for (q, e) in self.queue.drain(..).zip(embeds) {
             let mut rec = record(
                 &q.entry,
                 &q.hash,
                 q.pixels.width,
                 q.pixels.height,
-                e.to_vec(),
+                e.clone(),
             );
             rec.paths.extend(q.extra_paths);
             rec.caption = captions.next();
-            self.batched_hash.insert(q.hash, e.to_vec());
+            self.batched_hash.insert(q.hash, e);
             self.batch.add(rec);
             self.adds += 1;
         }

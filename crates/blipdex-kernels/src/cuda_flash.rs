@@ -5,9 +5,10 @@
 //! and the head merge copy.
 //!
 //! Behind the `flash-attn` feature until it has been measured on a GPU (then on by default in such
-//! a build; `BLIPDEX_CUDA_FLASH=0` turns it off, for comparisons): the kernels' code is tested on
-//! the CPU with the warp instructions emulated (tests/flash_emulation.rs), and on a GPU by this
-//! module's test against candle's unfused ops (`scripts/gpu-check.sh` runs it).
+//! a build; `Kernels::cuda_flash = false`, the CLI's `--cuda-flash false`, turns it off): the
+//! kernels' code is tested on the CPU with the warp instructions emulated
+//! (tests/flash_emulation.rs), and on a GPU by this module's test against candle's unfused ops
+//! (`scripts/gpu-check.sh` runs it).
 // Kernel launches are unsafe by nature; the block says why it holds.
 #![allow(unsafe_code)]
 

@@ -150,14 +150,16 @@ impl Kernels {
 
     /// `ln(x + residual)`, returning the sum (the next residual) and its normalization. On the
     /// CPU in f32 one vectorized pass per row (see [`add_layer_norm`]); elsewhere the add (in
-    /// place on CUDA) then candle's layer norm. `x` must be fresh (a matmul output).
+    /// place on CUDA) then candle's layer norm. `x` must be fresh (a matmul output). Timed as
+    /// `name`.
     pub fn add_layer_norm(
         self,
+        name: &'static str,
         x: Tensor,
         residual: &Tensor,
         ln: &candle_nn::LayerNorm,
     ) -> Result<(Tensor, Tensor)> {
-        span("add_layer_norm", &x.device().clone(), || {
+        span(name, &x.device().clone(), || {
             add_layer_norm(self, x, residual, ln)
         })
     }
@@ -195,8 +197,8 @@ pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     kern: Kernels,
-    /// Its profiling span.
-    name: &'static str,
+    /// Its profiling span, if it has one of its own (else its time is its caller's).
+    name: Option<&'static str>,
 }
 
 #[derive(Clone, Debug)]
@@ -214,19 +216,22 @@ impl Linear {
             weight: Weight::Tensor(weight),
             bias,
             kern,
-            name: "linear",
+            name: None,
         }
     }
 
     /// The same layer, timed as `name` by [`crate::profile`].
     pub fn named(self, name: &'static str) -> Self {
-        Self { name, ..self }
+        Self {
+            name: Some(name),
+            ..self
+        }
     }
 
     /// Laid out for the device's product: f32 on a CPU with AVX-512F, packed for [`sgemm`]
-    /// (blipdex's GEMM); on other CPUs Wᵀ row-major for gemm (packed much faster for
-    /// image-sized inputs: one image, 257 rows: fc2 106 → 190 GFLOP/s, qkv 166 → 205); on
-    /// other devices as stored. Replaces the checkpoint-layout buffer: one copy of the weight.
+    /// (blipdex's GEMM); on other CPUs Wᵀ row-major for gemm (which packs that layout much
+    /// faster for image-sized inputs: up to 1.8× on one image's products); on other devices as
+    /// stored. Replaces the checkpoint-layout buffer: one copy of the weight.
     pub fn prepared(weight: Tensor, bias: Option<Tensor>, kern: Kernels) -> Result<Self> {
         if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 {
             return Ok(Self::new(weight, bias, kern));
@@ -307,14 +312,20 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        span(self.name, x.device(), || linear(self, x))
+        match self.name {
+            Some(name) => span(name, x.device(), || linear(self, x)),
+            None => linear(self, x),
+        }
     }
 }
 
 impl Linear {
     /// `act(self(x))`, with the bias add and an erf GELU fused into one in-place pass.
     pub fn forward_act(&self, act: Activation, x: &Tensor) -> Result<Tensor> {
-        span(self.name, x.device(), || linear_act(self, act, x))
+        match self.name {
+            Some(name) => span(name, x.device(), || linear_act(self, act, x)),
+            None => linear_act(self, act, x),
+        }
     }
 }
 
@@ -1107,7 +1118,7 @@ impl Widen for half::bf16 {
 impl Widen for half::f16 {
     #[inline(always)]
     fn as_f32<'a>(rows: &'a [half::f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        // vcvtph2ps: element by element, f16 → f32 is a scalar bit dance (12 vs 5 ms on the
+        // vcvtph2ps: element by element, f16 → f32 is a scalar bit dance (2.4× slower on the
         // lm_head).
         buf.resize(rows.len(), 0.0);
         sgemm::widen_f16(bytemuck::cast_slice(rows), buf);

@@ -2,7 +2,7 @@
 //! Q-Former, the OPT language head, tokenizer, image processor and generation defaults. Used by
 //! `blipdex caption`, captions at ingest and the server.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use blipdex_core::{Error, Result};
 
@@ -100,13 +100,7 @@ impl Captioner {
 
     /// Pixel values [N, 3, H, W] for `images`, with this checkpoint's processor.
     pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
-        let (h, w) = (self.processor.config.height, self.processor.config.width);
-        let mut data = Vec::with_capacity(images.len() * 3 * h * w);
-        for img in images {
-            data.extend(self.processor.preprocess(img)?);
-        }
-        Tensor::from_vec(data, (images.len(), 3, h, w), &Device::Cpu)
-            .map_err(|e| Error::Tensor(e.to_string()))
+        self.processor.pixel_values(images)
     }
 
     /// Captions for a batch of pixel values, one prompt for all; each row trimmed after its

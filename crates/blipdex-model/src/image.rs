@@ -18,6 +18,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use blipdex_core::{Error, Result};
+use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
 /// Pillow's decompression-bomb limit: `Image.MAX_IMAGE_PIXELS` is 89_478_485 pixels and Pillow
@@ -465,6 +466,34 @@ impl ImageProcessor {
     pub fn pixel_values_from_bytes(&self, bytes: &[u8], what: &str) -> Result<Vec<f32>> {
         let img = self.load_bytes(bytes, what)?;
         self.preprocess(&img)
+    }
+
+    /// `pixel_values` `[N, 3, H, W]` on the CPU of images preprocessed by this processor (the
+    /// model moves them to its device).
+    pub fn stack<'a>(&self, rows: impl IntoIterator<Item = &'a [f32]>) -> Result<Tensor> {
+        let (h, w) = (self.config.height, self.config.width);
+        let mut data = Vec::new();
+        let mut n = 0;
+        for r in rows {
+            if r.len() != 3 * h * w {
+                return Err(Error::Internal(format!(
+                    "preprocessed image of {} values, expected 3x{h}x{w}",
+                    r.len()
+                )));
+            }
+            data.extend_from_slice(r);
+            n += 1;
+        }
+        Tensor::from_vec(data, (n, 3, h, w), &Device::Cpu).map_err(|e| Error::Tensor(e.to_string()))
+    }
+
+    /// [`ImageProcessor::preprocess`] of each image, stacked (see [`ImageProcessor::stack`]).
+    pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let rows = images
+            .iter()
+            .map(|img| self.preprocess(img))
+            .collect::<Result<Vec<_>>>()?;
+        self.stack(rows.iter().map(Vec::as_slice))
     }
 }
 

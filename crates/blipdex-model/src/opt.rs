@@ -10,6 +10,8 @@ use serde::Deserialize;
 use blipdex_kernels::profile::span;
 use blipdex_kernels::{layer_norm_in, to_dtype, AttentionSpec, Kernels, Linear, Part};
 
+use crate::layers::{LinearAct, Mlp};
+
 /// transformers' `nn.LayerNorm` default; OPTConfig has no eps field.
 const LAYER_NORM_EPS: f64 = 1e-5;
 /// `OPTLearnedPositionalEmbedding.offset`: the position table has two extra leading rows.
@@ -225,6 +227,15 @@ impl OptLinear {
     }
 }
 
+impl LinearAct for OptLinear {
+    fn forward_act(&self, act: Activation, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Float(l) => l.forward_act(act, xs),
+            Self::Quantized { .. } => act.forward(&self.forward(xs)?),
+        }
+    }
+}
+
 impl Module for OptLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -377,10 +388,9 @@ impl OptAttention {
 struct OptDecoderLayer {
     self_attn: OptAttention,
     self_attn_layer_norm: LayerNorm,
-    fc1: OptLinear,
-    fc2: OptLinear,
+    /// `fc1`, `activation_function`, `fc2`.
+    mlp: Mlp<OptLinear>,
     final_layer_norm: LayerNorm,
-    activation: Activation,
     do_layer_norm_before: bool,
 }
 
@@ -390,10 +400,12 @@ impl OptDecoderLayer {
         Ok(Self {
             self_attn: OptAttention::new(cfg, storage, vb.pp("self_attn"))?,
             self_attn_layer_norm: layer_norm(cfg, h, vb.pp("self_attn_layer_norm"))?,
-            fc1: OptLinear::new(h, f, bias, storage, cfg.kernels, vb.pp("fc1"))?,
-            fc2: OptLinear::new(f, h, bias, storage, cfg.kernels, vb.pp("fc2"))?,
+            mlp: Mlp {
+                fc1: OptLinear::new(h, f, bias, storage, cfg.kernels, vb.pp("fc1"))?,
+                fc2: OptLinear::new(f, h, bias, storage, cfg.kernels, vb.pp("fc2"))?,
+                act: cfg.activation_function,
+            },
             final_layer_norm: layer_norm(cfg, h, vb.pp("final_layer_norm"))?,
-            activation: cfg.activation_function,
             do_layer_norm_before: cfg.do_layer_norm_before,
         })
     }
@@ -421,10 +433,7 @@ impl OptDecoderLayer {
         } else {
             x.clone()
         };
-        let h = span("opt.fc1_act", dev, || {
-            self.activation.forward(&self.fc1.forward(&h)?)
-        })?;
-        let h = span("opt.fc2", dev, || self.fc2.forward(&h))?;
+        let h = span("opt.mlp", dev, || self.mlp.forward(&h))?;
         let mut x = (x + h)?;
         if !self.do_layer_norm_before {
             x = norm(&self.final_layer_norm, &x)?;
@@ -760,7 +769,7 @@ impl OptForCausalLM {
                 &l.self_attn.v_proj,
                 &l.self_attn.out_proj,
             ]);
-            all.extend([&l.fc1, &l.fc2]);
+            all.extend([&l.mlp.fc1, &l.mlp.fc2]);
         }
         all.extend(self.decoder.project_in.iter());
         all.extend(self.decoder.project_out.iter());

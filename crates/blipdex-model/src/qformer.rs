@@ -132,7 +132,10 @@ impl Blip2QFormerOutput {
 
     fn forward(&self, hidden: &Tensor, input: &Tensor) -> Result<Tensor> {
         let dense = self.dense.forward(hidden)?;
-        Ok(self.kern.add_layer_norm(dense, input, &self.layer_norm)?.1)
+        Ok(self
+            .kern
+            .add_layer_norm("qformer.add_norm", dense, input, &self.layer_norm)?
+            .1)
     }
 }
 

@@ -1,12 +1,13 @@
 //! `Blip2VisionModel`: EVA-style ViT with a fused, key-bias-free qkv projection.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{layer_norm, Activation, LayerNorm, LayerNormConfig, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 
 use blipdex_kernels::profile::span;
 use blipdex_kernels::{layer_norm_in, linear_kn, to_dtype, Kernels, Linear};
 
 use crate::config::Blip2VisionConfig;
+use crate::layers::Mlp;
 
 pub struct Blip2VisionEmbeddings {
     class_embedding: Tensor,
@@ -31,8 +32,7 @@ impl Blip2VisionEmbeddings {
             .get((d, 3, ph, pw), "patch_embedding.weight")?
             .reshape((d, 3 * ph * pw))?;
         let patch_bias = Some(vb.get(d, "patch_embedding.bias")?);
-        let patch_embedding = Linear::prepared(patch_weight, patch_bias, cfg.kernels)?
-            .named("vision.patch_embedding");
+        let patch_embedding = Linear::prepared(patch_weight, patch_bias, cfg.kernels)?;
         let position_embedding = vb.get((1, num_positions, d), "position_embedding")?;
         let grid = ((num_positions - 1) as f64).sqrt().round() as usize;
         Ok(Self {
@@ -178,30 +178,17 @@ impl Module for Blip2Attention {
     }
 }
 
-pub struct Blip2Mlp {
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
+/// `Blip2MLP`.
+pub type Blip2Mlp = Mlp<Linear>;
 
-impl Blip2Mlp {
-    pub fn new(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        Ok(Self {
-            fc1: linear_kn(d, cfg.intermediate_size, vb.pp("fc1"), cfg.kernels)?
-                .named("vision.fc1_act"),
-            fc2: linear_kn(cfg.intermediate_size, d, vb.pp("fc2"), cfg.kernels)?
-                .named("vision.fc2"),
-            act: cfg.hidden_act,
-        })
-    }
-}
-
-impl Module for Blip2Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward_act(self.act, xs)?;
-        self.fc2.forward(&h)
-    }
+fn blip2_mlp(cfg: &Blip2VisionConfig, vb: VarBuilder) -> Result<Blip2Mlp> {
+    let d = cfg.hidden_size;
+    Ok(Mlp {
+        fc1: linear_kn(d, cfg.intermediate_size, vb.pp("fc1"), cfg.kernels)?
+            .named("vision.fc1_act"),
+        fc2: linear_kn(cfg.intermediate_size, d, vb.pp("fc2"), cfg.kernels)?.named("vision.fc2"),
+        act: cfg.hidden_act,
+    })
 }
 
 pub struct Blip2EncoderLayer {
@@ -217,7 +204,7 @@ impl Blip2EncoderLayer {
         Ok(Self {
             self_attn: Blip2Attention::new(cfg, vb.pp("self_attn"))?,
             layer_norm1: layer_norm(cfg.hidden_size, ln, vb.pp("layer_norm1"))?,
-            mlp: Blip2Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: blip2_mlp(cfg, vb.pp("mlp"))?,
             layer_norm2: layer_norm(cfg.hidden_size, ln, vb.pp("layer_norm2"))?,
         })
     }
@@ -230,9 +217,9 @@ impl Blip2EncoderLayer {
     fn forward(&self, h: &Tensor, x: &Tensor, next: &LayerNorm) -> Result<(Tensor, Tensor)> {
         let kern = self.self_attn.kern;
         let a = self.self_attn.forward(x)?;
-        let (h, x) = kern.add_layer_norm(a, h, &self.layer_norm2)?;
+        let (h, x) = kern.add_layer_norm("vision.add_norm", a, h, &self.layer_norm2)?;
         let m = self.mlp.forward(&x)?;
-        kern.add_layer_norm(m, &h, next)
+        kern.add_layer_norm("vision.add_norm", m, &h, next)
     }
 }
 

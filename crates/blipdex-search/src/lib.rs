@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use blipdex_core::{Error, Result};
-use blipdex_model::image::{ImageConfig, ImageProcessor};
 use blipdex_model::opt::LinearStorage;
-use blipdex_model::tokenizer::TextTokenizer;
 use blipdex_model::vision_cache;
-use blipdex_model::{Blip2, CaptionRequest, Captioner, Generated, LoadOptions, ModelFiles};
+use blipdex_model::{
+    Blip2, CaptionRequest, Captioner, Generated, LoadOptions, ModelFiles, Retriever,
+};
 use blipdex_store::{Batch, Store};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 pub use images::image_similarity;
@@ -196,12 +196,8 @@ struct VisionLru {
 
 pub struct Engine {
     index: PathBuf,
-    files: ModelFiles,
     fingerprint: String,
-    model: Blip2,
-    tokenizer: TextTokenizer,
-    max_text_len: usize,
-    processor: ImageProcessor,
+    retriever: Retriever,
     store: RwLock<Arc<Store>>,
     vision_lru: Mutex<VisionLru>,
     vision_shape: (usize, usize),
@@ -232,20 +228,13 @@ impl Engine {
                 requested: format!("{} ({fingerprint})", opts.model.name),
             });
         }
-        let model = Blip2::load(&opts.model, &opts.load)?;
-        let heads = model.retrieval.as_ref().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{} has no ITC/ITM heads; search needs a Blip2ForImageTextRetrieval checkpoint",
-                opts.model.name
-            ))
-        })?;
-        let max_text_len = heads.embeddings.max_positions();
-        let tokenizer = TextTokenizer::from_model_dir(&opts.model.dir)?;
-        let processor = ImageProcessor::new(ImageConfig::from_model_dir(&opts.model.dir)?)
-            .with_max_pixels(opts.max_image_pixels)
-            .with_exif_orientation(true);
-        let (h, w) = (processor.config.height, processor.config.width);
-        let vc = &model.config.vision_config;
+        let retriever =
+            Retriever::load(&opts.model, &opts.load)?.with_max_pixels(opts.max_image_pixels);
+        let (h, w) = (
+            retriever.processor.config.height,
+            retriever.processor.config.width,
+        );
+        let vc = &retriever.model.config.vision_config;
         let (ph, pw) = vc.patch_size.hw();
         let vision_shape = ((h / ph.max(1)) * (w / pw.max(1)) + 1, vc.hidden_size);
         let per_entry = (vision_shape.0 * vision_shape.1 * 4).max(1);
@@ -261,12 +250,8 @@ impl Engine {
             .transpose()?;
         Ok(Self {
             index: opts.index.clone(),
-            files: opts.model.clone(),
             fingerprint,
-            model,
-            tokenizer,
-            max_text_len,
-            processor,
+            retriever,
             store: RwLock::new(Arc::new(store)),
             vision_lru: Mutex::new(VisionLru {
                 cache: lru::LruCache::new(cap),
@@ -282,7 +267,12 @@ impl Engine {
     }
 
     pub fn model(&self) -> &Blip2 {
-        &self.model
+        &self.retriever.model
+    }
+
+    /// The retrieval checkpoint: model, tokenizer, processor.
+    pub fn retriever(&self) -> &Retriever {
+        &self.retriever
     }
 
     pub fn has_captioner(&self) -> bool {
@@ -361,44 +351,23 @@ impl Engine {
         Ok(())
     }
 
-    fn tokenize(&self, texts: &[&str]) -> Result<(Tensor, Tensor)> {
-        let enc = self
-            .tokenizer
-            .encode_batch(texts, Some(self.max_text_len))?;
-        let n = enc.input_ids.len();
-        let len = enc.input_ids.first().map_or(0, Vec::len);
-        let dev = self.model.device();
-        let ids = Tensor::from_vec(enc.input_ids.concat(), (n, len), dev).map_err(terr)?;
-        let mask = Tensor::from_vec(enc.attention_mask.concat(), (n, len), dev).map_err(terr)?;
-        Ok((ids, mask))
-    }
-
     /// ITC text embeddings (unit vectors of length E), one per text, in one batch.
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         for t in texts {
             Self::check_query(t)?;
         }
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (ids, mask) = self.tokenize(texts)?;
-        let e = self.model.text_embeds(&ids, &mask)?;
-        e.to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.to_vec2())
-            .map_err(terr)
+        self.retriever.embed_texts(texts)
     }
 
     /// Decodes and preprocesses request bytes with the retrieval checkpoint's processor.
     fn pixels(&self, bytes: &[&[u8]]) -> Result<Tensor> {
-        let (h, w) = (self.processor.config.height, self.processor.config.width);
-        let mut data = Vec::with_capacity(bytes.len() * 3 * h * w);
-        for (i, b) in bytes.iter().enumerate() {
-            let img = self
-                .processor
-                .load_bytes(b, &format!("#{i} in the request"))?;
-            data.extend(self.processor.preprocess(&img)?);
-        }
-        Tensor::from_vec(data, (bytes.len(), 3, h, w), &Device::Cpu).map_err(terr)
+        let p = &self.retriever.processor;
+        let rows = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| p.pixel_values_from_bytes(b, &format!("#{i} in the request")))
+            .collect::<Result<Vec<_>>>()?;
+        p.stack(rows.iter().map(Vec::as_slice))
     }
 
     /// ITC image embeddings (Q×E values, `[Q][E]`) of encoded images, in one batch.
@@ -406,18 +375,7 @@ impl Engine {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let px = self.pixels(images)?;
-        let vision = self.model.get_image_features(&px)?;
-        let e = self
-            .model
-            .image_embeds(&self.model.get_qformer_features(&vision)?)?;
-        let n = images.len();
-        let flat: Vec<f32> = e
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.flatten_all()?.to_vec1())
-            .map_err(terr)?;
-        let per = flat.len() / n;
-        Ok(flat.chunks_exact(per).map(<[f32]>::to_vec).collect())
+        Ok(self.retriever.embed_pixels(&self.pixels(images)?)?.1)
     }
 
     /// Text → images by ITC (max over each image's Q vectors of the cosine; exact scores also
@@ -591,7 +549,7 @@ impl Engine {
             }
             match vision_cache::read(&disk, &hash, self.vision_shape) {
                 Ok(Some(t)) => {
-                    let t = t.to_dtype(self.model.vision_model.dtype()).map_err(terr);
+                    let t = t.to_dtype(self.model().vision_model.dtype()).map_err(terr);
                     if let Ok(t) = &t {
                         lock(&self.vision_lru).cache.put(hash, t.clone());
                     }
@@ -619,7 +577,7 @@ impl Engine {
             let run = || -> Result<Tensor> {
                 let px = Tensor::cat(&chunk.iter().map(|d| &d.2).collect::<Vec<_>>(), 0)
                     .map_err(terr)?;
-                self.model.get_image_features(&px)
+                self.model().get_image_features(&px)
             };
             match run() {
                 Ok(states) => {
@@ -669,7 +627,7 @@ impl Engine {
             }
         }
         let texts: Vec<&str> = requests.iter().map(|r| r.0).collect();
-        let (ids_t, mask) = self.tokenize(&texts)?;
+        let (ids_t, mask) = self.retriever.tokenize(&texts)?;
         // Per (request, image): the probability or that image's error. Images go through in
         // chunks, so memory is bounded by the chunk, not by the number of ids.
         let mut prob: HashMap<(usize, u64), Result<f32>> = HashMap::new();
@@ -709,7 +667,7 @@ impl Engine {
             }
             let vision = Tensor::stack(&ok, 0).map_err(terr)?;
             let logits = self
-                .model
+                .model()
                 .itm_logits_pairs(&vision, &ids_t, &mask, &pairs)?;
             let p: Vec<f32> = Blip2::itm_probability(&logits)?.to_vec1().map_err(terr)?;
             for (k, v) in keys.into_iter().zip(p) {
@@ -964,7 +922,7 @@ impl Engine {
             images: store.len(),
             dead_rows: store.total_rows().saturating_sub(store.len()),
             generation: store.generation(),
-            model: self.files.name.clone(),
+            model: self.retriever.files.name.clone(),
             model_fingerprint: self.fingerprint.clone(),
             caption_model: self.captioner.as_ref().map(|c| c.files.name.clone()),
             captions_stored: store.iter().filter(|r| r.caption.is_some()).count(),

@@ -9,7 +9,7 @@ use blipdex_ingest::{ingest_with, IngestJob, IngestModels, IngestSummary};
 use blipdex_model::image::{ImageConfig, ImageProcessor};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::vision_cache;
-use blipdex_model::{Blip2, CaptionRequest, Captioner, LoadOptions, ModelFiles};
+use blipdex_model::{CaptionRequest, Captioner, LoadOptions, ModelFiles, Retriever};
 use blipdex_search::{CaptionSource, Engine, EngineOptions, SearchParams};
 use blipdex_store::Store;
 
@@ -43,7 +43,7 @@ fn run_ingest(
     vision_cache: Option<&str>,
 ) -> Result<IngestSummary> {
     let f = files("itm-a")?;
-    let model = Blip2::load(&f, &LoadOptions::default())?;
+    let model = Retriever::load(&f, &LoadOptions::default())?;
     let job = IngestJob {
         roots: vec![root.to_path_buf()],
         index: Some(index.to_path_buf()),
@@ -56,7 +56,6 @@ fn run_ingest(
         &job,
         IngestModels {
             retrieval: &model,
-            files: &f,
             captioner,
         },
     )?)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use blipdex_ingest::IngestJob;
-use blipdex_model::{Blip2, LoadOptions, ModelFiles};
+use blipdex_model::{LoadOptions, ModelFiles, Retriever};
 use blipdex_search::{Engine, EngineOptions, SearchParams};
 use blipdex_server::pb::retrieval_client::RetrievalClient;
 use blipdex_server::pb::{
@@ -56,7 +56,7 @@ fn ingest(folder: &Path, index: &Path, names: &[&str]) -> Result<()> {
         std::fs::copy(photo(n), folder.join(n))?;
     }
     let files = itm_model();
-    let model = Blip2::load(&files, &LoadOptions::default())?;
+    let model = Retriever::load(&files, &LoadOptions::default())?;
     let job = IngestJob {
         roots: vec![folder.to_path_buf()],
         index: Some(index.to_path_buf()),
@@ -64,7 +64,7 @@ fn ingest(folder: &Path, index: &Path, names: &[&str]) -> Result<()> {
         batch_size: 2,
         ..IngestJob::default()
     };
-    let summary = blipdex_ingest::ingest(&job, &model, &files)?;
+    let summary = blipdex_ingest::ingest(&job, &model)?;
     ensure!(summary.rejected == 0, "{summary:?}");
     Ok(())
 }

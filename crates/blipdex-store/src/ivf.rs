@@ -39,8 +39,8 @@ use crate::types::HnswParams;
 /// hnsw_rs keeps at most this many layers.
 const MAX_LAYER: usize = 16;
 /// Above this many lists the centroids are searched with hnsw_rs; below, a brute-force scan
-/// (AVX2) is faster: measured at 2048 lists, hnsw_rs with a beam of 64 took ~0.4 ms per query
-/// (it visits nearly every point of so small a graph), the scan ~0.03 ms.
+/// (AVX2) is faster: at 2048 lists hnsw_rs with a beam of 64 visits nearly every point of so
+/// small a graph, and took about 13× the scan's time per query.
 pub(crate) const GRAPH_MIN_LISTS: usize = 8192;
 /// Segments of one size class merged at once; bounds the segments a query visits.
 pub(crate) const MERGE_FANOUT: usize = 8;
@@ -59,8 +59,8 @@ const ASSIGN_BATCH: usize = 64;
 const ASSIGN_EF: usize = 24;
 /// Smallest hnsw_rs beam when probing for a query.
 const PROBE_EF: usize = 64;
-/// A query probes at least as many lists as hold this many entries on average (~0.15 ms of
-/// scanning), so small indexes are searched exhaustively whatever `nprobe` says.
+/// A query probes at least as many lists as hold this many entries on average (a fraction of a
+/// millisecond of scanning), so small indexes are searched exhaustively whatever `nprobe` says.
 const MIN_SCAN_ENTRIES: usize = 8192;
 /// Rows per segment when all entries are rebuilt (bounds the writer's memory while it does).
 pub(crate) const REBUILD_CHUNK_ROWS: usize = 1 << 18;

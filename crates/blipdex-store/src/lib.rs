@@ -170,14 +170,13 @@
 //! those lists with an integer dot product, and rescores the best `ef` distinct images exactly.
 //! Defaults: `nprobe` = [`DEFAULT_NPROBE`], `ef` = [`DEFAULT_EF`].
 //!
-//! Why this shape, measured on this project's 2-core VM: the hnsw_rs graph over the
-//! representatives (the format before v2) spent ~1.8 KB of RAM per graph point plus the f32
-//! embeddings kept for rescoring, 51 KB per image in all, built at 179-390 images/s, and
-//! re-dumped the whole graph at every commit; hnsw_rs can map a dump's vectors but not its
-//! neighbour lists. An inverted file keeps its entries in immutable, mapped segments that a
-//! commit appends to, so memory, start-up and commit cost stop growing with the index; hnsw_rs
-//! stays the graph library, as the coarse quantizer over a few thousand centroids. Figures in
-//! the README's index section and in `blipdex bench search`.
+//! Why this shape (measured: figures in the README's index section and `blipdex bench
+//! search`): the hnsw_rs graph over the representatives (the format before v2) kept ~1.8 KB of
+//! RAM per graph point plus the f32 embeddings for rescoring in memory, and re-dumped the whole
+//! graph at every commit; hnsw_rs can map a dump's vectors but not its neighbour lists. An
+//! inverted file keeps its entries in immutable, mapped segments that a commit appends to, so
+//! memory, start-up and commit cost stop growing with the index; hnsw_rs stays the graph
+//! library, as the coarse quantizer over a few thousand centroids.
 //!
 //! Segments: a commit writes one segment for its rows; eight segments of one size class
 //! (entries counted in powers of 8) merge into one, so a query visits at most 7 per class
