@@ -3,6 +3,7 @@
 //! deleted images dropped) and its pyarrow read, against a real index, compared with what the
 //! store itself serves. Python's `duckdb` and `pyarrow` are pip-installed into
 //! `target/pydeps` when missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
