@@ -2,5 +2,6 @@
 //! that the store, the server and the CLI can agree on one error vocabulary.
 
 mod error;
+pub mod paths;
 
 pub use error::{Error, Result};

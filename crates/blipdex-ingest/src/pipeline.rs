@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use blipdex_core::{Error, Result};
+use blipdex_core::{paths, Error, Result};
 use blipdex_model::image::ImageProcessor;
 use blipdex_model::vision_cache::{self, CacheDtype};
 use blipdex_model::{CaptionRequest, Captioner, Retriever};
@@ -86,8 +86,14 @@ struct CaptionOnly {
     pixels: Pixels,
 }
 
+/// A path as the store keeps it: exact bytes (see `blipdex_core::paths`).
 fn path_string(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+    paths::encode(p)
+}
+
+/// A path as people read it (rejects, messages).
+fn shown(p: &Path) -> String {
+    paths::display(&paths::encode(p)).into_owned()
 }
 
 /// Runs one ingest job with an already loaded retrieval checkpoint (no captions).
@@ -143,7 +149,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
     let mut rejects: Vec<Reject> = problems
         .into_iter()
         .map(|p| Reject {
-            path: path_string(&p.path),
+            path: shown(&p.path),
             reason: p.reason,
         })
         .collect();
@@ -222,7 +228,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
                 Ok(v) => v,
                 Err(e) => {
                     rejects.push(Reject {
-                        path: p,
+                        path: shown(&d.entry.path),
                         reason: e.to_string(),
                     });
                     continue;
@@ -543,7 +549,7 @@ fn decode(
         }
     };
     let hash = blake3::hash(&bytes).to_hex().to_string();
-    let what = path_string(&entry.path);
+    let what = shown(&entry.path);
     let result = processor.load_bytes(&bytes, &what).and_then(|img| {
         let (width, height) = img.dimensions();
         Ok(Pixels {

@@ -1,28 +1,28 @@
 //! Reading indexed files back and comparing two images' query vectors.
 
-use std::path::Path;
+use blipdex_core::{paths, Error, Result};
 
-use blipdex_core::{Error, Result};
-
-/// The bytes of the first existing copy among `paths` whose BLAKE3 hash is `content_hash`.
-/// A file that changed since it was indexed is refused: its embedding no longer describes it.
-pub(crate) fn read_verified(paths: &[String], content_hash: &str) -> Result<Vec<u8>> {
+/// The bytes of the first existing copy among `stored` (paths as the store keeps them) whose
+/// BLAKE3 hash is `content_hash`. A file that changed since it was indexed is refused: its
+/// embedding no longer describes it.
+pub(crate) fn read_verified(stored: &[String], content_hash: &str) -> Result<Vec<u8>> {
     let mut changed = None;
-    for p in paths {
-        if !Path::new(p).is_file() {
+    for s in stored {
+        let p = paths::decode(s);
+        if !p.is_file() {
             continue;
         }
-        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         if blake3::hash(&bytes).to_hex().as_str() == content_hash {
             return Ok(bytes);
         }
-        changed = Some(p.clone());
+        changed = Some(paths::display(s).into_owned());
     }
     Err(match changed {
         Some(path) => Error::FileChanged { path },
         None => Error::NotFound(format!(
             "no copy of the indexed image exists any more (was {}); re-run blipdex ingest",
-            paths.first().map_or("?", String::as_str)
+            stored.first().map_or("?".into(), |s| paths::display(s))
         )),
     })
 }

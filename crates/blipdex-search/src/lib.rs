@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use blipdex_core::{Error, Result};
+use blipdex_core::{paths, Error, Result};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::vision_cache;
 use blipdex_model::{
@@ -130,9 +130,11 @@ impl SearchParams {
         }
         match &self.path_prefix {
             None => true,
-            Some(prefix) => store
-                .get(id)
-                .is_some_and(|r| r.paths.iter().any(|p| p.starts_with(prefix.as_str()))),
+            Some(prefix) => store.get(id).is_some_and(|r| {
+                r.paths
+                    .iter()
+                    .any(|p| paths::display(p).starts_with(prefix.as_str()))
+            }),
         }
     }
 }
@@ -487,12 +489,12 @@ impl Engine {
                 let row = store.get(id)?;
                 Some(Hit {
                     image_id: id,
-                    path: row.path.clone(),
+                    path: paths::display(&row.path).into_owned(),
                     other_paths: row
                         .paths
                         .iter()
                         .filter(|p| **p != row.path)
-                        .cloned()
+                        .map(|p| paths::display(p).into_owned())
                         .collect(),
                     content_hash: row.content_hash.clone(),
                     width: row.width,

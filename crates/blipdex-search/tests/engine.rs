@@ -512,3 +512,46 @@ fn image_variant(src: &Path, dest: &Path) -> Result<()> {
     img.save_with_format(dest, image::ImageFormat::Png)?;
     Ok(())
 }
+
+/// A file name that is not UTF-8 (Unix names are bytes) is kept exactly: re-ingest sees it
+/// unchanged, reranking and captions read the file back, and people see an escaped name.
+#[cfg(unix)]
+#[test]
+fn non_utf8_file_names_round_trip() -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir()?;
+    let (root, index) = (tmp.path().join("photos"), tmp.path().join("index"));
+    std::fs::create_dir_all(&root)?;
+    let name = std::ffi::OsStr::from_bytes(b"bad\xff\xfe.png");
+    std::fs::copy(fixtures().join("photos/camera_gray.png"), root.join(name))?;
+    std::fs::copy(
+        fixtures().join("photos/rocket.jpg"),
+        root.join("rocket.jpg"),
+    )?;
+    let s = run_ingest(&root, &index, None, None)?;
+    ensure!(s.indexed == 2 && s.rejected == 0, "{s:?}");
+    let again = run_ingest(&root, &index, None, None)?;
+    ensure!(again.unchanged == 2 && again.removed == 0, "{again:?}");
+
+    let eng = engine(&index, true)?;
+    let snap = eng.store();
+    let row = snap
+        .iter()
+        .find(|r| !r.path.ends_with("rocket.jpg"))
+        .context("the non-UTF-8 image")?;
+    let ids = [row.image_id];
+    let itm = eng.itm_many(&snap, &[("a camera", &ids)])?;
+    ensure!(itm[0][0].is_ok(), "{:?}", itm[0][0]);
+    let hits = eng.hits_for_ids(&snap, &ids)?;
+    let shown = format!("{}/bad\\xff\\xfe.png", root.canonicalize()?.display());
+    ensure!(hits[0].path == shown, "{} vs {shown}", hits[0].path);
+    let caption = eng.caption_many(
+        &snap,
+        &[(
+            CaptionSource::ImageId(row.image_id),
+            CaptionRequest::default(),
+        )],
+    );
+    ensure!(caption[0].is_ok(), "{:?}", caption[0]);
+    Ok(())
+}

@@ -49,7 +49,7 @@
 //! | column | type |
 //! |---|---|
 //! | `image_id` | uint64, assigned by the store, never reused |
-//! | `path` | utf8, primary path (the one `file_size`/`mtime` describe) |
+//! | `path` | utf8, primary path (the one `file_size`/`mtime` describe); a path that is not UTF-8 in `blipdex_core::paths`' escaped form |
 //! | `paths` | `list<utf8>`, every path holding identical bytes |
 //! | `content_hash` | utf8, lowercase hex BLAKE3 of the bytes |
 //! | `width`, `height` | uint32 |
