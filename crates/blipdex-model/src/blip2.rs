@@ -64,6 +64,16 @@ impl RetrievalHeads {
     }
 }
 
+/// A checkpoint's `config.json`, its towers set to run on the load options' kernels.
+pub(crate) fn read_config(files: &ModelFiles, opts: &LoadOptions) -> Result<Blip2Config> {
+    Blip2Config::from_json_with(&files.read_config()?, opts.kernels).map_err(|e| {
+        Error::bad_model(
+            &files.name,
+            format!("config.json is not a BLIP-2 config: {e}"),
+        )
+    })
+}
+
 pub struct Blip2 {
     pub config: Blip2Config,
     pub vision_model: Blip2VisionModel,
@@ -82,13 +92,7 @@ impl Blip2 {
                     .into(),
             ));
         }
-        let config =
-            Blip2Config::from_json_with(&files.read_config()?, opts.kernels).map_err(|e| {
-                Error::bad_model(
-                    &files.name,
-                    format!("config.json is not a BLIP-2 config: {e}"),
-                )
-            })?;
+        let config = read_config(files, opts)?;
         let vb = open_weights(files, opts)?;
         Self::new(config, vb).map_err(|e| {
             Error::bad_model(&files.name, format!("weights do not fit config.json: {e}"))

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use blipdex_core::{Error, Result};
 
-use crate::blip2::{open_weights, terr, LoadOptions};
+use crate::blip2::{open_weights, read_config, terr, LoadOptions};
 use crate::config::Blip2Config;
 use crate::loading::ModelFiles;
 use crate::opt::{LinearStorage, OptConfig, OptForCausalLM, TokenIds};
@@ -256,13 +256,7 @@ impl LanguageHead {
 
     /// Load the language side of a checkpoint, with errors that say what is wrong.
     pub fn load(files: &ModelFiles, opts: &LoadOptions, storage: LinearStorage) -> Result<Self> {
-        let cfg =
-            Blip2Config::from_json_with(&files.read_config()?, opts.kernels).map_err(|e| {
-                Error::bad_model(
-                    &files.name,
-                    format!("config.json is not a BLIP-2 config: {e}"),
-                )
-            })?;
+        let cfg = read_config(files, opts)?;
         text_config(&cfg).map_err(Error::Unsupported)?;
         let vb = open_weights(files, opts)?;
         if !vb.contains_tensor("language_projection.weight") {

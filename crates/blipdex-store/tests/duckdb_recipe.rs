@@ -17,24 +17,11 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The README's first ```sql block.
-fn readme_sql() -> String {
+/// The README's first code block in `lang`.
+fn readme_block(lang: &str) -> String {
     let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
-    let start = readme
-        .find("```sql\n")
-        .expect("a ```sql block in the README")
-        + 7;
-    let len = readme[start..].find("```").expect("the block's end");
-    readme[start..start + len].to_string()
-}
-
-/// The README's first ```python block.
-fn readme_python() -> String {
-    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
-    let start = readme
-        .find("```python\n")
-        .expect("a ```python block in the README")
-        + 10;
+    let fence = format!("```{lang}\n");
+    let start = readme.find(&fence).expect("such a block in the README") + fence.len();
     let len = readme[start..].find("```").expect("the block's end");
     readme[start..start + len].to_string()
 }
@@ -140,7 +127,7 @@ rows = duckdb.sql(sql).fetchall()
 out = [[r[0], r[1], list(r[2]), r[3], r[4]] for r in rows]
 print(json.dumps(out))
 "#,
-        sql = readme_sql()
+        sql = readme_block("sql")
     );
     let got = run_python(&script, dir.path());
     assert_eq!(got, serde_json::Value::Array(want));
@@ -153,7 +140,7 @@ fn readme_pyarrow_read_works_without_pandas() {
     let script = format!(
         "import json, sys\nimport pyarrow.parquet as pq\nindex = sys.argv[1]\n{}\n\
          print(json.dumps(sorted({{r['image_id'] for r in rows}})))",
-        readme_python().replace("'index/", "index + '/")
+        readme_block("python").replace("'index/", "index + '/")
     );
     let got = run_python(&script, dir.path());
     // Every row ever written (superseded ones too): the shard files' rows.
