@@ -22,6 +22,10 @@ pub enum IndexCommand {
     Compact(IndexDir),
     /// Print what the index holds (rows, live images, format, ANN index).
     Info(IndexDir),
+    /// Fold the finished parts of `ingest --shard I/N` workers (<index>/parts/) into the index:
+    /// new images added with their embeddings, duplicates across shards become one image with
+    /// all its paths. Idempotent; a server reading the index picks each commit up.
+    Merge(IndexDir),
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +71,10 @@ pub fn run(args: &IndexArgs) -> anyhow::Result<()> {
                 .as_secs_f64()
                 .into();
             println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        IndexCommand::Merge(d) => {
+            let summary = blipdex_ingest::merge(&d.index)?;
+            println!("{}", serde_json::to_string(&summary)?);
         }
         IndexCommand::Info(d) => {
             let store = Store::open_readonly(&d.index)?;

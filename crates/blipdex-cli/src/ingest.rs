@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use blipdex_ingest::{IngestJob, IngestModels, ProgressMode};
+use blipdex_ingest::{IngestJob, IngestModels, ProgressMode, Shard};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::{Captioner, LoadOptions, ModelFiles, Retriever};
 use clap::Args;
@@ -71,6 +71,15 @@ pub struct IngestArgs {
     /// {"progress": {done, total, images_per_s, elapsed_s}} line a second and at the end), none.
     #[arg(long, env = "BLIPDEX_PROGRESS", value_parser = ["auto", "json", "none"])]
     pub progress: Option<String>,
+    /// Worker mode: ingest shard I of N (0-based, e.g. 3/16) into <index>/parts/, for
+    /// `blipdex index merge`. Without it, a Slurm array task (SLURM_ARRAY_TASK_ID /
+    /// SLURM_ARRAY_TASK_COUNT) is a worker of its array.
+    #[arg(long, env = "BLIPDEX_SHARD")]
+    pub shard: Option<String>,
+    /// Worker count when the engine gives each worker only its index: the shard is then
+    /// JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) of N.
+    #[arg(long, env = "BLIPDEX_SHARDS")]
+    pub shards: Option<u32>,
 }
 
 impl IngestArgs {
@@ -105,6 +114,12 @@ impl IngestArgs {
             job.exclude = self.exclude.clone();
         }
         job.f16_embeddings |= self.f16_embeddings;
+        let shard = Shard::resolve(self.shard.as_deref(), self.shards, |k| {
+            std::env::var(k).ok()
+        })?;
+        if shard.is_some() {
+            job.shard = shard;
+        }
         job.progress = match self.progress.as_deref() {
             Some("json") => ProgressMode::Json,
             Some("none") => ProgressMode::None,

@@ -705,3 +705,132 @@ fn json_progress_lines() -> Result<()> {
     ensure!(lines[0]["progress"]["done"] == 0, "{stderr}");
     Ok(())
 }
+
+/// Content hash → (sorted paths, embeddings) of every live image: what an index holds,
+/// whatever ids it gave.
+type Contents = std::collections::BTreeMap<String, (Vec<String>, Vec<f32>)>;
+
+fn contents(index: &Path) -> Result<Contents> {
+    let store = blipdex_store::Store::open_readonly(index)?;
+    let mut out = std::collections::BTreeMap::new();
+    for row in store.iter() {
+        let mut paths = row.paths.clone();
+        paths.sort();
+        let e = store.embeds(row.image_id).context("embeddings")?;
+        out.insert(row.content_hash, (paths, e));
+    }
+    Ok(out)
+}
+
+/// Workers (`--shard I/N`; one of them started twice at once, as engines do with speculative
+/// tasks) and then `index merge`: the same images, paths and embeddings as one ingest of the
+/// same folder; a second merge changes nothing.
+#[test]
+fn sharded_workers_then_merge_equal_one_ingest() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let folder = tmp.path().join("photos");
+    std::fs::create_dir_all(folder.join("copies"))?;
+    for e in std::fs::read_dir(fixtures().join("photos"))? {
+        let e = e?;
+        std::fs::copy(e.path(), folder.join(e.file_name()))?;
+        // Identical bytes under another name: duplicates, across shards for some.
+        std::fs::copy(e.path(), folder.join("copies").join(e.file_name()))?;
+    }
+    let model = fixtures().join("models/itm-a");
+    let (single, sharded) = (tmp.path().join("single"), tmp.path().join("sharded"));
+    let ingest = |index: &Path, extra: &[&str]| -> Result<Value> {
+        let mut args = vec![
+            "ingest",
+            "--index",
+            s(index)?,
+            "--model",
+            s(&model)?,
+            "--batch-size",
+            "2",
+            s(&folder)?,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run_json(&args)
+    };
+    let one = ingest(&single, &[])?;
+
+    let bin = env!("CARGO_BIN_EXE_blipdex");
+    let twice: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(bin)
+                .args(["ingest", "--index", s(&sharded)?, "--model", s(&model)?])
+                .args(["--shard", "0/2", s(&folder)?, "--json"])
+                .output()
+                .map_err(anyhow::Error::from)
+        })
+        .collect::<Result<_>>()?;
+    for o in &twice {
+        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let other = ingest(&sharded, &["--shard", "1/2"])?;
+    let first: Value = serde_json::from_slice(twice[0].stdout.as_slice())?;
+    ensure!(
+        first["indexed"].as_u64().context("indexed")?
+            + other["indexed"].as_u64().context("indexed")?
+            >= one["indexed"].as_u64().context("indexed")?,
+        "{first} {other} {one}"
+    );
+
+    let merged = run_json(&["index", "merge", "--index", s(&sharded)?])?;
+    ensure!(
+        merged["parts"] == 2 && merged["images"] == one["indexed"],
+        "{merged} vs {one}"
+    );
+    let (got, want) = (contents(&sharded)?, contents(&single)?);
+    ensure!(
+        got.keys().eq(want.keys()),
+        "images: {:?} vs {:?}",
+        got.keys(),
+        want.keys()
+    );
+    for (hash, (paths, e)) in &want {
+        let (gp, ge) = &got[hash];
+        ensure!(gp == paths, "{hash}: paths {gp:?} vs {paths:?}");
+        let worst = e
+            .iter()
+            .zip(ge)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // Batches are made up differently (f32 sums round a little differently).
+        ensure!(worst <= 1e-5, "{hash}: embeddings differ by {worst}");
+    }
+    let again = run_json(&["index", "merge", "--index", s(&sharded)?])?;
+    ensure!(
+        again["added"] == 0 && again["updated"] == 0 && again["commits"] == 0,
+        "{again}"
+    );
+
+    // The merged index searches like the single one (ids aside).
+    let score = |v: &Value| -> Vec<f64> {
+        v["hits"]
+            .as_array()
+            .map(|h| h.iter().filter_map(|h| h["itc_score"].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    let a = search(&single, &model, "a rocket", &["--exact", "--top-k", "5"])?;
+    let b = search(&sharded, &model, "a rocket", &["--exact", "--top-k", "5"])?;
+    let (sa, sb) = (score(&a), score(&b));
+    let close = sa.iter().zip(&sb).all(|(x, y)| (x - y).abs() <= 1e-5);
+    ensure!(
+        close && sa.len() == sb.len() && !sa.is_empty(),
+        "{a} vs {b}"
+    );
+
+    // A worker's shard spec must be well formed.
+    let o = Command::new(bin)
+        .args(["ingest", "--index", s(&sharded)?, "--model", s(&model)?])
+        .args(["--shard", "2/2", s(&folder)?])
+        .output()?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && err.contains("below the shard count"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -2,8 +2,10 @@
 //! them to the store in atomic batches so that a crash loses at most the uncommitted batch.
 
 pub mod job;
+pub mod merge;
 pub mod pipeline;
 pub mod walk;
 
-pub use job::{IngestJob, ProgressMode};
+pub use job::{IngestJob, ProgressMode, Shard};
+pub use merge::{merge, MergeSummary};
 pub use pipeline::{ingest, ingest_with, IngestModels, IngestSummary};

@@ -11,6 +11,8 @@ use blipdex_core::{paths, Error, Result};
 use blipdex_model::image::ImageProcessor;
 use blipdex_model::vision_cache::{self, CacheDtype};
 use blipdex_model::{CaptionRequest, Captioner, Retriever};
+
+use crate::merge::parts_dir;
 use blipdex_store::{Batch, Dtype, ImageRecord, Store, StoreOptions};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -122,6 +124,11 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         .index
         .clone()
         .ok_or_else(|| Error::InvalidArgument("no --index".into()))?;
+    // A worker writes its shard as a part of the index, a complete store of its own.
+    let index = match job.shard {
+        Some(shard) => parts_dir(&index).join(shard.part_name()),
+        None => index,
+    };
     let roots = job
         .roots
         .iter()
@@ -141,7 +148,15 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
     std::fs::create_dir_all(&index).map_err(|e| Error::io(&index, e))?;
     let mut store = open_writer(&index, options)?;
 
-    let (entries, problems) = walk(&roots, &filters);
+    let (mut entries, problems) = walk(&roots, &filters);
+    if let Some(shard) = job.shard {
+        entries.retain(|e| {
+            roots
+                .iter()
+                .find_map(|r| e.path.strip_prefix(r).ok())
+                .is_some_and(|rel| shard.takes(rel))
+        });
+    }
     let mut summary = IngestSummary {
         files: entries.len(),
         ..Default::default()
@@ -307,7 +322,7 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         // Files gone from the roots (or now unreadable) stop being searchable.
         for row in store.iter().filter(|r| !r.deleted) {
             for p in &row.paths {
-                if roots.iter().any(|r| Path::new(p).starts_with(r)) && !keep.contains(p) {
+                if roots.iter().any(|r| paths::decode(p).starts_with(r)) && !keep.contains(p) {
                     state.batch.remove_path(p.clone());
                     summary.removed += 1;
                 }
@@ -335,6 +350,10 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
         return Err(e);
     }
     write_rejects(&index, &rejects)?;
+    if let Some(shard) = job.shard {
+        // The part is complete: `index merge` takes it (a rerun only refreshes it).
+        crate::merge::mark_done(&index, shard, store.generation())?;
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.images_per_s = if summary.seconds > 0.0 {
         summary.indexed as f64 / summary.seconds
