@@ -1087,6 +1087,8 @@ mod x86 {
 
         const MR: usize = super::Isa::Avx2.mr();
         const NR: usize = super::Isa::Avx2.nr();
+        /// How many panel rows ahead the GEMV prefetches (2 KiB of f32 panel).
+        const GEMV_PREFETCH_ROWS: usize = 32;
 
         /// [`super::widen_f16`]; `src` and `dst` of one length.
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -1124,41 +1126,64 @@ mod x86 {
             }
         }
 
-        /// [`super::gemv_panel`] for 1..=6 rows.
+        /// [`super::gemv_panel`] for 1..=6 rows. Few rows are few FMA chains, each waiting on
+        /// the FMA's latency (4–5 cycles, 2 per cycle): `U` steps of k go to separate
+        /// accumulators (≥ 8 chains), summed at the end.
         pub(super) unsafe fn gemv<const KIND: u8>(x: &[f32], k: usize, b: &[u8], out: &mut [f32]) {
             match x.len() / k {
-                1 => gemv_rows::<1, KIND>(x, k, b, out),
-                2 => gemv_rows::<2, KIND>(x, k, b, out),
-                3 => gemv_rows::<3, KIND>(x, k, b, out),
-                4 => gemv_rows::<4, KIND>(x, k, b, out),
-                5 => gemv_rows::<5, KIND>(x, k, b, out),
-                _ => gemv_rows::<6, KIND>(x, k, b, out),
+                1 => gemv_rows::<1, 4, KIND>(x, k, b, out),
+                2 => gemv_rows::<2, 2, KIND>(x, k, b, out),
+                3 => gemv_rows::<3, 2, KIND>(x, k, b, out),
+                4 => gemv_rows::<4, 1, KIND>(x, k, b, out),
+                5 => gemv_rows::<5, 1, KIND>(x, k, b, out),
+                _ => gemv_rows::<6, 1, KIND>(x, k, b, out),
             }
         }
 
-        /// [`gemv`] for exactly `M` rows, the 2·M accumulators in registers.
+        /// [`gemv`] for exactly `M` rows, the 2·M·U accumulators in registers.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn gemv_rows<const M: usize, const KIND: u8>(
+        unsafe fn gemv_rows<const M: usize, const U: usize, const KIND: u8>(
             x: &[f32],
             k: usize,
             panel: &[u8],
             out: &mut [f32],
         ) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            let mut acc = [[[_mm256_setzero_ps(); 2]; M]; U];
             let (xp, mut b) = (x.as_ptr(), panel.as_ptr());
-            for p in 0..k {
+            let step = |acc: &mut [[__m256; 2]; M], b: *const u8, p: usize| {
                 let (b0, b1) = load_row::<KIND>(b);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let xi = _mm256_broadcast_ss(&*xp.add(i * k + p));
                     acc[0] = _mm256_fmadd_ps(xi, b0, acc[0]);
                     acc[1] = _mm256_fmadd_ps(xi, b1, acc[1]);
                 }
+            };
+            let full = k / U * U;
+            for p in (0..full).step_by(U) {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    // With 3 or more rows the FMAs keep up with L3: fetch the panel ahead
+                    // (4×768×3072 f32: 36 → 50 GFLOP/s on one Zen 4 core; 8 rows: 47 → 70).
+                    if M >= 3 {
+                        let ahead = b.add(GEMV_PREFETCH_ROWS * row_bytes(KIND, NR));
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                    step(acc, b, p + u);
+                    b = b.add(row_bytes(KIND, NR));
+                }
+            }
+            for p in full..k {
+                step(&mut acc[0], b, p);
                 b = b.add(row_bytes(KIND, NR));
             }
             let o = out.as_mut_ptr();
-            for (i, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(o.add(i * NR), acc[0]);
-                _mm256_storeu_ps(o.add(i * NR + 8), acc[1]);
+            for i in 0..M {
+                let (mut v0, mut v1) = (acc[0][i][0], acc[0][i][1]);
+                for acc in &acc[1..] {
+                    v0 = _mm256_add_ps(v0, acc[i][0]);
+                    v1 = _mm256_add_ps(v1, acc[i][1]);
+                }
+                _mm256_storeu_ps(o.add(i * NR), v0);
+                _mm256_storeu_ps(o.add(i * NR + 8), v1);
             }
         }
 
