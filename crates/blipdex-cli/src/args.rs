@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use blipdex_core::Error;
 use blipdex_model::image::{ImageConfig, ImageProcessor, DEFAULT_MAX_PIXELS};
-use blipdex_model::{Blip2, Kernels, LoadOptions, ModelFiles};
+use blipdex_model::{Blip2, CpuGemm, Kernels, LoadOptions, ModelFiles};
 use candle_core::{DType, Device, Tensor};
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args};
@@ -32,16 +32,26 @@ pub struct ModelArgs {
     /// unfused ops (true/false, 1/0).
     #[arg(long, env = "BLIPDEX_CUDA_FLASH", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub cuda_flash: bool,
+    /// On the CPU, which of blipdex's GEMMs runs the linears and the fused attention: auto (the
+    /// best this CPU has), avx512, avx2, or off (candle's matmul and unfused attention).
+    #[arg(long, env = "BLIPDEX_CPU_GEMM", default_value = "auto")]
+    pub cpu_gemm: CpuGemm,
 }
 
 impl ModelArgs {
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        if let CpuGemm::Isa(isa) = self.cpu_gemm {
+            if !isa.available() {
+                bail!("--cpu-gemm {isa}: this CPU does not have it; use auto, avx2 or off");
+            }
+        }
         Ok(LoadOptions {
             device: parse_device(&self.device)?,
             dtype: parse_dtype(&self.dtype)?,
             kernels: Kernels {
                 cuda: self.cuda_kernels,
                 cuda_flash: self.cuda_flash,
+                cpu_gemm: self.cpu_gemm,
             },
         })
     }

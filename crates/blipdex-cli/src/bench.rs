@@ -202,6 +202,8 @@ fn embed(a: &EmbedBench) -> anyhow::Result<()> {
             "model": files.name,
             "device": a.model.device,
             "dtype": a.model.dtype,
+            // Which CPU GEMM ran the linears (on the CPU): an ISA, or candle's matmul.
+            "cpu_gemm": a.model.cpu_gemm.isa().map_or("candle", |i| i.name()),
             "threads": threads,
             "batch_size": a.batch_size,
             "image_size": [h, w],
@@ -253,6 +255,8 @@ fn caption(a: &CaptionBench) -> anyhow::Result<()> {
             "model": files.name,
             "device": a.model.device,
             "dtype": a.model.dtype,
+            // Which CPU GEMM ran the linears (on the CPU): an ISA, or candle's matmul.
+            "cpu_gemm": a.model.cpu_gemm.isa().map_or("candle", |i| i.name()),
             "quantize": a.quantize.map(|_| "q8"),
             "threads": threads,
             "new_tokens": a.max_new_tokens,

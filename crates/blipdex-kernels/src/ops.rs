@@ -6,8 +6,9 @@
 //!   dispatch (AVX-512 / AVX2 where the CPU has them) and split over rows with rayon.
 //! - Few-row products (decoding): streaming GEMVs (over packed panels or stored rows) instead
 //!   of a GEMM's packing.
-//! - Weight layout, fixed at load ([`Linear`]): packed for [`sgemm`] on CPUs with AVX-512F (the
-//!   vision, Q-Former and OPT linears); elsewhere Wᵀ row-major for the vision and Q-Former.
+//! - Weight layout, fixed at load ([`Linear`]): packed for [`sgemm`] where it runs (AVX-512F or
+//!   AVX2 + FMA, as [`CpuGemm`] says; the vision, Q-Former and OPT linears); elsewhere Wᵀ
+//!   row-major for the vision and Q-Former.
 //! - Half precision on the CPU: bf16/f16 weights stay bf16/f16 in the packed panels and the
 //!   streaming GEMV (widened in registers, f32 sums); bf16/f16 activations reaching these
 //!   kernels are widened, run through the f32 kernels and rounded back once ([`to_dtype`]).
@@ -27,7 +28,7 @@ use rayon::prelude::*;
 
 use crate::layout::{AttentionSpec, Part};
 use crate::profile::span;
-use crate::sgemm;
+use crate::sgemm::{self, Isa};
 
 /// Elements per rayon task: enough to amortize the split, small enough to balance two cores.
 const CHUNK: usize = 16 * 1024;
@@ -44,6 +45,8 @@ pub struct Kernels {
     pub cuda: bool,
     /// The fused CUDA attention of a `flash-attn` build (sm_80+); `false`: the unfused ops.
     pub cuda_flash: bool,
+    /// Which of blipdex's CPU GEMMs runs the linears and the fused attention on the CPU.
+    pub cpu_gemm: CpuGemm,
 }
 
 impl Default for Kernels {
@@ -51,6 +54,56 @@ impl Default for Kernels {
         Self {
             cuda: true,
             cuda_flash: true,
+            cpu_gemm: CpuGemm::Auto,
+        }
+    }
+}
+
+/// Which CPU GEMM runs a model's linears and its fused CPU attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuGemm {
+    /// The best of blipdex's GEMMs this CPU runs ([`Isa::detect`]), else candle's matmul.
+    #[default]
+    Auto,
+    /// This instruction set's kernels; candle's matmul where the CPU lacks it.
+    Isa(Isa),
+    /// candle's matmul (the gemm crate) and the unfused attention, to compare.
+    Off,
+}
+
+impl CpuGemm {
+    /// The instruction set that runs, `None` for candle's matmul.
+    pub fn isa(self) -> Option<Isa> {
+        match self {
+            CpuGemm::Auto => Isa::detect(),
+            CpuGemm::Isa(isa) => isa.available().then_some(isa),
+            CpuGemm::Off => None,
+        }
+    }
+}
+
+impl std::str::FromStr for CpuGemm {
+    type Err = String;
+
+    /// `auto`, `off`, or an instruction set (`avx512`, `avx2`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(CpuGemm::Auto),
+            "off" => Ok(CpuGemm::Off),
+            other => other
+                .parse::<Isa>()
+                .map(CpuGemm::Isa)
+                .map_err(|_| format!("{other:?}: use auto, avx512, avx2 or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for CpuGemm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CpuGemm::Auto => f.write_str("auto"),
+            CpuGemm::Isa(isa) => f.write_str(isa.name()),
+            CpuGemm::Off => f.write_str("off"),
         }
     }
 }
@@ -205,7 +258,8 @@ pub struct Linear {
 enum Weight {
     /// `[out, in]`, possibly the transposed view of an `[in, out]` buffer.
     Tensor(Tensor),
-    /// Packed for [`sgemm`] (x86-64 with AVX-512F, f32, on the CPU); the tensor is dropped.
+    /// Packed for [`sgemm`] (x86-64 with AVX-512F or AVX2 + FMA, on the CPU); the tensor is
+    /// dropped.
     Packed(Arc<sgemm::PackedB>),
 }
 
@@ -228,15 +282,15 @@ impl Linear {
         }
     }
 
-    /// Laid out for the device's product: f32 on a CPU with AVX-512F, packed for [`sgemm`]
-    /// (blipdex's GEMM); on other CPUs Wᵀ row-major for gemm (which packs that layout much
-    /// faster for image-sized inputs: up to 1.8× on one image's products); on other devices as
-    /// stored. Replaces the checkpoint-layout buffer: one copy of the weight.
+    /// Laid out for the device's product: packed for [`sgemm`] (blipdex's GEMM) on a CPU that
+    /// runs it (see [`CpuGemm`]); on other CPUs Wᵀ row-major for gemm (which packs that layout
+    /// much faster for image-sized inputs: up to 1.8× on one image's products); on other
+    /// devices as stored. Replaces the checkpoint-layout buffer: one copy of the weight.
     pub fn prepared(weight: Tensor, bias: Option<Tensor>, kern: Kernels) -> Result<Self> {
         if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 {
             return Ok(Self::new(weight, bias, kern));
         }
-        match Self::packed(&weight)? {
+        match Self::packed(&weight, kern)? {
             Some(packed) => Ok(Self {
                 weight: Weight::Packed(packed),
                 ..Self::new(weight, bias, kern)
@@ -249,7 +303,7 @@ impl Linear {
     /// [`sgemm`] where [`Linear::prepared`] packs (its GEMV streams the panels as fast as the
     /// stored rows), otherwise as stored, the layout of [`matmul_t`]'s streaming GEMV.
     pub fn packed_or_stored(weight: Tensor, bias: Option<Tensor>, kern: Kernels) -> Result<Self> {
-        Ok(match Self::packed(&weight)? {
+        Ok(match Self::packed(&weight, kern)? {
             Some(packed) => Self {
                 weight: Weight::Packed(packed),
                 ..Self::new(weight, bias, kern)
@@ -258,10 +312,13 @@ impl Linear {
         })
     }
 
-    /// The `[out, in]` weight packed for [`sgemm`] on a CPU with AVX-512F, in its dtype (bf16
+    /// The `[out, in]` weight packed for [`sgemm`] with `kern`'s CPU GEMM, in its dtype (bf16
     /// and f16: half the bytes, widened in registers, f32 sums). `None` on other CPUs.
-    fn packed(weight: &Tensor) -> Result<Option<Arc<sgemm::PackedB>>> {
-        if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 || !sgemm::available() {
+    fn packed(weight: &Tensor, kern: Kernels) -> Result<Option<Arc<sgemm::PackedB>>> {
+        let Some(isa) = kern.cpu_gemm.isa() else {
+            return Ok(None);
+        };
+        if !matches!(weight.device(), Device::Cpu) || weight.rank() != 2 {
             return Ok(None);
         }
         let (n, k) = weight.dims2()?;
@@ -270,15 +327,18 @@ impl Linear {
         // Wᵀ: element (k, n) at n·K + k.
         Ok(match (&*storage, layout.contiguous_offsets()) {
             (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) => {
-                sgemm::PackedB::pack(sgemm::MatRef::new(&v[lo..hi], k, n, 1, k)).map(Arc::new)
+                sgemm::PackedB::pack_for(isa, sgemm::MatRef::new(&v[lo..hi], k, n, 1, k))
+                    .map(Arc::new)
             }
             (candle_core::Storage::Cpu(CpuStorage::BF16(v)), Some((lo, hi))) => {
                 let bits: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
-                sgemm::PackedB::pack_bf16(sgemm::MatRef::new(bits, k, n, 1, k)).map(Arc::new)
+                sgemm::PackedB::pack_bf16_for(isa, sgemm::MatRef::new(bits, k, n, 1, k))
+                    .map(Arc::new)
             }
             (candle_core::Storage::Cpu(CpuStorage::F16(v)), Some((lo, hi))) => {
                 let bits: &[u16] = bytemuck::cast_slice(&v[lo..hi]);
-                sgemm::PackedB::pack_f16(sgemm::MatRef::new(bits, k, n, 1, k)).map(Arc::new)
+                sgemm::PackedB::pack_f16_for(isa, sgemm::MatRef::new(bits, k, n, 1, k))
+                    .map(Arc::new)
             }
             _ => None,
         })
@@ -777,10 +837,10 @@ thread_local! {
 }
 
 /// Multi-head attention, `softmax(scale · q·kᵀ + mask) · v` per head, heads merged into
-/// `[B, Tq, dim]`. On CPUs with AVX-512F, f32: one task per (image, head), the Tq × Tk scores
-/// made, masked, normalized and used inside that core's cache, q, k and v read straight out of
-/// the projections (no head split copies, no batched score tensor through memory). `None`
-/// elsewhere: the caller runs the unfused ops. On CUDA, built with `--features flash-attn`,
+/// `[B, Tq, dim]`. On CPUs that run [`sgemm`] (see [`CpuGemm`]), f32: one task per (image,
+/// head), the Tq × Tk scores made, masked, normalized and used inside that core's cache, q, k
+/// and v read straight out of the projections (no head split copies, no batched score tensor
+/// through memory). `None` elsewhere: the caller runs the unfused ops. On CUDA, built with `--features flash-attn`,
 /// unmasked: blipdex's fused CUDA kernels (`cuda_flash`).
 fn fused_attention(
     kern: Kernels,
@@ -797,7 +857,7 @@ fn fused_attention(
     }
     if [q, k, v].iter().any(|p| half_on_cpu(p.src)) {
         // Widened only where the f32 path below runs: elsewhere the copies would be wasted.
-        if !sgemm::available() {
+        if kern.cpu_gemm.isa().is_none() {
             return Ok(None);
         }
         return widened_attention(kern, q, k, v, spec);
@@ -824,8 +884,10 @@ fn fused_attention(
     let Some(mask_rs) = mask_rows else {
         return Ok(None);
     };
-    if !sgemm::available()
-        || heads == 0
+    let Some(isa) = kern.cpu_gemm.isa() else {
+        return Ok(None);
+    };
+    if heads == 0
         || !dim.is_multiple_of(heads)
         || (bk, bv, tv) != (b, b, tk)
         || ![q, k, v].iter().all(usable)
@@ -863,8 +925,8 @@ fn fused_attention(
         let (kd, ks) = at(1, k, tk);
         let (vd, vs) = at(2, v, tk);
         let view = sgemm::MatRef::new;
-        let kt = sgemm::PackedB::pack_serial(view(kd, hd, tk, 1, ks))?;
-        let vp = sgemm::PackedB::pack_serial(view(vd, tk, hd, vs, 1))?;
+        let kt = sgemm::PackedB::pack_serial_for(isa, view(kd, hd, tk, 1, ks))?;
+        let vp = sgemm::PackedB::pack_serial_for(isa, view(vd, tk, hd, vs, 1))?;
         let mut out = vec![0f32; tq * hd];
         // The scores are fully written by the product: a reused buffer, not a zeroed one.
         let done = SCORES.with_borrow_mut(|scores| {
@@ -1495,15 +1557,54 @@ pub(crate) mod tests {
     pub(crate) const K: Kernels = Kernels {
         cuda: true,
         cuda_flash: true,
+        cpu_gemm: CpuGemm::Auto,
     };
 
+    /// The dispatch with each of blipdex's CPU GEMMs this CPU runs, then with none (candle's
+    /// matmul): a test looping over these runs every CPU path the machine has, and says which.
+    /// `BLIPDEX_REQUIRE_CPU_GEMM=avx512,avx2` makes a missing one a failure.
+    pub(crate) fn each_cpu_gemm(test: &str) -> Vec<Kernels> {
+        let have: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+        if let Ok(want) = std::env::var("BLIPDEX_REQUIRE_CPU_GEMM") {
+            for name in want.split(',').filter(|n| !n.is_empty()) {
+                let isa: Isa = name.parse().expect("BLIPDEX_REQUIRE_CPU_GEMM: avx512,avx2");
+                assert!(
+                    have.contains(&isa),
+                    "BLIPDEX_REQUIRE_CPU_GEMM: no {name} on this CPU"
+                );
+            }
+        }
+        let names: Vec<&str> = have.iter().map(|i| i.name()).collect();
+        eprintln!(
+            "{test}: CPU GEMM paths run: {} and candle's matmul",
+            names.join(", ")
+        );
+        let mut out: Vec<Kernels> = have
+            .into_iter()
+            .map(|isa| Kernels {
+                cpu_gemm: CpuGemm::Isa(isa),
+                ..K
+            })
+            .collect();
+        out.push(Kernels {
+            cpu_gemm: CpuGemm::Off,
+            ..K
+        });
+        out
+    }
+
     /// The weight as the transposed view of a contiguous `[in, out]` buffer (gemm's layout).
-    fn relaid_out(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
-        Ok(Linear::new(transpose_f32(&weight)?.t()?, bias, K))
+    fn relaid_out(k: Kernels, weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(Linear::new(transpose_f32(&weight)?.t()?, bias, k))
     }
 
     /// [`fused_attention`] of a fused `[B, T, 3·D]` q/k/v projection.
-    fn fused_self_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Option<Tensor>> {
+    fn fused_self_attention(
+        k: Kernels,
+        qkv: &Tensor,
+        heads: usize,
+        scale: f64,
+    ) -> Result<Option<Tensor>> {
         let dim = qkv.dim(D::Minus1)? / 3;
         let part = |offset| Part { src: qkv, offset };
         let spec = AttentionSpec {
@@ -1513,7 +1614,7 @@ pub(crate) mod tests {
             scale,
             mask: None,
         };
-        fused_attention(K, part(0), part(dim), part(2 * dim), spec)
+        fused_attention(k, part(0), part(dim), part(2 * dim), spec)
     }
     use candle_core::IndexOp;
 
@@ -1528,6 +1629,26 @@ pub(crate) mod tests {
             s += f(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
         }
         s * h / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// Says which CPU GEMM paths this machine's tests run (`cargo test -- --nocapture` shows
+    /// it); fails where `BLIPDEX_REQUIRE_CPU_GEMM` names one the CPU lacks.
+    #[test]
+    fn cpu_gemm_paths() {
+        let paths = each_cpu_gemm("cpu_gemm_paths");
+        assert_eq!(paths.last().map(|k| k.cpu_gemm), Some(CpuGemm::Off));
+        for k in &paths[..paths.len() - 1] {
+            let isa = k.cpu_gemm.isa().expect("an available ISA");
+            assert_eq!(k.cpu_gemm, CpuGemm::Isa(isa));
+        }
+        assert_eq!(CpuGemm::Auto.isa(), Isa::detect());
+        for s in ["auto", "off", "avx2", "avx512"] {
+            assert_eq!(
+                s.parse::<CpuGemm>().map(|c| c.to_string()),
+                Ok(s.to_string())
+            );
+        }
+        assert!("sse2".parse::<CpuGemm>().is_err());
     }
 
     #[test]
@@ -1650,6 +1771,13 @@ pub(crate) mod tests {
     /// checkpoint-layout and relaid-out weights; the same values as candle_nn's batched Linear.
     #[test]
     fn linear_flattens_rows_like_candles_linear() -> anyhow::Result<()> {
+        for k in each_cpu_gemm("linear_flattens_rows_like_candles_linear") {
+            linear_flattens_rows_like_candles_linear_with(k)?;
+        }
+        Ok(())
+    }
+
+    fn linear_flattens_rows_like_candles_linear_with(k: Kernels) -> anyhow::Result<()> {
         let dev = Device::Cpu;
         for dims in [
             vec![3usize, 257, 48],
@@ -1667,10 +1795,10 @@ pub(crate) mod tests {
                 let want = candle_nn::Linear::new(w.clone(), bias.clone()).forward(&x)?;
                 // As stored, gemm's layout, and packed for sgemm (on CPUs with AVX-512F).
                 for l in [
-                    Linear::new(w.clone(), bias.clone(), K),
-                    relaid_out(w.clone(), bias.clone())?,
-                    Linear::prepared(w.clone(), bias.clone(), K)?,
-                    Linear::packed_or_stored(w.clone(), bias.clone(), K)?,
+                    Linear::new(w.clone(), bias.clone(), k),
+                    relaid_out(k, w.clone(), bias.clone())?,
+                    Linear::prepared(w.clone(), bias.clone(), k)?,
+                    Linear::packed_or_stored(w.clone(), bias.clone(), k)?,
                 ] {
                     let got = linear(&l, &x)?;
                     assert_eq!(got.dims(), want.dims());
@@ -1682,18 +1810,18 @@ pub(crate) mod tests {
                 }
             }
             assert_eq!(
-                Linear::prepared(w.clone(), None, K)?.is_packed(),
-                sgemm::available()
+                Linear::prepared(w.clone(), None, k)?.is_packed(),
+                k.cpu_gemm.isa().is_some()
             );
             assert_eq!(
-                Linear::packed_or_stored(w.clone(), None, K)?.is_packed(),
-                sgemm::available()
+                Linear::packed_or_stored(w.clone(), None, k)?.is_packed(),
+                k.cpu_gemm.isa().is_some()
             );
         }
         // A width that does not match the weight is an error, not a silent reshape.
         let x = Tensor::zeros((2, 5, 47), DType::F32, &dev)?;
         let w = Tensor::zeros((37, 48), DType::F32, &dev)?;
-        assert!(matmul_t(K, &x, &w).is_err());
+        assert!(matmul_t(k, &x, &w).is_err());
         Ok(())
     }
 
@@ -1813,15 +1941,28 @@ pub(crate) mod tests {
     /// inputs.
     #[test]
     fn half_precision_runs_the_f32_kernels_on_widened_inputs() -> anyhow::Result<()> {
+        for k in each_cpu_gemm("half_precision_runs_the_f32_kernels_on_widened_inputs") {
+            half_precision_runs_the_f32_kernels_on_widened_inputs_with(k)?;
+        }
+        Ok(())
+    }
+
+    fn half_precision_runs_the_f32_kernels_on_widened_inputs_with(
+        k: Kernels,
+    ) -> anyhow::Result<()> {
+        if k.cpu_gemm.isa().is_none() {
+            // candle's own half-precision ops: not this contract (they round as they go).
+            return Ok(());
+        }
         let dev = Device::Cpu;
         for dtype in [DType::BF16, DType::F16] {
             let half = |t: Tensor| t.to_dtype(dtype);
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             let w = half(Tensor::randn(0f32, 1.0, (37, 48), &dev)?)?;
             let b = half(Tensor::randn(0f32, 1.0, 37, &dev)?)?;
-            let l = Linear::prepared(w.clone(), Some(b.clone()), K)?;
-            let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?), K)?;
-            assert_eq!(l.is_packed(), sgemm::available());
+            let l = Linear::prepared(w.clone(), Some(b.clone()), k)?;
+            let l32 = Linear::prepared(f32(&w)?, Some(f32(&b)?), k)?;
+            assert_eq!(l.is_packed(), k.cpu_gemm.isa().is_some());
             if l.is_packed() {
                 assert_eq!(l.dtype(), dtype);
                 assert_eq!(2 * l.weight_bytes(), l32.weight_bytes());
@@ -1830,7 +1971,7 @@ pub(crate) mod tests {
             for dims in [vec![3usize, 257, 48], vec![1, 48], vec![2, 3, 48]] {
                 let x = half(Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?)?;
                 let want = reference.forward(&f32(&x)?)?;
-                let what = format!("{dtype:?} linear {dims:?}");
+                let what = format!("{dtype:?} linear {dims:?} ({})", k.cpu_gemm);
                 assert_rounding_of(&linear(&l, &x)?, &want, &what)?;
                 let act = linear_act(&l, Activation::Gelu, &x)?;
                 assert_rounding_of(&act, &want.gelu_erf()?, &format!("gelu {what}"))?;
@@ -1838,9 +1979,12 @@ pub(crate) mod tests {
             let (bsz, t, heads, hd) = (2usize, 257usize, 3usize, 16usize);
             let qkv = half(Tensor::randn(0f32, 1.0, (bsz, t, 3 * heads * hd), &dev)?)?;
             let want = attention_reference(&f32(&qkv)?, heads, 0.25)?;
-            match fused_self_attention(&qkv, heads, 0.25)? {
+            match fused_self_attention(k, &qkv, heads, 0.25)? {
                 Some(got) => assert_rounding_of(&got, &want, "attention")?,
-                None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+                None => assert!(
+                    k.cpu_gemm.isa().is_none(),
+                    "fused path refused where the CPU GEMM runs"
+                ),
             }
             let d = 48;
             let ln = candle_nn::LayerNorm::new(
@@ -1852,7 +1996,7 @@ pub(crate) mod tests {
             let x = half(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
             let r = half(Tensor::randn(0f32, 1.0, (2, 7, d), &dev)?)?;
             let sum = (f32(&x)? + f32(&r)?)?;
-            let (h, n) = add_layer_norm(K, x.clone(), &r, &ln)?;
+            let (h, n) = add_layer_norm(k, x.clone(), &r, &ln)?;
             assert_rounding_of(&h, &sum, "residual sum")?;
             assert_rounding_of(&n, &ln32.forward(&sum)?, "add + layer norm")?;
             let n = layer_norm(&x, &ln)?;
@@ -1879,6 +2023,13 @@ pub(crate) mod tests {
 
     #[test]
     fn fused_attention_matches_unfused_ops() -> anyhow::Result<()> {
+        for k in each_cpu_gemm("fused_attention_matches_unfused_ops") {
+            fused_attention_matches_unfused_ops_with(k)?;
+        }
+        Ok(())
+    }
+
+    fn fused_attention_matches_unfused_ops_with(kern: Kernels) -> anyhow::Result<()> {
         let dev = Device::Cpu;
         // Sequence lengths off the 14-row and 32-column tiles, head sizes 64 / 12 / 1.
         for (b, t, heads, hd) in [
@@ -1889,13 +2040,16 @@ pub(crate) mod tests {
             let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * hd), &dev)?;
             let scale = (hd as f64).powf(-0.5);
             let want = attention_reference(&qkv, heads, scale)?;
-            match fused_self_attention(&qkv, heads, scale)? {
+            match fused_self_attention(kern, &qkv, heads, scale)? {
                 Some(got) => {
                     assert_eq!(got.dims(), want.dims());
                     let d = max_abs_diff(&got, &want)?;
                     assert!(d < 1e-5, "b={b} t={t} heads={heads} hd={hd}: {d}");
                 }
-                None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+                None => assert!(
+                    kern.cpu_gemm.isa().is_none(),
+                    "fused path refused where the CPU GEMM runs"
+                ),
             }
         }
         // Cross-attention: 32 queries over 257 keys, k and v side by side in one projection.
@@ -1923,12 +2077,15 @@ pub(crate) mod tests {
             scale: 0.25,
             mask: None,
         };
-        match fused_attention(K, part(&q, 0), part(&kv, 0), part(&kv, dim), spec)? {
+        match fused_attention(kern, part(&q, 0), part(&kv, 0), part(&kv, dim), spec)? {
             Some(got) => {
                 let d = max_abs_diff(&got, &want)?;
                 assert!(d < 1e-5, "cross-attention: {d}");
             }
-            None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+            None => assert!(
+                kern.cpu_gemm.isa().is_none(),
+                "fused path refused where the CPU GEMM runs"
+            ),
         }
         // Masks as OPT's prompt pass (causal, left padding: [B, 1, T, T], f32::MIN where
         // masked) and the Q-Former's text (padding only: [B, 1, 1, T]): scaled, masked, then
@@ -1973,12 +2130,15 @@ pub(crate) mod tests {
                 mask: Some(&mask),
             };
             let (q, k, v) = (part(&qkv, 0), part(&qkv, dim), part(&qkv, 2 * dim));
-            match fused_attention(K, q, k, v, spec)? {
+            match fused_attention(kern, q, k, v, spec)? {
                 Some(got) => {
                     let d = max_abs_diff(&got, &want)?;
                     assert!(d < 1e-5, "mask {:?}: {d}", mask.dims());
                 }
-                None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+                None => assert!(
+                    kern.cpu_gemm.isa().is_none(),
+                    "fused path refused where the CPU GEMM runs"
+                ),
             }
             // A mask of another shape is left to the caller.
             let wrong = mask.narrow(3, 0, t - 1)?.contiguous()?;
@@ -1987,17 +2147,20 @@ pub(crate) mod tests {
                 mask: Some(&wrong),
                 ..spec
             };
-            assert!(fused_attention(K, q, k, v, spec)?.is_none());
+            assert!(fused_attention(kern, q, k, v, spec)?.is_none());
         }
         // Half precision on the CPU runs widened and comes back in its dtype; not a whole
         // number of heads: left to the caller.
         let qkv = Tensor::zeros((1, 4, 3 * 8), DType::F16, &dev)?;
-        match fused_self_attention(&qkv, 2, 1.0)? {
+        match fused_self_attention(kern, &qkv, 2, 1.0)? {
             Some(out) => assert_eq!(out.dtype(), DType::F16),
-            None => assert!(!sgemm::available(), "fused path refused on an AVX-512F CPU"),
+            None => assert!(
+                kern.cpu_gemm.isa().is_none(),
+                "fused path refused where the CPU GEMM runs"
+            ),
         }
         let qkv = Tensor::zeros((1, 4, 3 * 8), DType::F32, &dev)?;
-        assert!(fused_self_attention(&qkv, 3, 1.0)?.is_none());
+        assert!(fused_self_attention(kern, &qkv, 3, 1.0)?.is_none());
         Ok(())
     }
 
@@ -2114,7 +2277,7 @@ pub(crate) mod tests {
             assert_eq!(t.dims(), &[k, n]);
             assert_eq!(max_abs_diff(&t, &w.t()?.contiguous()?)?, 0.0);
             let lin = Linear::new(w.clone(), None, K);
-            let re = relaid_out(w.clone(), None)?;
+            let re = relaid_out(K, w.clone(), None)?;
             let Weight::Tensor(rw) = &re.weight else {
                 anyhow::bail!("relaid out weight should stay a tensor")
             };

@@ -16,7 +16,7 @@ pub mod vision_cache;
 pub mod weights;
 
 pub use blip2::{Blip2, LoadOptions};
-pub use blipdex_kernels::Kernels;
+pub use blipdex_kernels::{CpuGemm, Kernels};
 pub use captioner::{CaptionRequest, Captioner, Generated};
 pub use config::Blip2Config;
 pub use loading::ModelFiles;
