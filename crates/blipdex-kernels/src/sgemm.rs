@@ -32,6 +32,7 @@ pub const MR: usize = Isa::Avx512.mr();
 /// Columns of an AVX-512F micro-tile (two 16-lane vectors of B); see [`Isa::nr`].
 pub const NR: usize = Isa::Avx512.nr();
 /// Output floats per row block (4 MiB).
+#[cfg(target_arch = "x86_64")]
 const C_BLOCK_FLOATS: usize = 1 << 20;
 
 /// The instruction set a product runs on. A [`PackedB`] is laid out for one (its panels' width
@@ -98,6 +99,7 @@ impl Isa {
     /// K slice: one A micro-panel stays in L1 (32 KiB) beside the B stream: 14 × 384 f32 =
     /// 21 KiB (AVX-512F), 6 × 384 f32 = 9 KiB (AVX2; 256 measured ~2% slower on Zen 4: more
     /// slices, and 6 × 16 tiles pay their epilogue more often).
+    #[cfg(target_arch = "x86_64")]
     const fn kc(self) -> usize {
         match self {
             Isa::Avx512 => 384,
@@ -107,6 +109,7 @@ impl Isa {
 
     /// Widest column block of B a thread walks: KC × NB f32 in L2 (576 KiB of 1 MiB for
     /// AVX-512F; 384 KiB for AVX2, whose CPUs include Zen 2/3 with 512 KiB of L2).
+    #[cfg(target_arch = "x86_64")]
     const fn nb_max(self) -> usize {
         match self {
             Isa::Avx512 => 384,
