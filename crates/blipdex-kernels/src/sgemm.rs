@@ -1361,7 +1361,9 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// The instruction sets this CPU runs, printed: every test runs on each of them.
+    /// The instruction sets this CPU runs, printed: every test runs on each of them. (On a CPU
+    /// with AVX-512F, the AVX2-only case — `detect()` picking AVX2, kernels.rs on it — runs
+    /// under emulation: `qemu-x86_64 -cpu Haswell-v4 <the test binary>`.)
     fn isas(test: &str) -> Vec<Isa> {
         let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
         eprintln!("{test}: on {isas:?} (of {:?})", Isa::ALL);
