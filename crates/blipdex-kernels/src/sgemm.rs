@@ -10,6 +10,10 @@
 //!   register-only FMA peak (116 of 117 GFLOP/s on a Zen 4 core, as AVX-512F's 14 × 32); 4 × 24
 //!   measured the same, 5 × 16 96%, 3 × 32 (spilling) half. 6 rows pad A less.
 //!
+//! On a 2-core Zen 4 (which has both; FMA peak 117 GFLOP/s per core either way) both paths
+//! run the ViT-base products at 205–220 GFLOP/s, gemm's AVX2 kernels at 190–206 (`sgemm_speed`
+//! and a candle built without gemm's `x86-v4`).
+//!
 //! - A (activations) is packed once, whole, into MR-row panels per KC slice of K (384 for
 //!   AVX-512F, 768 for AVX2); a micro-panel (MR × KC) stays in L1 while the kernel walks a
 //!   block of B.
@@ -1738,6 +1742,8 @@ mod tests {
                     pack_best[i] * 1e3
                 );
             }
+            // gemm picks its AVX-512 kernels where the CPU has them (this workspace enables
+            // `x86-v4`); its AVX2 ones need a candle built without that feature.
             eprintln!("{line} candle {:.0}", gf(candle));
         }
         // Decoding: one row against weights too large for the caches (a 12-layer decoder's
