@@ -1,18 +1,14 @@
 //! f32 GEMM for x86-64 CPUs with AVX-512F or AVX2 + FMA + F16C (the default build's linears).
 //!
-//! gemm (candle's CPU matmul) reaches ~187 GFLOP/s on the ViT's products on this project's
-//! 2-core Cascade Lake, MKL ~230–265. This is the BLIS/Goto scheme with the roles laid out for
-//! row-major outputs: the output's columns are the vector dimension, its rows the broadcast
-//! dimension, the whole micro-tile's accumulators in registers. Per instruction set ([`Isa`]):
+//! The BLIS/Goto scheme, faster than gemm (candle's CPU matmul) on the ViT's products and on
+//! few-row products (figures in docs/benchmarks.md), with the roles laid out for row-major
+//! outputs: the output's columns are the vector dimension, its rows the broadcast dimension,
+//! the whole micro-tile's accumulators in registers. Per instruction set ([`Isa`]):
 //! - AVX-512F: MR = 14 rows × NR = 32 columns (two zmm), 28 of the 32 zmm registers.
 //! - AVX2 + FMA: MR = 6 rows × NR = 16 columns (two ymm), 12 of the 16 ymm registers (the
 //!   other 4: two B rows, one broadcast of A, one spare). On L1 panels it runs at 99% of the
-//!   register-only FMA peak (116 of 117 GFLOP/s on a Zen 4 core, as AVX-512F's 14 × 32); 4 × 24
-//!   measured the same, 5 × 16 96%, 3 × 32 (spilling) half. 6 rows pad A less.
-//!
-//! On a 2-core Zen 4 (which has both; FMA peak 117 GFLOP/s per core either way) both paths
-//! run the ViT-base products at 205–220 GFLOP/s, gemm's AVX2 kernels at 190–206 (`sgemm_speed`
-//! and a candle built without gemm's `x86-v4`).
+//!   register-only FMA peak, as AVX-512F's 14 × 32 does; 4 × 24 measured the same, 5 × 16 96%,
+//!   3 × 32 (spilling) half. 6 rows pad A less.
 //!
 //! - A (activations) is packed once, whole, into MR-row panels per KC slice of K (384 for
 //!   AVX-512F, 768 for AVX2); a micro-panel (MR × KC) stays in L1 while the kernel walks a
