@@ -123,13 +123,17 @@ fn captions_and_vision_cache_at_ingest_serve_rerank() -> Result<()> {
         ensure!(d == 0.0, "f32 cache differs from the vision tower by {d}");
     }
 
-    // ITM from the cache == ITM recomputed from the files (cache removed), pair for pair,
-    // and batched requests == one at a time.
+    // ITM from the cache alone (the photos moved away: nothing to recompute from) == ITM
+    // recomputed from the files (cache removed), pair for pair, and batched requests == one
+    // at a time.
     let ids: Vec<u64> = store.iter().map(|r| r.image_id).collect();
     let snap = eng.store();
     let queries = ["a rocket on a launch pad", "a cat"];
     let reqs: Vec<(&str, &[u64])> = queries.iter().map(|q| (*q, ids.as_slice())).collect();
+    let away = tmp.path().join("photos-away");
+    std::fs::rename(&root, &away)?;
     let from_cache = eng.itm_many(&snap, &reqs)?;
+    std::fs::rename(&away, &root)?;
     std::fs::remove_dir_all(&cache)?;
     let eng2 = engine(&index, false)?;
     for (qi, q) in queries.iter().enumerate() {
@@ -173,7 +177,11 @@ fn f16_vision_cache_is_close_to_recompute() -> Result<()> {
     let snap = eng.store();
     let ids: Vec<u64> = snap.iter().map(|r| r.image_id).collect();
     let q = "a photo of a cup of coffee";
+    // From the cache alone: the photos moved away, nothing to recompute from.
+    let away = tmp.path().join("photos-away");
+    std::fs::rename(&root, &away)?;
     let cached = eng.itm_many(&snap, &[(q, &ids)])?;
+    std::fs::rename(&away, &root)?;
     std::fs::remove_dir_all(vision_cache::cache_dir(&index))?;
     let eng2 = engine(&index, false)?;
     let fresh = eng2.itm_many(&eng2.store(), &[(q, &ids)])?;
@@ -185,8 +193,13 @@ fn f16_vision_cache_is_close_to_recompute() -> Result<()> {
         );
         worst = worst.max((a - b).abs());
     }
-    // f16 keeps ~3 significant digits of each state; the stated tolerance is 2e-3.
+    // f16 keeps ~3 significant digits of each state; the stated tolerance is 2e-3, and the
+    // rounding must show (a recompute would give exactly the fresh scores).
     ensure!(worst <= 2e-3, "f16 cache moves ITM by {worst}");
+    ensure!(
+        worst > 0.0,
+        "the f16 cache gave exactly the f32 scores: was it read?"
+    );
     Ok(())
 }
 
