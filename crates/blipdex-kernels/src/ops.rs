@@ -1771,10 +1771,9 @@ pub(crate) mod tests {
     /// checkpoint-layout and relaid-out weights; the same values as candle_nn's batched Linear.
     #[test]
     fn linear_flattens_rows_like_candles_linear() -> anyhow::Result<()> {
-        for k in each_cpu_gemm("linear_flattens_rows_like_candles_linear") {
-            linear_flattens_rows_like_candles_linear_with(k)?;
-        }
-        Ok(())
+        each_cpu_gemm("linear_flattens_rows_like_candles_linear")
+            .into_iter()
+            .try_for_each(linear_flattens_rows_like_candles_linear_with)
     }
 
     fn linear_flattens_rows_like_candles_linear_with(k: Kernels) -> anyhow::Result<()> {
@@ -1941,10 +1940,9 @@ pub(crate) mod tests {
     /// inputs.
     #[test]
     fn half_precision_runs_the_f32_kernels_on_widened_inputs() -> anyhow::Result<()> {
-        for k in each_cpu_gemm("half_precision_runs_the_f32_kernels_on_widened_inputs") {
-            half_precision_runs_the_f32_kernels_on_widened_inputs_with(k)?;
-        }
-        Ok(())
+        each_cpu_gemm("half_precision_runs_the_f32_kernels_on_widened_inputs")
+            .into_iter()
+            .try_for_each(half_precision_runs_the_f32_kernels_on_widened_inputs_with)
     }
 
     fn half_precision_runs_the_f32_kernels_on_widened_inputs_with(
@@ -2023,10 +2021,9 @@ pub(crate) mod tests {
 
     #[test]
     fn fused_attention_matches_unfused_ops() -> anyhow::Result<()> {
-        for k in each_cpu_gemm("fused_attention_matches_unfused_ops") {
-            fused_attention_matches_unfused_ops_with(k)?;
-        }
-        Ok(())
+        each_cpu_gemm("fused_attention_matches_unfused_ops")
+            .into_iter()
+            .try_for_each(fused_attention_matches_unfused_ops_with)
     }
 
     fn fused_attention_matches_unfused_ops_with(kern: Kernels) -> anyhow::Result<()> {
