@@ -128,6 +128,18 @@ impl Kernels {
         })
     }
 
+    /// [`Kernels::attention`]'s fused kernels alone: `None` where none takes the inputs (the
+    /// caller then runs [`Kernels::attention_heads`] on heads it may keep, as a KV cache does).
+    pub fn fused_attention(
+        self,
+        q: Part<'_>,
+        k: Part<'_>,
+        v: Part<'_>,
+        spec: AttentionSpec<'_>,
+    ) -> Result<Option<Tensor>> {
+        fused_attention(self, q, k, v, spec)
+    }
+
     /// [`Kernels::attention`] over a fused `[B, T, 3·D]` q/k/v projection, unmasked.
     pub fn self_attention(
         self,

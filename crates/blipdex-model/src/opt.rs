@@ -359,13 +359,23 @@ impl OptAttention {
                     scale: 1.0,
                     mask: Some(mask),
                 };
-                let out =
-                    self.kern
-                        .attention(Part::whole(&q), Part::whole(&k), Part::whole(&v), spec)?;
-                *cache = Some((
-                    self.kern.contiguous(&heads(k)?)?,
-                    self.kern.contiguous(&heads(v)?)?,
-                ));
+                let kern = self.kern;
+                let (kh, vh) = (
+                    kern.contiguous(&heads(k.clone())?)?,
+                    kern.contiguous(&heads(v.clone())?)?,
+                );
+                let out = span(spec.name, dev, || {
+                    let parts = (Part::whole(&q), Part::whole(&k), Part::whole(&v));
+                    match kern.fused_attention(parts.0, parts.1, parts.2, spec)? {
+                        Some(out) => Ok(out),
+                        // The heads the cache keeps serve the unfused ops too: split once.
+                        None => {
+                            let qh = kern.contiguous(&heads(q.clone())?)?;
+                            kern.attention_heads(&qh, &kh, &vh, 1.0, Some(mask))
+                        }
+                    }
+                })?;
+                *cache = Some((kh, vh));
                 out
             }
             Some((pk, pv)) => {

@@ -2,15 +2,21 @@
 
 mod common;
 
-use anyhow::Result;
-use blipdex_model::Blip2;
+use anyhow::{Context, Result};
+use blipdex_kernels::Isa;
+use blipdex_model::{Blip2, CpuGemm, Kernels, LoadOptions, ModelFiles};
 use candle_core::{Device, Tensor};
 use common::*;
 
 /// Runs the whole retrieval model on the golden inputs and compares every output.
 fn check_against_golden(model_name: &str, golden_name: &str) -> Result<()> {
+    check_with(model_name, golden_name, &LoadOptions::default())
+}
+
+fn check_with(model_name: &str, golden_name: &str, opts: &LoadOptions) -> Result<()> {
     let g = golden(golden_name)?;
-    let model = load(model_name)?;
+    let files = ModelFiles::resolve(model_dir(model_name).to_str().context("path")?, None)?;
+    let model = Blip2::load(&files, opts)?;
     let px = get(&g, "pixel_values")?;
     let input_ids = ids(&g, "input_ids")?;
     let mask = ids(&g, "attention_mask")?;
@@ -57,6 +63,30 @@ fn check_against_golden(model_name: &str, golden_name: &str) -> Result<()> {
 #[test]
 fn itm_a_matches_transformers() -> Result<()> {
     check_against_golden("itm-a", "itm-a")
+}
+
+/// Each CPU GEMM path this machine runs, and candle's matmul with the unfused attention (the
+/// ops the CUDA path shares): every output within the same tolerance.
+#[test]
+fn every_cpu_gemm_path_matches_transformers() -> Result<()> {
+    let paths = Isa::ALL
+        .into_iter()
+        .filter(|i| i.available())
+        .map(CpuGemm::Isa)
+        .chain([CpuGemm::Off]);
+    for cpu_gemm in paths {
+        let opts = LoadOptions {
+            kernels: Kernels {
+                cpu_gemm,
+                ..Kernels::default()
+            },
+            ..LoadOptions::default()
+        };
+        eprintln!("cpu gemm {cpu_gemm}:");
+        check_with("itm-a", "itm-a", &opts)?;
+        check_with("itm-b", "itm-b", &opts)?;
+    }
+    Ok(())
 }
 
 /// Other shapes: 3 vision layers × 5 heads, 48 px / 12 px patches, 2 Q-Former layers that all
