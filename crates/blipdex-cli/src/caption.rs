@@ -241,6 +241,9 @@ mod tests {
             let got = captions(&parse(&argv)).expect("captions");
             let want = golden_case(name, case);
             let eos = ids(&serde_json::json!([2]));
+            let cases = want["new_tokens"].as_array().map_or(0, Vec::len);
+            assert!(cases > 0, "{name} {case}: no golden captions");
+            assert_eq!(got.len(), cases, "{name} {case}: one caption per image");
             for (i, c) in got.iter().enumerate() {
                 let want_ids = ids(&want["new_tokens"][i]);
                 assert_eq!(

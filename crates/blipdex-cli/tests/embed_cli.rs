@@ -104,8 +104,12 @@ fn embed_golden(
 fn embed_pixel_values_matches_transformers() -> Result<()> {
     for name in ["itm-a", "itm-b"] {
         let (got, want) = embed_golden(name, &["--itm", "--batch-size", "2"])?;
+        // The input is echoed to the output as it was given (an export check, not parity).
+        let echoed = got
+            .get("pixel_values")
+            .context("output lacks pixel_values")?;
+        ensure!(max_abs(echoed, want.get("pixel_values").context("px")?)? == 0.0);
         for k in [
-            "pixel_values",
             "vision_last_hidden_state",
             "qformer_last_hidden_state",
             "image_embeds",

@@ -480,6 +480,26 @@ async fn every_rpc_matches_the_engine() -> Result<()> {
         !c2.token_ids.is_empty() && c2.token_ids.len() <= 8,
         "{c2:?}"
     );
+    // The same tokens as the captioner in this process on the same bytes (that captioner is
+    // token-exact with transformers on the golden cases, in the model crate's tests).
+    let local = blipdex_model::Captioner::load(
+        &caption_model(),
+        &LoadOptions::default(),
+        blipdex_model::opt::LinearStorage::Float,
+    )?;
+    let img = local
+        .processor
+        .load_bytes(&std::fs::read(photo("rocket.jpg"))?, "rocket.jpg")?;
+    let request = blipdex_model::CaptionRequest {
+        num_beams: Some(2),
+        max_new_tokens: Some(8),
+        ..Default::default()
+    };
+    let want = local.generate(&local.pixel_values(&[img])?, &request)?;
+    ensure!(
+        want.len() == 1 && c2.token_ids == want[0].token_ids && c2.text == want[0].text,
+        "{c2:?} vs {want:?}"
+    );
 
     // GetStats.
     let s = client.get_stats(GetStatsRequest {}).await?.into_inner();
