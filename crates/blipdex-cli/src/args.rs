@@ -231,3 +231,77 @@ fn read_pixel_values(path: &Path) -> anyhow::Result<Tensor> {
     }
     Ok(t.to_dtype(DType::F32)?)
 }
+
+/// Object storage: where local copies live and how requests are retried.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// Local copies of indexes on object storage (and workers' parts before upload)
+    /// [default: $XDG_CACHE_HOME/blipdex, else ~/.cache/blipdex].
+    #[arg(long, env = "BLIPDEX_CACHE_DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Retries of a failed object-store request (network errors, 5xx, throttling).
+    #[arg(long, env = "BLIPDEX_OBJECT_STORE_RETRIES", default_value_t = 5)]
+    pub object_store_retries: usize,
+    /// Seconds after a request's first attempt when no retry starts any more.
+    #[arg(
+        long,
+        env = "BLIPDEX_OBJECT_STORE_RETRY_TIMEOUT_S",
+        default_value_t = 120
+    )]
+    pub object_store_retry_timeout_s: u64,
+}
+
+impl RemoteArgs {
+    pub fn options(&self) -> blipdex_remote::RemoteOptions {
+        blipdex_remote::RemoteOptions {
+            max_retries: self.object_store_retries,
+            retry_timeout: std::time::Duration::from_secs(self.object_store_retry_timeout_s),
+        }
+    }
+
+    /// `--cache-dir`, or the user's cache folder.
+    pub fn cache_dir(&self) -> anyhow::Result<std::path::PathBuf> {
+        if let Some(d) = &self.cache_dir {
+            return Ok(d.clone());
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("no cache folder: give --cache-dir (or set HOME or XDG_CACHE_HOME)")
+            })?;
+        Ok(base.join("blipdex"))
+    }
+
+    /// The local directory to open for `index`: itself, or a fresh copy of the index at that
+    /// object-store URL (pulled now), with the remote it came from.
+    pub fn local_index(
+        &self,
+        index: &str,
+    ) -> anyhow::Result<(std::path::PathBuf, Option<blipdex_remote::Remote>)> {
+        if !blipdex_remote::is_url(index) {
+            return Ok((index.into(), None));
+        }
+        let remote = blipdex_remote::Remote::open(index, &self.options())?;
+        let local = blipdex_remote::cache_dir_for(&self.cache_dir()?, &remote.url()).join("index");
+        match blipdex_remote::mirror::pull(&remote, &local)? {
+            Some(s) => tracing::info!(
+                "{} generation {} copied to {} ({} files fetched)",
+                remote.url(),
+                s.generation,
+                local.display(),
+                s.copied
+            ),
+            None => anyhow::bail!(
+                "{} holds no blipdex index (no manifest.json): build one with `blipdex ingest \
+                 --index {}` or run `blipdex index merge` after the workers",
+                remote.url(),
+                remote.url()
+            ),
+        }
+        Ok((local, Some(remote)))
+    }
+}

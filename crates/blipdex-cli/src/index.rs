@@ -25,7 +25,17 @@ pub enum IndexCommand {
     /// Fold the finished parts of `ingest --shard I/N` workers (<index>/parts/) into the index:
     /// new images added with their embeddings, duplicates across shards become one image with
     /// all its paths. Idempotent; a server reading the index picks each commit up.
-    Merge(IndexDir),
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The index: a directory, or an object-store prefix (s3://bucket/index) whose parts and
+    /// index are merged in a local copy and published as one new generation.
+    #[arg(long, env = "BLIPDEX_INDEX")]
+    pub index: String,
+    #[command(flatten)]
+    pub remote: crate::args::RemoteArgs,
 }
 
 #[derive(Args, Debug)]
@@ -73,7 +83,12 @@ pub fn run(args: &IndexArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         IndexCommand::Merge(d) => {
-            let summary = blipdex_ingest::merge(&d.index)?;
+            let summary = if blipdex_remote::is_url(&d.index) {
+                let remote = blipdex_remote::Remote::open(&d.index, &d.remote.options())?;
+                blipdex_ingest::merge_remote(&remote, &d.remote.cache_dir()?)?
+            } else {
+                blipdex_ingest::merge(std::path::Path::new(&d.index))?
+            };
             println!("{}", serde_json::to_string(&summary)?);
         }
         IndexCommand::Info(d) => {

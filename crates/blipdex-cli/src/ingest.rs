@@ -12,12 +12,16 @@ use crate::args::{parse_device, parse_dtype};
 
 #[derive(Args, Debug)]
 pub struct IngestArgs {
-    /// Folders (or files) to index.
+    /// Folders (or files) to index, and object-store prefixes (s3://bucket/photos, gs://,
+    /// az://, file://).
     #[arg(env = "BLIPDEX_PATHS", value_delimiter = ',')]
     pub paths: Vec<PathBuf>,
-    /// Index directory (created if missing).
+    /// Index directory (created if missing), or an object-store prefix (s3://bucket/index,
+    /// gs://, az://, file://), worked on in a local copy under --cache-dir.
     #[arg(long, env = "BLIPDEX_INDEX")]
     pub index: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: crate::args::RemoteArgs,
     /// Retrieval checkpoint: directory or hub repo id.
     #[arg(long, env = "BLIPDEX_MODEL")]
     pub model: Option<String>,
@@ -114,6 +118,11 @@ impl IngestArgs {
             job.exclude = self.exclude.clone();
         }
         job.f16_embeddings |= self.f16_embeddings;
+        job.remote = self.remote.options();
+        if self.remote.cache_dir.is_some() || job.cache_dir.is_none() {
+            // Needed only for an index on object storage, where its absence is reported.
+            job.cache_dir = self.remote.cache_dir().ok();
+        }
         let shard = Shard::resolve(self.shard.as_deref(), self.shards, |k| {
             std::env::var(k).ok()
         })?;

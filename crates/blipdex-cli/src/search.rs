@@ -2,8 +2,6 @@
 //! API (`blipdex_search::Query`): ITC ranking (ANN or exact), filters, ITM reranking of the
 //! first N of the whole ranking, the page, and captions.
 
-use std::path::PathBuf;
-
 use anyhow::bail;
 use blipdex_model::ModelFiles;
 use blipdex_search::{Answer, Engine, EngineOptions, Query, SearchParams};
@@ -16,7 +14,9 @@ use crate::caption::Quantize;
 pub struct SearchArgs {
     /// Index directory (built by `blipdex ingest`).
     #[arg(long, env = "BLIPDEX_INDEX")]
-    pub index: PathBuf,
+    pub index: String,
+    #[command(flatten)]
+    pub remote: crate::args::RemoteArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     /// What to look for, in words (at most 4096 bytes).
@@ -74,7 +74,8 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
     };
     // The query's own rules (limits, a blank query) before minutes of model loading.
     query.validate(args.caption_model.is_some())?;
-    let mut opts = EngineOptions::new(&args.index, args.model.resolve()?);
+    let (index, _) = args.remote.local_index(&args.index)?;
+    let mut opts = EngineOptions::new(&index, args.model.resolve()?);
     opts.load = args.model.load_options()?;
     opts.caption_model = args
         .caption_model

@@ -17,9 +17,12 @@ use crate::caption::Quantize;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Index directory (built by `blipdex ingest` with --model).
+    /// Index directory (built by `blipdex ingest` with --model), or an object-store prefix
+    /// (s3://bucket/index): copied to --cache-dir at start, then every --refresh-ms.
     #[arg(long, env = "BLIPDEX_INDEX")]
-    pub index: PathBuf,
+    pub index: String,
+    #[command(flatten)]
+    pub remote: crate::args::RemoteArgs,
     /// The retrieval checkpoint that built the index (e.g. Salesforce/blip2-itm-vit-g).
     #[command(flatten)]
     pub model: ModelArgs,
@@ -126,13 +129,16 @@ impl ServeArgs {
 
     /// Resolves the checkpoints (downloads them from the hub if needed) and loads the engine;
     /// runs on the server's model thread so health answers while this takes time.
-    fn loader(&self) -> anyhow::Result<impl FnOnce() -> blipdex_core::Result<Engine> + Send> {
+    fn loader(
+        &self,
+        index: PathBuf,
+        persist_captions: bool,
+    ) -> anyhow::Result<impl FnOnce() -> blipdex_core::Result<Engine> + Send> {
         let load = self.model.load_options()?;
         let (model, revision) = (self.model.model.clone(), self.model.revision.clone());
         let caption = self.caption_model.clone();
         let caption_revision = self.caption_revision.clone();
         let storage = Quantize::storage(self.quantize);
-        let index = self.index.clone();
         let max_image_pixels = self.max_image_pixels;
         let vision_lru_bytes = self.vision_cache_mb.saturating_mul(1 << 20);
         Ok(move || {
@@ -145,6 +151,7 @@ impl ServeArgs {
             opts.caption_storage = storage;
             opts.max_image_pixels = max_image_pixels;
             opts.vision_lru_bytes = vision_lru_bytes;
+            opts.persist_captions = persist_captions;
             Engine::load(&opts)
         })
     }
@@ -154,7 +161,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if !args.ingest.is_empty() {
         let job = blipdex_ingest::IngestJob {
             roots: args.ingest.clone(),
-            index: Some(args.index.clone()),
+            index: Some(PathBuf::from(&args.index)),
+            cache_dir: args.remote.cache_dir().ok(),
+            remote: args.remote.options(),
             model: Some(args.model.model.clone()),
             revision: args.model.revision.clone(),
             device: args.model.device.clone(),
@@ -167,24 +176,28 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let s = crate::ingest::run_job(&job)?;
         eprintln!(
             "ingested {}: {} new, {} unchanged, {} duplicates, {} rejected, {} removed",
-            args.index.display(),
-            s.indexed,
-            s.unchanged,
-            s.duplicates,
-            s.rejected,
-            s.removed
+            args.index, s.indexed, s.unchanged, s.duplicates, s.rejected, s.removed
         );
     }
-    if !args.index.join("manifest.json").is_file() {
+    let (index, remote) = args.remote.local_index(&args.index)?;
+    if !index.join("manifest.json").is_file() {
         bail!(
             "{} is not a blipdex index (no manifest.json); build one with `blipdex ingest --index {} --model {} <photos>`",
-            args.index.display(),
-            args.index.display(),
+            args.index,
+            args.index,
             args.model.model
         );
     }
-    let config = args.config()?;
-    let loader = args.loader()?;
+    let mut config = args.config()?;
+    if let Some(remote) = remote {
+        // The local copy follows the remote index; the server's own reload picks each new
+        // generation up from the copy. Captions are not written into a copy.
+        config.caption_flush_every = None;
+        if let Some(every) = config.refresh_every {
+            follow(remote, index.clone(), every);
+        }
+    }
+    let loader = args.loader(index, config.caption_flush_every.is_some())?;
     blipdex_server::run_until_signal(
         blipdex_server::Endpoints {
             listen: args.listen,
@@ -194,4 +207,28 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         config,
         loader,
     )
+}
+
+/// Pulls each new generation of `remote` into `local`, every `every`, for the life of the
+/// process (a failed pull is logged and retried at the next tick: the server keeps serving
+/// what it has).
+fn follow(remote: blipdex_remote::Remote, local: PathBuf, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("blipdex-index-pull".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match blipdex_remote::mirror::pull(&remote, &local) {
+                Ok(Some(s)) if s.changed => tracing::info!(
+                    "{}: generation {} copied ({} files fetched)",
+                    remote.url(),
+                    s.generation,
+                    s.copied
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{}: cannot copy the index: {e}", remote.url()),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("index pull thread not started ({e}): serving the copy made at start");
+    }
 }

@@ -110,6 +110,28 @@ pub enum Error {
     /// failed commit.
     #[error("index {dir}: {reason}")]
     Store { dir: PathBuf, reason: String },
+
+    /// An object store (S3, GCS, Azure) refused or failed a request: `kind` says whether to fix
+    /// the location, the credentials or retry later.
+    #[error("{url}: {reason}")]
+    ObjectStore {
+        url: String,
+        kind: ObjectStoreErrorKind,
+        reason: String,
+    },
+}
+
+/// What an object-store failure asks of the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectStoreErrorKind {
+    /// The bucket, container or object does not exist.
+    NotFound,
+    /// Missing, wrong or insufficient credentials.
+    Denied,
+    /// The endpoint could not be reached or kept failing (network, timeouts, 5xx).
+    Unavailable,
+    /// A malformed URL or configuration.
+    Config,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

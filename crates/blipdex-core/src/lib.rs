@@ -4,4 +4,4 @@
 mod error;
 pub mod paths;
 
-pub use error::{Error, Result};
+pub use error::{Error, ObjectStoreErrorKind, Result};

@@ -9,7 +9,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestJob {
-    /// Folders (or single files) to index, walked recursively.
+    /// Folders (or single files) to index, walked recursively, and object-store prefixes
+    /// (`s3://bucket/photos`, `gs://`, `az://`, `file://`), listed.
     #[serde(default)]
     pub roots: Vec<PathBuf>,
     /// Glob patterns a file's path must match (any of them) to be indexed; empty = all images.
@@ -18,8 +19,14 @@ pub struct IngestJob {
     /// Glob patterns that exclude a file (e.g. `**/.thumbnails/**`).
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// Index directory.
+    /// Index directory, or an object-store prefix (worked on in a local copy under `cache_dir`).
     pub index: Option<PathBuf>,
+    /// Where local copies of object-store indexes (and a worker's part, before its upload)
+    /// live. Needed when `index` is an object-store prefix.
+    pub cache_dir: Option<PathBuf>,
+    /// Retries of object-store requests (set by the caller, not the job file).
+    #[serde(skip)]
+    pub remote: blipdex_remote::RemoteOptions,
     /// Retrieval checkpoint (directory or hub repo id).
     pub model: Option<String>,
     pub revision: Option<String>,
@@ -53,6 +60,11 @@ pub struct IngestJob {
     /// the index (`<index>/parts/`), for `blipdex index merge` to fold in.
     #[serde(default)]
     pub shard: Option<Shard>,
+}
+
+/// Whether a root or index names an object-store location rather than a local path.
+pub fn is_url(p: &Path) -> bool {
+    p.to_str().is_some_and(blipdex_remote::is_url)
 }
 
 /// One worker's share of an ingest spread over N workers: the files whose path (relative to
@@ -213,14 +225,15 @@ impl IngestJob {
             .map_err(|e| Error::InvalidArgument(format!("pipeline {}: {e}", path.display())))?;
         // Relative paths in a job file are relative to the file, not to where blipdex runs.
         let base = path.parent().unwrap_or(Path::new("."));
+        let local_relative = |p: &Path| p.is_relative() && !is_url(p);
         for r in &mut job.roots {
-            if r.is_relative() {
+            if local_relative(r) {
                 *r = base.join(&*r);
             }
         }
-        if let Some(i) = &mut job.index {
-            if i.is_relative() {
-                *i = base.join(&*i);
+        for p in job.index.iter_mut().chain(&mut job.cache_dir) {
+            if local_relative(p) {
+                *p = base.join(&*p);
             }
         }
         Ok(job)

@@ -7,5 +7,5 @@ pub mod pipeline;
 pub mod walk;
 
 pub use job::{IngestJob, ProgressMode, Shard};
-pub use merge::{merge, MergeSummary};
+pub use merge::{merge, merge_remote, MergeSummary};
 pub use pipeline::{ingest, ingest_with, IngestModels, IngestSummary};

@@ -23,6 +23,7 @@ use blipdex_store::{Batch, ImageRecord, Store, StoreOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::job::Shard;
+use blipdex_remote::{mirror, Remote};
 
 /// Most images of one merge commit (the embeddings of a commit are held in memory: 32 KB per
 /// image for ViT-g in f32).
@@ -38,6 +39,11 @@ pub fn parts_dir(index: &Path) -> PathBuf {
 struct Done {
     shard: String,
     generation: u64,
+    /// On object storage: the folder below the part's prefix holding the upload this marks
+    /// complete (each upload has its own, so a retried or duplicated worker never mixes its
+    /// files with another's; the last `DONE` written wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attempt: Option<String>,
 }
 
 /// Marks the part in `dir` finished at `generation` (atomically: a temporary file renamed).
@@ -45,6 +51,7 @@ pub(crate) fn mark_done(dir: &Path, shard: Shard, generation: u64) -> Result<()>
     let done = Done {
         shard: shard.to_string(),
         generation,
+        attempt: None,
     };
     let tmp = dir.join(".DONE.tmp");
     let text = serde_json::to_string(&done).map_err(|e| Error::Internal(e.to_string()))?;
@@ -71,6 +78,41 @@ pub struct MergeSummary {
     pub images: usize,
 }
 
+/// Publishes a finished part (a local store, `DONE` written) of the index at `index`: uploads
+/// it whole below `parts/<shard>/<attempt>/`, then writes `parts/<shard>/DONE` naming that
+/// attempt. A worker killed mid-upload leaves an attempt no `DONE` names, which merges ignore.
+pub(crate) fn publish_part(local: &Path, index: &Remote, shard: Shard) -> Result<()> {
+    let done_path = local.join("DONE");
+    let text = std::fs::read(&done_path).map_err(|e| Error::io(&done_path, e))?;
+    let mut done: Done = serde_json::from_slice(&text)
+        .map_err(|e| Error::store(local, format!("corrupt DONE: {e}")))?;
+    let attempt = attempt_id();
+    let part = index.child(&format!("parts/{}", shard.part_name()));
+    let dest = part.child(&attempt);
+    mirror::push(local, &dest, false)?;
+    let rejects = local.join("rejects.jsonl");
+    if rejects.is_file() {
+        dest.upload("rejects.jsonl", &rejects)?;
+    }
+    done.attempt = Some(attempt);
+    let text = serde_json::to_vec(&done).map_err(|e| Error::Internal(e.to_string()))?;
+    part.put("DONE", text)?;
+    tracing::info!("part {} published at {}", shard, dest.url());
+    Ok(())
+}
+
+/// A name no other upload of the same part will draw (time, process and a counter).
+fn attempt_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = format!("{nanos}-{}-{n}", std::process::id());
+    let hex = blake3::hash(seed.as_bytes()).to_hex();
+    format!("attempt-{}", &hex.as_str()[..16])
+}
+
 /// Folds every finished part under `<index>/parts` into the index at `index` (created from the
 /// parts' model fingerprint and shapes when missing).
 pub fn merge(index: &Path) -> Result<MergeSummary> {
@@ -88,15 +130,70 @@ pub fn merge(index: &Path) -> Result<MergeSummary> {
     let mut parts = Vec::new();
     for p in names {
         if p.join("DONE").is_file() {
-            parts.push(p);
+            parts.push((p.display().to_string(), p));
         } else {
             summary.unfinished.push(p.display().to_string());
         }
     }
+    merge_parts(index, &parts, &dir.display().to_string(), summary)
+}
+
+/// [`merge`] for an index on object storage, through local copies under `cache`: the finished
+/// parts and the index are pulled, merged locally and published as one new generation.
+pub fn merge_remote(index: &Remote, cache: &Path) -> Result<MergeSummary> {
+    index.probe()?;
+    let cache = blipdex_remote::cache_dir_for(cache, &index.url());
+    let parts_remote = index.child("parts");
+    let mut summary = MergeSummary::default();
+    let mut parts = Vec::new();
+    for name in parts_remote.list_folders()? {
+        let part = parts_remote.child(&name);
+        let Some(text) = part.get_opt("DONE")? else {
+            summary.unfinished.push(part.url());
+            continue;
+        };
+        let corrupt = |why: String| {
+            Error::store(
+                part.url(),
+                format!("{why}; run its worker again (`blipdex ingest --shard ...`)"),
+            )
+        };
+        let done: Done =
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("corrupt DONE: {e}")))?;
+        let attempt = done
+            .attempt
+            .filter(|a| !a.is_empty() && !a.contains(['/', '\\']) && a != "." && a != "..")
+            .ok_or_else(|| corrupt("DONE names no upload (attempt)".into()))?;
+        let upload = part.child(&attempt);
+        let local = cache.join("parts").join(&name).join(&attempt);
+        let pulled = mirror::pull(&upload, &local)
+            .map_err(|e| corrupt(format!("cannot copy the upload {}: {e}", upload.url())))?;
+        if pulled.is_none() {
+            return Err(corrupt(format!(
+                "DONE names the upload {} but it holds no manifest.json",
+                upload.url()
+            )));
+        }
+        parts.push((upload.url(), local));
+    }
+    let main = cache.join("index");
+    mirror::pull(index, &main)?;
+    let summary = merge_parts(&main, &parts, &parts_remote.url(), summary)?;
+    mirror::push(&main, index, false)?;
+    Ok(summary)
+}
+
+/// Merges the parts (each a name for messages and a local store directory) into `index`.
+fn merge_parts(
+    index: &Path,
+    parts: &[(String, PathBuf)],
+    parts_location: &str,
+    mut summary: MergeSummary,
+) -> Result<MergeSummary> {
     if parts.is_empty() {
         return Err(Error::NotFound(format!(
-            "no finished parts under {}: run `blipdex ingest --shard I/N` workers first{}",
-            dir.display(),
+            "no finished parts under {parts_location}: run `blipdex ingest --shard I/N` workers \
+             first{}",
             if summary.unfinished.is_empty() {
                 String::new()
             } else {
@@ -105,8 +202,14 @@ pub fn merge(index: &Path) -> Result<MergeSummary> {
         )));
     }
     let mut main: Option<Store> = None;
-    for part_dir in &parts {
-        let part = Store::open_readonly(part_dir)?;
+    for (name, part_dir) in parts {
+        let part = Store::open_readonly(part_dir).map_err(|e| match e {
+            Error::Store { reason, .. } if name != &part_dir.display().to_string() => Error::store(
+                name,
+                format!("{reason} (local copy {})", part_dir.display()),
+            ),
+            other => other,
+        })?;
         let store = match &mut main {
             Some(s) => s,
             None => main.insert(Store::create_or_open(

@@ -17,8 +17,9 @@ use blipdex_store::{Batch, Dtype, ImageRecord, Store, StoreOptions};
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::job::{IngestJob, ProgressMode};
-use crate::walk::{canonical_root, walk, FileEntry, Filters};
+use crate::job::{is_url, IngestJob, ProgressMode};
+use crate::walk::{canonical_root, list_objects, walk, FileEntry, Filters};
+use blipdex_remote::{mirror, Remote};
 
 /// The final report; `--json` prints it as one line.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -109,31 +110,83 @@ pub fn ingest(job: &IngestJob, retrieval: &Retriever) -> Result<IngestSummary> {
     )
 }
 
-/// Runs one ingest job with already loaded models.
+/// Runs one ingest job with already loaded models. An index on object storage is worked on in
+/// a local copy under the job's `cache_dir`: pulled first, then published (files first, the
+/// manifest last); a worker's part is uploaded whole when it is complete (see
+/// [`crate::merge`]).
 pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSummary> {
+    job.validate()?;
+    let index = job
+        .index
+        .clone()
+        .ok_or_else(|| Error::InvalidArgument("no --index".into()))?;
+    if !is_url(&index) {
+        // A worker writes its shard as a part of the index, a complete store of its own.
+        let dir = match job.shard {
+            Some(shard) => parts_dir(&index).join(shard.part_name()),
+            None => index,
+        };
+        return ingest_into(job, models, &dir);
+    }
+    let url = index.to_str().unwrap_or_default();
+    let remote = Remote::open(url, &job.remote)?;
+    // A missing bucket or credential fails here, before any image is read.
+    remote.probe()?;
+    let cache = job.cache_dir.as_deref().ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "--index {url} is on object storage: give --cache-dir for its local copy"
+        ))
+    })?;
+    let cache = blipdex_remote::cache_dir_for(cache, &remote.url());
+    match job.shard {
+        Some(shard) => {
+            let local = cache.join("parts").join(shard.part_name());
+            let summary = ingest_into(job, models, &local)?;
+            crate::merge::publish_part(&local, &remote, shard)?;
+            Ok(summary)
+        }
+        None => {
+            let local = cache.join("index");
+            mirror::pull(&remote, &local)?;
+            let summary = ingest_into(job, models, &local)?;
+            mirror::push(&local, &remote, false)?;
+            let rejects = local.join("rejects.jsonl");
+            if rejects.is_file() {
+                remote.upload("rejects.jsonl", &rejects)?;
+            }
+            Ok(summary)
+        }
+    }
+}
+
+/// Runs one ingest job into the local index directory `index`.
+fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Result<IngestSummary> {
     let retriever = models.retrieval;
     let (model, files) = (&retriever.model, &retriever.files);
-    job.validate()?;
     let cache = job
         .vision_cache
         .as_deref()
         .map(str::parse::<CacheDtype>)
         .transpose()?;
     let start = Instant::now();
-    let index = job
-        .index
-        .clone()
-        .ok_or_else(|| Error::InvalidArgument("no --index".into()))?;
-    // A worker writes its shard as a part of the index, a complete store of its own.
-    let index = match job.shard {
-        Some(shard) => parts_dir(&index).join(shard.part_name()),
-        None => index,
-    };
-    let roots = job
-        .roots
-        .iter()
-        .map(|r| canonical_root(r))
-        .collect::<Result<Vec<_>>>()?;
+    let index = index.to_path_buf();
+    // Every root as paths below it will read (canonical folders, object-store URLs), and the
+    // object-store ones, each checked with one request before any work.
+    let mut roots = Vec::new();
+    let mut local_roots = Vec::new();
+    let mut remotes = Vec::new();
+    for r in &job.roots {
+        if is_url(r) {
+            let remote = Remote::open(r.to_str().unwrap_or_default(), &job.remote)?;
+            remote.probe()?;
+            roots.push(PathBuf::from(remote.url()));
+            remotes.push(remote);
+        } else {
+            let c = canonical_root(r)?;
+            roots.push(c.clone());
+            local_roots.push(c);
+        }
+    }
     let filters = Filters::new(&job.include, &job.exclude)?;
 
     let cfg = &model.config;
@@ -148,7 +201,10 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
     std::fs::create_dir_all(&index).map_err(|e| Error::io(&index, e))?;
     let mut store = open_writer(&index, options)?;
 
-    let (mut entries, problems) = walk(&roots, &filters);
+    let (mut entries, problems) = walk(&local_roots, &filters);
+    for remote in &remotes {
+        entries.extend(list_objects(remote, &filters)?);
+    }
     if let Some(shard) = job.shard {
         entries.retain(|e| {
             roots
@@ -556,10 +612,9 @@ fn decode(
     caption_processor: Option<&ImageProcessor>,
     entry: FileEntry,
 ) -> Decoded {
-    let bytes = match std::fs::read(&entry.path) {
+    let bytes = match entry.read() {
         Ok(b) => b,
-        Err(e) => {
-            let err = Error::io(&entry.path, e);
+        Err(err) => {
             return Decoded {
                 entry,
                 hash: String::new(),

@@ -11,12 +11,53 @@ pub const IMAGE_EXTENSIONS: &[&str] = &[
     "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff",
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FileEntry {
-    /// Absolute path (below a canonicalized root).
+    /// Absolute path (below a canonicalized root), or an object's URL (`s3://bucket/key`).
     pub path: PathBuf,
     pub size: u64,
     pub mtime_ns: i64,
+    /// Where to read an object-store entry's bytes; `None` for a local file.
+    pub object: Option<ObjectSource>,
+}
+
+/// An object to read for a [`FileEntry`].
+#[derive(Debug, Clone)]
+pub struct ObjectSource {
+    pub remote: blipdex_remote::Remote,
+    pub key: object_store::path::Path,
+}
+
+impl FileEntry {
+    /// The file's bytes.
+    pub fn read(&self) -> Result<Vec<u8>> {
+        match &self.object {
+            Some(o) => o.remote.get_key(&o.key),
+            None => std::fs::read(&self.path).map_err(|e| Error::io(&self.path, e)),
+        }
+    }
+}
+
+/// The image objects below an object-store prefix, with the same filters as [`walk`] (the globs
+/// match the object's URL). The listing fails as a whole (a missing bucket, wrong credentials):
+/// there is nothing to index then.
+pub fn list_objects(remote: &blipdex_remote::Remote, filters: &Filters) -> Result<Vec<FileEntry>> {
+    Ok(remote
+        .list()?
+        .into_iter()
+        .filter_map(|o| {
+            let path = PathBuf::from(remote.url_of_key(&o.key));
+            filters.wants(&path).then(|| FileEntry {
+                path,
+                size: o.size,
+                mtime_ns: o.mtime_ns,
+                object: Some(ObjectSource {
+                    remote: remote.clone(),
+                    key: o.key,
+                }),
+            })
+        })
+        .collect())
 }
 
 /// What the walk could not read (permission denied, a symlink loop, ...), reported as rejects.
@@ -125,6 +166,7 @@ pub fn walk(roots: &[PathBuf], filters: &Filters) -> (Vec<FileEntry>, Vec<WalkPr
                         .ok()
                         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_nanos() as i64),
+                    object: None,
                 }),
                 Err(e) => problems.push(WalkProblem {
                     path: entry.path().to_path_buf(),

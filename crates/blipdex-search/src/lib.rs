@@ -52,6 +52,10 @@ pub struct EngineOptions {
     pub max_image_pixels: u64,
     /// Budget of the in-memory LRU of vision states used by ITM reranking.
     pub vision_lru_bytes: usize,
+    /// Write generated captions into the index ([`Engine::flush_captions`]). Off for a local
+    /// copy of an index on object storage: the copy is replaced by each pull, so captions stay
+    /// in this process's memory.
+    pub persist_captions: bool,
 }
 
 impl EngineOptions {
@@ -64,6 +68,7 @@ impl EngineOptions {
             caption_storage: LinearStorage::Float,
             max_image_pixels: blipdex_model::image::DEFAULT_MAX_PIXELS,
             vision_lru_bytes: 512 << 20,
+            persist_captions: true,
         }
     }
 }
@@ -208,6 +213,7 @@ pub struct Engine {
     caption_cache: Mutex<lru::LruCache<(String, CaptionRequest), Generated>>,
     /// Default captions not yet written to the store.
     pending: Mutex<HashMap<String, String>>,
+    persist_captions: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -265,6 +271,7 @@ impl Engine {
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             )),
             pending: Mutex::new(HashMap::new()),
+            persist_captions: opts.persist_captions,
         })
     }
 
@@ -857,8 +864,12 @@ impl Engine {
 
     /// Writes queued plain captions into the index so they survive a restart. Needs the index's
     /// writer lock: while an ingest holds it, nothing is written and the captions stay queued
-    /// (returns 0). Returns how many were written.
+    /// (returns 0). Returns how many were written. Without [`EngineOptions::persist_captions`]
+    /// nothing is written: the captions stay queued, in memory, and answer later requests.
     pub fn flush_captions(&self) -> Result<usize> {
+        if !self.persist_captions {
+            return Ok(0);
+        }
         let pending: Vec<(String, String)> = lock(&self.pending)
             .iter()
             .map(|(h, c)| (h.clone(), c.clone()))

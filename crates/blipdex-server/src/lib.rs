@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use blipdex_core::Error;
+use blipdex_core::{Error, ObjectStoreErrorKind};
 use blipdex_search::{Engine, EngineOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -149,6 +149,14 @@ pub fn status_from(e: &Error) -> Status {
             "{msg}; restart the server with the model that built the index"
         )),
         Error::Overloaded(_) => Status::resource_exhausted(msg),
+        // The index's object store, seen from the server: its own configuration, not the client's.
+        Error::ObjectStore { kind, .. } => match kind {
+            ObjectStoreErrorKind::NotFound => Status::not_found(msg),
+            ObjectStoreErrorKind::Unavailable => Status::unavailable(format!("{msg}; retry later")),
+            ObjectStoreErrorKind::Denied | ObjectStoreErrorKind::Config => Status::internal(
+                format!("{msg}; this is a server-side failure, see the server log"),
+            ),
+        },
         // The disk, the index being rewritten or the hub: transient, worth a retry.
         Error::Io { .. } | Error::Store { .. } | Error::Hub { .. } | Error::Locked { .. } => {
             Status::unavailable(format!("{msg}; retry later"))

@@ -200,6 +200,7 @@ mod types;
 
 pub use ivf::DotDist;
 pub use kernels::kernel_path;
+pub use manifest::{is_store_file, manifest_info, ManifestInfo, MANIFEST};
 pub use store::{content_hash_bytes, content_hash_file, Batch, IndexVersion, Store};
 pub use types::{
     AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,

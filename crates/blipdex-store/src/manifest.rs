@@ -10,7 +10,8 @@ use crate::ivf::IvfRef;
 use crate::rows::rows_name;
 use crate::types::{Dtype, HnswParams};
 
-pub(crate) const MANIFEST: &str = "manifest.json";
+/// The commit point's file name.
+pub const MANIFEST: &str = "manifest.json";
 pub(crate) const FORMAT: &str = "blipdex-store";
 /// v2: memory-mapped row files beside the shards and an IVF index; v1 (all rows decoded into
 /// RAM, an hnsw_rs dump over per-image vectors) is upgraded by a writable open.
@@ -19,6 +20,33 @@ pub(crate) const FORMAT_V1: u32 = 1;
 /// Largest Q and E a manifest may declare (BLIP-2: 32 x 256), so that a damaged manifest cannot
 /// make the store allocate absurd amounts.
 const MAX_DIM: usize = 1 << 16;
+
+/// Whether `name` has one of the prefixes of the files a manifest names.
+pub fn is_store_file(name: &str) -> bool {
+    ["shard-", "patch-", "hnsw-", "ivf-"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// What a manifest commits, for copying an index file by file (object-store mirrors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestInfo {
+    pub generation: u64,
+    /// See [`Manifest::index_id`]: differs between an index and one rebuilt in its place.
+    pub index_id: String,
+    /// Every file the manifest names (checked: plain names of the store's kinds).
+    pub files: Vec<String>,
+}
+
+/// Reads a manifest's bytes (`origin` names the index in errors).
+pub fn manifest_info(bytes: &[u8], origin: &Path) -> Result<ManifestInfo> {
+    let m = Manifest::parse(bytes, origin)?;
+    Ok(ManifestInfo {
+        generation: m.generation,
+        files: m.referenced_files(),
+        index_id: m.index_id,
+    })
+}
 
 /// One committed Parquet file (image shard or patch file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,9 +180,7 @@ impl Manifest {
                 && name != "."
                 && name != ".."
                 && !name.contains(['/', '\\', '\0'])
-                && ["shard-", "patch-", "hnsw-", "ivf-"]
-                    .iter()
-                    .any(|p| name.starts_with(p));
+                && is_store_file(&name);
             if !plain {
                 return Err(Error::store(
                     dir,
@@ -176,7 +202,13 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(path, e)),
         };
-        let m: Manifest = serde_json::from_slice(&bytes)
+        Self::parse(&bytes, dir).map(Some)
+    }
+
+    /// A manifest's bytes, checked as [`Manifest::read`] checks them; `dir` names the index in
+    /// errors.
+    pub fn parse(bytes: &[u8], dir: &Path) -> Result<Self> {
+        let m: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| Error::store(dir, format!("corrupt {MANIFEST}: {e}")))?;
         if m.format != FORMAT
             || !(m.format_version == FORMAT_VERSION || m.format_version == FORMAT_V1)
@@ -199,7 +231,7 @@ impl Manifest {
             ));
         }
         m.check_names(dir)?;
-        Ok(Some(m))
+        Ok(m)
     }
 
     /// Atomically replaces the manifest (the commit point).
