@@ -1,0 +1,410 @@
+//! Ingest, workers, merge and search on an S3-compatible server: `moto` in server mode on
+//! 127.0.0.1 (pip-installed into `target/pydeps-moto` when missing), photos and index both in
+//! buckets. A worker killed -9 mid-shard and a half-uploaded attempt leave nothing merged that
+//! is incomplete; after the rerun and the merge, search answers as one ingest of the same
+//! photos does. Bad input: a missing bucket, an unreachable endpoint, a corrupt part.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn s(p: &Path) -> Result<&str> {
+    p.to_str().context("utf-8 path")
+}
+
+/// An S3 server on 127.0.0.1, stopped on drop.
+struct Moto {
+    child: Child,
+    port: u16,
+    py: String,
+    deps: PathBuf,
+}
+
+impl Moto {
+    fn start() -> Result<Self> {
+        let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let deps = repo().join("target/pydeps-moto");
+        let imports = || {
+            Command::new(&py)
+                .args(["-c", "import moto.server, boto3"])
+                .env("PYTHONPATH", &deps)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !imports() {
+            let st = Command::new(&py)
+                .args(["-m", "pip", "install", "--quiet", "--target"])
+                .arg(&deps)
+                .arg("moto[server]")
+                .status()?;
+            ensure!(st.success() && imports(), "pip install moto[server] failed");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(&py)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .env("PYTHONPATH", &deps)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let moto = Moto {
+            child,
+            port,
+            py,
+            deps,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "moto did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(moto)
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+
+    /// Runs boto3 code with `s3` a client of this server.
+    fn boto(&self, code: &str) -> Result<String> {
+        let prelude = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', \
+             aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n",
+            self.port
+        );
+        let o = Command::new(&self.py)
+            .args(["-c", &(prelude + code)])
+            .env("PYTHONPATH", &self.deps)
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let out = self.boto(&format!(
+            "p = s3.get_paginator('list_objects_v2')\n\
+             for page in p.paginate(Bucket='{bucket}', Prefix='{prefix}'):\n\
+             \x20   for o in page.get('Contents', []): print(o['Key'])\n"
+        ))?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
+    fn blipdex(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_blipdex"))
+            .args(args)
+            .envs(self.env())
+            .output()?)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ok(o: &Output) -> Result<Value> {
+    ensure!(
+        o.status.success(),
+        "blipdex failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    Ok(serde_json::from_str(
+        text.lines().last().context("no output")?,
+    )?)
+}
+
+fn failed(o: &Output) -> Result<String> {
+    ensure!(!o.status.success(), "expected a failure");
+    Ok(String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Content hash → sorted paths of every live image.
+fn contents(index: &Path) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let store = blipdex_store::Store::open_readonly(index)?;
+    Ok(store
+        .iter()
+        .map(|r| {
+            let mut p = r.paths.clone();
+            p.sort();
+            (r.content_hash, p)
+        })
+        .collect())
+}
+
+/// path → ITC score of an exact search over every image.
+fn scores(moto: &Moto, index: &str, cache: &Path) -> Result<Vec<(String, f64)>> {
+    let model = repo().join("tests/fixtures/models/itm-a");
+    let out = ok(&moto.blipdex(&[
+        "search",
+        "--index",
+        index,
+        "--cache-dir",
+        s(cache)?,
+        "--model",
+        s(&model)?,
+        "--query",
+        "a rocket on a launch pad",
+        "--top-k",
+        "100",
+        "--exact",
+        "--json",
+    ])?)?;
+    let mut v: Vec<(String, f64)> = out["hits"]
+        .as_array()
+        .context("hits")?
+        .iter()
+        .map(|h| {
+            (
+                h["path"].as_str().unwrap_or_default().to_string(),
+                h["itc_score"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(v)
+}
+
+#[test]
+fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
+    let moto = Moto::start()?;
+    let tmp = tempfile::tempdir()?;
+    let folder = tmp.path().join("photos");
+    std::fs::create_dir_all(&folder)?;
+    // The fixture photos, each several times with distinct bytes (a trailer after the image's
+    // end), plus one pair of identical files: a duplicate that may land in two shards.
+    let fixtures = [
+        "rocket.jpg",
+        "astronaut.jpg",
+        "camera_gray.png",
+        "chelsea_alpha.png",
+    ];
+    for i in 0..16 {
+        let name = fixtures[i % fixtures.len()];
+        let mut bytes = std::fs::read(repo().join("tests/fixtures/photos").join(name))?;
+        bytes.extend_from_slice(format!("copy {i}").as_bytes());
+        let ext = name.rsplit('.').next().unwrap_or("jpg");
+        std::fs::write(folder.join(format!("img{i:03}.{ext}")), bytes)?;
+    }
+    std::fs::copy(folder.join("img004.jpg"), folder.join("again.jpg"))?;
+    moto.boto(&format!(
+        "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
+         for n in sorted(os.listdir('{0}')): s3.upload_file(os.path.join('{0}', n), 'photos', 'album/' + n)\n",
+        s(&folder)?
+    ))?;
+    let model = repo().join("tests/fixtures/models/itm-a");
+    let model = s(&model)?;
+    let photos = "s3://photos/album";
+    let index = "s3://idx/main";
+
+    // One machine, a local index: the reference.
+    let single = tmp.path().join("single");
+    let one = ok(&moto.blipdex(&[
+        "ingest",
+        "--index",
+        s(&single)?,
+        "--model",
+        model,
+        photos,
+        "--json",
+    ])?)?;
+    ensure!(one["indexed"] == 16 && one["duplicates"] == 1, "{one}");
+
+    // Worker 0 completes; worker 1 is killed -9 right after its first commit.
+    let worker = |shard: &str, cache: &Path| -> Result<Command> {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_blipdex"));
+        c.args([
+            "ingest", "--index", index, "--shard", shard, "--model", model,
+        ])
+        .args([
+            "--cache-dir",
+            s(cache)?,
+            "--batch-size",
+            "1",
+            "--commit-every",
+            "1",
+        ])
+        .args(["--decode-threads", "1", "--json", photos])
+        .envs(moto.env());
+        Ok(c)
+    };
+    let (cache0, cache1) = (tmp.path().join("node0"), tmp.path().join("node1"));
+    let w0 = worker("0/2", &cache0)?.output()?;
+    ok(&w0)?;
+    let mut w1 = worker("1/2", &cache1)?
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let killed = loop {
+        let committed = std::fs::read_dir(&cache1)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| d.path().join("parts/shard-00001-of-00002/manifest.json"))
+            .filter_map(|m| std::fs::read(m).ok())
+            .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
+            .any(|m| m["generation"].as_u64().unwrap_or(0) >= 2);
+        if committed {
+            w1.kill()?;
+            w1.wait()?;
+            break true;
+        }
+        if w1.try_wait()?.is_some() || Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    ensure!(
+        killed,
+        "worker 1 finished before its kill: the test needs a kill mid-shard"
+    );
+    ensure!(
+        !moto
+            .keys("idx", "main/parts/shard-00001-of-00002/DONE")?
+            .iter()
+            .any(|k| k.ends_with("/DONE")),
+        "a killed worker must not mark its part done"
+    );
+    // A worker killed mid-upload: an attempt with some files and no DONE.
+    moto.boto(
+        "s3.put_object(Bucket='idx', Key='main/parts/shard-00001-of-00002/attempt-0000dead/\
+         shard-0000000001.parquet', Body=b'half an upload')",
+    )?;
+    let cache_merge = tmp.path().join("merger");
+    let merge = |cache: &Path| -> Result<Output> {
+        moto.blipdex(&["index", "merge", "--index", index, "--cache-dir", s(cache)?])
+    };
+    let partial = ok(&merge(&cache_merge)?)?;
+    ensure!(partial["parts"] == 1, "only the finished part: {partial}");
+    ensure!(
+        partial["unfinished"].as_array().map(Vec::len) == Some(1),
+        "{partial}"
+    );
+
+    // The retried worker resumes its part from its local copy and publishes it.
+    ok(&worker("1/2", &cache1)?.output()?)?;
+    let merged = ok(&merge(&cache_merge)?)?;
+    ensure!(merged["parts"] == 2 && merged["images"] == 16, "{merged}");
+    let again = ok(&merge(&tmp.path().join("other-merger"))?)?;
+    ensure!(
+        again["added"] == 0 && again["updated"] == 0 && again["images"] == 16,
+        "merging again changes nothing: {again}"
+    );
+
+    // A fresh machine reads the merged index from the bucket: the same images, paths and
+    // scores as the one-machine ingest.
+    let reader = tmp.path().join("reader");
+    let remote_scores = scores(&moto, index, &reader)?;
+    let local_scores = scores(&moto, s(&single)?, &reader)?;
+    // One hit per image (the duplicate pair is one image).
+    ensure!(remote_scores.len() == 16, "{remote_scores:?}");
+    ensure!(remote_scores.len() == local_scores.len());
+    for ((pa, sa), (pb, sb)) in remote_scores.iter().zip(&local_scores) {
+        ensure!(
+            pa == pb && (sa - sb).abs() <= 1e-5,
+            "{pa} {sa} vs {pb} {sb}"
+        );
+    }
+    let copy = std::fs::read_dir(&reader)?
+        .next()
+        .context("a copy")??
+        .path()
+        .join("index");
+    ensure!(contents(&copy)? == contents(&single)?);
+
+    // A corrupt part: its shard file replaced by junk. The merge names the upload and
+    // publishes nothing.
+    let done = moto.boto(
+        "print(s3.get_object(Bucket='idx', Key='main/parts/shard-00000-of-00002/DONE')['Body'].read().decode())",
+    )?;
+    let attempt = serde_json::from_str::<Value>(done.trim())?["attempt"]
+        .as_str()
+        .context("attempt")?
+        .to_string();
+    let shard_key = moto
+        .keys(
+            "idx",
+            &format!("main/parts/shard-00000-of-00002/{attempt}/shard-"),
+        )?
+        .into_iter()
+        .find(|k| k.ends_with(".parquet"))
+        .context("a shard of the part")?;
+    let before = moto.keys("idx", "main/manifest.json")?;
+    let manifest_before =
+        moto.boto("print(s3.get_object(Bucket='idx', Key='main/manifest.json')['ETag'])")?;
+    moto.boto(&format!(
+        "s3.put_object(Bucket='idx', Key='{shard_key}', Body=b'not parquet at all')"
+    ))?;
+    let err = failed(&merge(&tmp.path().join("third-merger"))?)?;
+    ensure!(err.contains(&attempt), "the error names the upload: {err}");
+    ensure!(before.len() == 1);
+    let manifest_after =
+        moto.boto("print(s3.get_object(Bucket='idx', Key='main/manifest.json')['ETag'])")?;
+    ensure!(manifest_before == manifest_after, "nothing was published");
+
+    // Bad locations fail before any work, naming the thing.
+    let err = failed(&moto.blipdex(&[
+        "ingest",
+        "--index",
+        s(&tmp.path().join("never"))?,
+        "--model",
+        model,
+        "s3://no-such-bucket/photos",
+    ])?)?;
+    ensure!(
+        err.contains("s3://no-such-bucket/photos") && err.contains("does not exist"),
+        "{err}"
+    );
+    ensure!(!tmp.path().join("never/manifest.json").exists());
+    let started = Instant::now();
+    let dead = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args([
+            "ingest",
+            "--index",
+            "s3://idx/other",
+            "--model",
+            model,
+            photos,
+        ])
+        .args(["--object-store-retries", "1"])
+        .envs(moto.env())
+        .env("AWS_ENDPOINT", "http://127.0.0.1:9")
+        .output()?;
+    let err = failed(&dead)?;
+    ensure!(err.contains("cannot reach"), "{err}");
+    ensure!(started.elapsed() < Duration::from_secs(60));
+    Ok(())
+}
