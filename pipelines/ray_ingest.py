@@ -5,8 +5,9 @@
         -- --model /models/blip2-itm-vit-g --device cuda --dtype f16 /shared/photos
 
 Every task runs `blipdex ingest --shard I/N <the arguments after -->` on whichever node Ray places it (one GPU
-per task when the cluster has GPUs), so the photos and the index must be reachable at the same paths from every
-node (a shared file system). A task that fails (its node lost, the process killed) is retried by Ray and resumes
+per task when the cluster has GPUs), so the photos and the index must be reachable from every node: object-store
+URLs (s3://, gs://, az://; credentials in each node's environment) or the same paths on a shared file system.
+On object storage each task builds its part in its node's --cache-dir and uploads it when complete. A task that fails (its node lost, the process killed) is retried by Ray and resumes
 its part; when every shard is done, the driver runs `blipdex index merge` once. Progress: one JSON line per finished
 shard on stdout, then a summary line with each shard's result, the wall time and Ray's overhead per shard (a
 task's wall time less the time blipdex itself reports).
@@ -25,24 +26,37 @@ from pathlib import Path
 import ray
 
 
-def part_dir(index: str, shard: int, count: int) -> Path:
-    return Path(index) / "parts" / f"shard-{shard:05}-of-{count:05}"
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "blipdex"
+
+
+def part_manifests(index: str, cache_dir: str, name: str):
+    """Where a worker's part is being built: below the index, or (on object storage) in the node's cache."""
+    if is_url(index):
+        return list(Path(cache_dir or default_cache_dir()).glob(f"*/parts/{name}/manifest.json"))
+    return [Path(index) / "parts" / name / "manifest.json"]
 
 
 @ray.remote(max_retries=3, retry_exceptions=True)
-def ingest_shard(blipdex, index, shard, count, ingest_args, kill_after_first_commit):
-    cmd = [blipdex, "ingest", "--index", index, "--shard", f"{shard}/{count}", "--progress", "none", "--json",
-           *ingest_args]
+def ingest_shard(blipdex, index, cache_dir, shard, count, ingest_args, kill_after_first_commit):
+    cache = ["--cache-dir", cache_dir] if cache_dir else []
+    cmd = [blipdex, "ingest", "--index", index, *cache, "--shard", f"{shard}/{count}", "--progress", "none",
+           "--json", *ingest_args]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = part_dir(index, shard, count)
-    marker = part.parent / f".killed-{part.name}"
+    name = f"shard-{shard:05}-of-{count:05}"
+    marker = (Path(cache_dir or default_cache_dir()) if is_url(index) else Path(index) / "parts") / f".killed-{name}"
     if kill_after_first_commit and not marker.exists():
         # Fault injection for tests: kill -9 the worker once, right after its part's first commit.
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            manifest = part / "manifest.json"
-            if manifest.is_file() and json.loads(manifest.read_text()).get("generation", 0) >= 2:
+            if any(m.is_file() and json.loads(m.read_text()).get("generation", 0) >= 2
+                   for m in part_manifests(index, cache_dir, name)):
                 break
             time.sleep(0.02)
         if proc.poll() is None:
@@ -61,7 +75,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="Ray cluster address")
     ap.add_argument("--shards", type=int, required=True, help="how many shards (tasks) the input is cut into")
-    ap.add_argument("--index", required=True, help="the index directory, reachable from every node")
+    ap.add_argument("--index", required=True,
+                    help="the index: an object-store prefix (s3://bucket/index) or a directory every node reaches")
+    ap.add_argument("--cache-dir", default=None,
+                    help="blipdex's --cache-dir on every node (parts are built there before upload)")
     ap.add_argument("--blipdex", default="blipdex", help="the blipdex binary on the nodes")
     ap.add_argument("--cpus-per-task", type=float, default=1)
     ap.add_argument("--gpus-per-task", type=float, default=None, help="default: 1 when the cluster has GPUs")
@@ -81,7 +98,7 @@ def main():
     start = time.perf_counter()
     pending = {
         ingest_shard.options(num_cpus=args.cpus_per_task, num_gpus=gpus).remote(
-            args.blipdex, args.index, i, args.shards, rest, i in args.kill_after_first_commit): i
+            args.blipdex, args.index, args.cache_dir, i, args.shards, rest, i in args.kill_after_first_commit): i
         for i in range(args.shards)
     }
     results = []
@@ -95,7 +112,8 @@ def main():
     shards_s = time.perf_counter() - start
     merged = None
     if not args.no_merge:
-        out = subprocess.run([args.blipdex, "index", "merge", "--index", args.index], check=True,
+        cache = ["--cache-dir", args.cache_dir] if args.cache_dir else []
+        out = subprocess.run([args.blipdex, "index", "merge", "--index", args.index, *cache], check=True,
                              capture_output=True, text=True).stdout
         merged = json.loads(out.strip().splitlines()[-1])
     overhead = [r["task_seconds"] - r.get("seconds", 0.0) for r in results]

@@ -4,134 +4,15 @@
 //! is incomplete; after the rerun and the merge, search answers as one ingest of the same
 //! photos does. Bad input: a missing bucket, an unreachable endpoint, a corrupt part.
 
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use common::{contents, copy_under, repo, s, Moto};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn s(p: &Path) -> Result<&str> {
-    p.to_str().context("utf-8 path")
-}
-
-/// An S3 server on 127.0.0.1, stopped on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-    py: String,
-    deps: PathBuf,
-}
-
-impl Moto {
-    fn start() -> Result<Self> {
-        let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-        let deps = repo().join("target/pydeps-moto");
-        let imports = || {
-            Command::new(&py)
-                .args(["-c", "import moto.server, boto3"])
-                .env("PYTHONPATH", &deps)
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !imports() {
-            let st = Command::new(&py)
-                .args(["-m", "pip", "install", "--quiet", "--target"])
-                .arg(&deps)
-                .arg("moto[server]")
-                .status()?;
-            ensure!(st.success() && imports(), "pip install moto[server] failed");
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(&py)
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .env("PYTHONPATH", &deps)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let moto = Moto {
-            child,
-            port,
-            py,
-            deps,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "moto did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(moto)
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-        ]
-    }
-
-    /// Runs boto3 code with `s3` a client of this server.
-    fn boto(&self, code: &str) -> Result<String> {
-        let prelude = format!(
-            "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', \
-             aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n",
-            self.port
-        );
-        let o = Command::new(&self.py)
-            .args(["-c", &(prelude + code)])
-            .env("PYTHONPATH", &self.deps)
-            .output()?;
-        ensure!(
-            o.status.success(),
-            "boto3: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    }
-
-    fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-        let out = self.boto(&format!(
-            "p = s3.get_paginator('list_objects_v2')\n\
-             for page in p.paginate(Bucket='{bucket}', Prefix='{prefix}'):\n\
-             \x20   for o in page.get('Contents', []): print(o['Key'])\n"
-        ))?;
-        Ok(out.lines().map(str::to_string).collect())
-    }
-
-    fn blipdex(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(env!("CARGO_BIN_EXE_blipdex"))
-            .args(args)
-            .envs(self.env())
-            .output()?)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn ok(o: &Output) -> Result<Value> {
     ensure!(
@@ -148,19 +29,6 @@ fn ok(o: &Output) -> Result<Value> {
 fn failed(o: &Output) -> Result<String> {
     ensure!(!o.status.success(), "expected a failure");
     Ok(String::from_utf8_lossy(&o.stderr).into_owned())
-}
-
-/// Content hash → sorted paths of every live image.
-fn contents(index: &Path) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-    let store = blipdex_store::Store::open_readonly(index)?;
-    Ok(store
-        .iter()
-        .map(|r| {
-            let mut p = r.paths.clone();
-            p.sort();
-            (r.content_hash, p)
-        })
-        .collect())
 }
 
 /// path → ITC score of an exact search over every image.
@@ -338,12 +206,7 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
             "{pa} {sa} vs {pb} {sb}"
         );
     }
-    let copy = std::fs::read_dir(&reader)?
-        .next()
-        .context("a copy")??
-        .path()
-        .join("index");
-    ensure!(contents(&copy)? == contents(&single)?);
+    ensure!(contents(&copy_under(&reader)?)? == contents(&single)?);
 
     // A corrupt part: its shard file replaced by junk. The merge names the upload and
     // publishes nothing.

@@ -1,51 +1,24 @@
 //! The Ray launcher (`pipelines/ray_ingest.py`) on a real local Ray cluster: a head and a second
-//! node started with `ray start` on 127.0.0.1, two shards, one worker killed -9 after its first
-//! commit and retried by Ray, then the merge; the result equals one ingest of the same photos.
-//! `ray` is pip-installed into `target/pydeps` when missing.
+//! node started with `ray start` on 127.0.0.1, photos and index in an S3-compatible server (moto)
+//! on 127.0.0.1, two shards, one worker killed -9 after its first commit and retried by Ray, then
+//! the merge; the index in the bucket equals one ingest of the same photos, scores included.
+//! `ray` and `moto` are pip-installed into `target/` when missing.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
+use common::{contents, copy_under, python_with, repo, s, Moto};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn s(p: &Path) -> Result<&str> {
-    p.to_str().context("utf-8 path")
-}
-
-/// python3 with `ray` importable through PYTHONPATH=target/pydeps (installed there if needed).
-fn python() -> Result<(String, PathBuf)> {
-    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let deps = repo().join("target/pydeps");
-    let imports = || {
-        Command::new(&py)
-            .args(["-c", "import ray"])
-            .env("PYTHONPATH", &deps)
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !imports() {
-        let st = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "--target"])
-            .arg(&deps)
-            .arg("ray")
-            .status()?;
-        ensure!(
-            st.success() && imports(),
-            "pip install ray into {deps:?} failed"
-        );
-    }
-    Ok((py, deps))
-}
 
 /// `ray start`/`ray stop` of this test's cluster; stopped on drop, whatever happened.
 struct Cluster {
     py: String,
     deps: PathBuf,
+    /// The object store's settings, for every node's workers.
+    env: Vec<(&'static str, String)>,
 }
 
 impl Cluster {
@@ -55,6 +28,7 @@ impl Cluster {
             .args(args)
             .env("PYTHONPATH", &self.deps)
             .env("RAY_AUTH_MODE", "disabled")
+            .envs(self.env.clone())
             .output()?;
         ensure!(
             o.status.success(),
@@ -83,22 +57,10 @@ fn last_json(out: &[u8]) -> Result<Value> {
     Ok(serde_json::from_str(last)?)
 }
 
-/// Content hash → sorted paths of every live image.
-fn contents(index: &Path) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-    let store = blipdex_store::Store::open_readonly(index)?;
-    Ok(store
-        .iter()
-        .map(|r| {
-            let mut p = r.paths.clone();
-            p.sort();
-            (r.content_hash, p)
-        })
-        .collect())
-}
-
 #[test]
 fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
-    let (py, deps) = python()?;
+    let (py, deps) = python_with("pydeps", "ray", "ray")?;
+    let moto = Moto::start()?;
     let tmp = tempfile::tempdir()?;
     let folder = tmp.path().join("photos");
     std::fs::create_dir_all(&folder)?;
@@ -109,13 +71,24 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
         bytes.extend_from_slice(format!("copy {i}").as_bytes());
         std::fs::write(folder.join(format!("img{i:03}.jpg")), bytes)?;
     }
+    moto.boto(&format!(
+        "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
+         for n in sorted(os.listdir('{0}')): s3.upload_file(os.path.join('{0}', n), 'photos', 'album/' + n)\n",
+        s(&folder)?
+    ))?;
+    let photos = "s3://photos/album";
     let model = repo().join("tests/fixtures/models/itm-a");
     let bin = env!("CARGO_BIN_EXE_blipdex");
     let single = tmp.path().join("single");
-    let one = Command::new(bin)
-        .args(["ingest", "--index", s(&single)?, "--model", s(&model)?])
-        .args([s(&folder)?, "--json"])
-        .output()?;
+    let one = moto.blipdex(&[
+        "ingest",
+        "--index",
+        s(&single)?,
+        "--model",
+        s(&model)?,
+        photos,
+        "--json",
+    ])?;
     ensure!(
         one.status.success(),
         "{}",
@@ -124,7 +97,11 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
 
     let port = free_port()?.to_string();
     let address = format!("127.0.0.1:{port}");
-    let cluster = Cluster { py, deps };
+    let cluster = Cluster {
+        py,
+        deps,
+        env: moto.env(),
+    };
     let head = [
         "start",
         "--head",
@@ -141,7 +118,8 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
     cluster.ray(&head)?;
     cluster.ray(&["start", "--address", &address, "--num-cpus", "1"])?;
 
-    let index = tmp.path().join("index");
+    let index = "s3://idx/ray";
+    let cache = tmp.path().join("node-cache");
     let out = Command::new(&cluster.py)
         .arg(repo().join("pipelines/ray_ingest.py"))
         .args([
@@ -150,7 +128,9 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
             "--shards",
             "2",
             "--index",
-            s(&index)?,
+            index,
+            "--cache-dir",
+            s(&cache)?,
         ])
         .args(["--blipdex", bin, "--kill-after-first-commit", "1", "--"])
         .args([
@@ -161,9 +141,10 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
             "--commit-every",
             "1",
         ])
-        .args(["--decode-threads", "1", s(&folder)?])
+        .args(["--decode-threads", "1", photos])
         .env("PYTHONPATH", &cluster.deps)
         .env("RAY_AUTH_MODE", "disabled")
+        .envs(moto.env())
         .output()?;
     ensure!(
         out.status.success(),
@@ -172,14 +153,59 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
     );
     let summary = last_json(&out.stdout)?;
     // The kill landed mid-shard (after the first commit) and Ray's retry finished the part.
-    let killed = index.join("parts/.killed-shard-00001-of-00002");
+    let killed = cache.join(".killed-shard-00001-of-00002");
     ensure!(killed.is_file(), "shard 1 was not killed: {summary}");
     ensure!(summary["merge"]["parts"] == 2, "{summary}");
     ensure!(summary["merge"]["images"] == 24, "{summary}");
+    // What the bucket holds, read by a fresh machine: the images, paths and scores of one ingest.
+    let search = |index: &str, cache: &std::path::Path| -> Result<Value> {
+        let o = moto.blipdex(&[
+            "search",
+            "--index",
+            index,
+            "--cache-dir",
+            s(cache)?,
+            "--model",
+            s(&model)?,
+            "--query",
+            "a rocket",
+            "--exact",
+            "--top-k",
+            "100",
+            "--json",
+        ])?;
+        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        last_json(&o.stdout)
+    };
+    let reader = tmp.path().join("reader");
+    let (remote_hits, local_hits) = (search(index, &reader)?, search(s(&single)?, &reader)?);
     ensure!(
-        contents(&index)? == contents(&single)?,
+        contents(&copy_under(&reader)?)? == contents(&single)?,
         "the merged index differs from one ingest"
     );
+    let hits = |v: &Value| -> Vec<(String, f64)> {
+        let mut h: Vec<(String, f64)> = v["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                (
+                    h["path"].as_str().unwrap_or_default().to_string(),
+                    h["itc_score"].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect();
+        h.sort_by(|a, b| a.0.cmp(&b.0));
+        h
+    };
+    let (a, b) = (hits(&remote_hits), hits(&local_hits));
+    ensure!(a.len() == 24 && a.len() == b.len(), "{a:?} {b:?}");
+    for ((pa, sa), (pb, sb)) in a.iter().zip(&b) {
+        ensure!(
+            pa == pb && (sa - sb).abs() <= 1e-5,
+            "{pa} {sa} vs {pb} {sb}"
+        );
+    }
     ensure!(
         summary["ray_overhead_per_shard_s"].as_f64().is_some(),
         "{summary}"

@@ -1,0 +1,163 @@
+//! Helpers shared by the CLI tests that start real peers: Python packages installed on
+//! demand, and an S3-compatible server (moto) on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn s(p: &Path) -> Result<&str> {
+    p.to_str().context("utf-8 path")
+}
+
+/// An S3 server on 127.0.0.1, stopped on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+    py: String,
+    deps: PathBuf,
+}
+
+impl Moto {
+    pub fn start() -> Result<Self> {
+        let (py, deps) = python_with("pydeps-moto", "moto.server, boto3", "moto[server]")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(&py)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .env("PYTHONPATH", &deps)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let moto = Moto {
+            child,
+            port,
+            py,
+            deps,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "moto did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(moto)
+    }
+
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+
+    /// Runs boto3 code with `s3` a client of this server.
+    pub fn boto(&self, code: &str) -> Result<String> {
+        let prelude = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', \
+             aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n",
+            self.port
+        );
+        let o = Command::new(&self.py)
+            .args(["-c", &(prelude + code)])
+            .env("PYTHONPATH", &self.deps)
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let out = self.boto(&format!(
+            "p = s3.get_paginator('list_objects_v2')\n\
+             for page in p.paginate(Bucket='{bucket}', Prefix='{prefix}'):\n\
+             \x20   for o in page.get('Contents', []): print(o['Key'])\n"
+        ))?;
+        Ok(out.lines().map(str::to_string).collect())
+    }
+
+    pub fn blipdex(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_blipdex"))
+            .args(args)
+            .envs(self.env())
+            .output()?)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// python3 (or $PYTHON) and a folder under `target/` on PYTHONPATH where `import {imports}`
+/// works: `package` is pip-installed there when it does not.
+pub fn python_with(folder: &str, imports: &str, package: &str) -> Result<(String, PathBuf)> {
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let deps = repo().join("target").join(folder);
+    let works = || {
+        Command::new(&py)
+            .args(["-c", &format!("import {imports}")])
+            .env("PYTHONPATH", &deps)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !works() {
+        let st = Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(&deps)
+            .arg(package)
+            .status()?;
+        ensure!(
+            st.success() && works(),
+            "pip install {package} into {deps:?} failed"
+        );
+    }
+    Ok((py, deps))
+}
+
+/// Content hash -> sorted paths of every live image.
+pub fn contents(index: &Path) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let store = blipdex_store::Store::open_readonly(index)?;
+    Ok(store
+        .iter()
+        .map(|r| {
+            let mut p = r.paths.clone();
+            p.sort();
+            (r.content_hash, p)
+        })
+        .collect())
+}
+
+/// The one local copy of an object-store index that a command made under `cache`.
+pub fn copy_under(cache: &Path) -> Result<PathBuf> {
+    Ok(std::fs::read_dir(cache)?
+        .next()
+        .context("no copy under the cache folder")??
+        .path()
+        .join("index"))
+}
