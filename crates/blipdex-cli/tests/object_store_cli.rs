@@ -271,3 +271,92 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
     ensure!(started.elapsed() < Duration::from_secs(60));
     Ok(())
 }
+
+/// The `blipdex_index_images` sample of a server's /metrics, if it answers.
+fn served_images(metrics: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(metrics).ok()?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    c.read_to_string(&mut body).ok()?;
+    let loaded = body.lines().any(|l| l.trim() == "blipdex_model_loaded 1");
+    let images = body
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("blipdex_index_images "))
+        .and_then(|v| v.trim().parse().ok());
+    images.filter(|_| loaded)
+}
+
+/// `serve --index s3://...` answers from a local copy and follows what a later ingest publishes
+/// (an ingest of its own, not a worker: pulled, extended and pushed back).
+#[test]
+fn serve_follows_an_index_on_s3() -> Result<()> {
+    let moto = Moto::start()?;
+    let tmp = tempfile::tempdir()?;
+    let photos = repo().join("tests/fixtures/photos");
+    moto.boto(&format!(
+        "s3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
+         for n in ['rocket.jpg', 'astronaut.jpg', 'camera_gray.png']:\n\
+         \x20   s3.upload_file('{0}/' + n, 'photos', 'album/' + n)\n",
+        s(&photos)?
+    ))?;
+    let model = repo().join("tests/fixtures/models/itm-a");
+    let ingest = || -> Result<Value> {
+        ok(&moto.blipdex(&[
+            "ingest",
+            "--index",
+            "s3://idx/main",
+            "--cache-dir",
+            s(&tmp.path().join("ingester"))?,
+            "--model",
+            s(&model)?,
+            "s3://photos/album",
+            "--json",
+        ])?)
+    };
+    ensure!(ingest()?["indexed"] == 3);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+        .args(["serve", "--index", "s3://idx/main", "--model", s(&model)?])
+        .args(["--cache-dir", s(&tmp.path().join("server"))?])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", &metrics])
+        .args(["--refresh-ms", "200"])
+        .envs(moto.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let wait_for = |n: u64| -> bool {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if served_images(&metrics) == Some(n) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    };
+    let first = wait_for(3);
+    let mut second = false;
+    if first {
+        moto.boto(&format!(
+            "for n in ['chelsea_alpha.png', 'coffee_palette.gif']:\n\
+             \x20   s3.upload_file('{0}/' + n, 'photos', 'album/' + n)\n",
+            s(&photos)?
+        ))?;
+        ensure!(ingest()?["indexed"] == 2);
+        second = wait_for(5);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    ensure!(
+        first,
+        "the server did not serve the 3 images of the bucket's index"
+    );
+    ensure!(
+        second,
+        "the server did not pick up the generation a later ingest published"
+    );
+    Ok(())
+}
