@@ -12,8 +12,8 @@ use crate::args::{parse_device, parse_dtype};
 
 #[derive(Args, Debug)]
 pub struct IngestArgs {
-    /// Folders (or files) to index, and object-store prefixes (s3://bucket/photos, gs://,
-    /// az://, file://).
+    /// Folders (or files) to index, object-store prefixes (s3://bucket/photos, gs://, az://,
+    /// file://) and listing files (.txt, .csv, .tsv, .parquet: one path or URL per line/row).
     #[arg(env = "BLIPDEX_PATHS", value_delimiter = ',')]
     pub paths: Vec<PathBuf>,
     /// Index directory (created if missing), or an object-store prefix (s3://bucket/index,
@@ -22,6 +22,9 @@ pub struct IngestArgs {
     pub index: Option<PathBuf>,
     #[command(flatten)]
     pub remote: crate::args::RemoteArgs,
+    /// The column of a CSV/TSV or Parquet listing holding the paths or URLs [default: url].
+    #[arg(long, env = "BLIPDEX_LISTING_COLUMN")]
+    pub listing_column: Option<String>,
     /// Retrieval checkpoint: directory or hub repo id.
     #[arg(long, env = "BLIPDEX_MODEL")]
     pub model: Option<String>,
@@ -110,7 +113,12 @@ impl IngestArgs {
             device,
             dtype
         );
-        set!(max_image_pixels, caption_model, vision_cache);
+        set!(
+            max_image_pixels,
+            caption_model,
+            vision_cache,
+            listing_column
+        );
         if !self.include.is_empty() {
             job.include = self.include.clone();
         }

@@ -238,6 +238,34 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
         moto.boto("print(s3.get_object(Bucket='idx', Key='main/manifest.json')['ETag'])")?;
     ensure!(manifest_before == manifest_after, "nothing was published");
 
+    // A listing on object storage (img2dataset's CSV with a url column) naming three objects:
+    // indexed once, then taken as immutable (not read again).
+    moto.boto(
+        "s3.put_object(Bucket='photos', Key='lists/part-0.csv', Body=b'url,caption\\n\
+         s3://photos/album/img000.jpg,a\\ns3://photos/album/img001.jpg,b\\n\
+         s3://photos/album/img002.png,c\\n')",
+    )?;
+    let listed_index = tmp.path().join("listed");
+    let listed = |extra: &[&str]| -> Result<Value> {
+        let mut args = vec![
+            "ingest",
+            "--index",
+            s(&listed_index)?,
+            "--model",
+            model,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        ok(&moto.blipdex(&args)?)
+    };
+    let first = listed(&["s3://photos/lists/part-0.csv"])?;
+    ensure!(first["indexed"] == 3 && first["rejected"] == 0, "{first}");
+    let second = listed(&["s3://photos/lists/part-0.csv"])?;
+    ensure!(
+        second["unchanged"] == 3 && second["indexed"] == 0,
+        "{second}"
+    );
+
     // Bad locations fail before any work, naming the thing.
     let err = failed(&moto.blipdex(&[
         "ingest",

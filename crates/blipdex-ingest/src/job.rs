@@ -9,10 +9,14 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngestJob {
-    /// Folders (or single files) to index, walked recursively, and object-store prefixes
-    /// (`s3://bucket/photos`, `gs://`, `az://`, `file://`), listed.
+    /// Folders (or single files) to index, walked recursively; object-store prefixes
+    /// (`s3://bucket/photos`, `gs://`, `az://`, `file://`), listed; and listing files
+    /// (`.txt`, `.csv`, `.tsv`, `.parquet`, local or on object storage) naming paths or URLs.
     #[serde(default)]
     pub roots: Vec<PathBuf>,
+    /// The column of a CSV/TSV or Parquet listing that holds the paths or URLs.
+    #[serde(default = "defaults::listing_column")]
+    pub listing_column: String,
     /// Glob patterns a file's path must match (any of them) to be indexed; empty = all images.
     #[serde(default)]
     pub include: Vec<String>,
@@ -199,6 +203,9 @@ mod defaults {
     }
     pub fn dtype() -> String {
         "f32".into()
+    }
+    pub fn listing_column() -> String {
+        "url".into()
     }
     pub fn batch_size() -> usize {
         8

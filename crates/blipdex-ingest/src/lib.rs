@@ -2,6 +2,7 @@
 //! them to the store in atomic batches so that a crash loses at most the uncommitted batch.
 
 pub mod job;
+pub mod listing;
 pub mod merge;
 pub mod pipeline;
 pub mod walk;

@@ -18,6 +18,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::job::{is_url, IngestJob, ProgressMode};
+use crate::listing;
 use crate::walk::{canonical_root, list_objects, walk, FileEntry, Filters};
 use blipdex_remote::{mirror, Remote};
 
@@ -175,8 +176,11 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
     let mut roots = Vec::new();
     let mut local_roots = Vec::new();
     let mut remotes = Vec::new();
+    let mut listings = Vec::new();
     for r in &job.roots {
-        if is_url(r) {
+        if listing::is_listing(r) {
+            listings.push(r.clone());
+        } else if is_url(r) {
             let remote = Remote::open(r.to_str().unwrap_or_default(), &job.remote)?;
             remote.probe()?;
             roots.push(PathBuf::from(remote.url()));
@@ -201,16 +205,28 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
     std::fs::create_dir_all(&index).map_err(|e| Error::io(&index, e))?;
     let mut store = open_writer(&index, options)?;
 
-    let (mut entries, problems) = walk(&local_roots, &filters);
+    let (mut entries, mut problems) = walk(&local_roots, &filters);
     for remote in &remotes {
         entries.extend(list_objects(remote, &filters)?);
     }
+    let mut stores = listing::Stores::default();
+    for l in &listings {
+        let (listed, trouble) =
+            listing::read_listing(l, &job.listing_column, &filters, &job.remote, &mut stores)?;
+        entries.extend(listed);
+        problems.extend(trouble);
+    }
+    // A file named twice (two listings, a listing and a folder) is one file.
+    let mut seen = HashSet::new();
+    entries.retain(|e| seen.insert(e.path.clone()));
     if let Some(shard) = job.shard {
+        // By the path below its root; a listed file by its whole path or URL.
         entries.retain(|e| {
-            roots
+            let rel = roots
                 .iter()
                 .find_map(|r| e.path.strip_prefix(r).ok())
-                .is_some_and(|rel| shard.takes(rel))
+                .unwrap_or(&e.path);
+            shard.takes(rel)
         });
     }
     let mut summary = IngestSummary {
@@ -233,8 +249,7 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
         match store.by_path(&p) {
             Some(row)
                 if !row.deleted
-                    && row.file_size == e.size
-                    && row.mtime_ns == e.mtime_ns
+                    && (e.listed || (row.file_size == e.size && row.mtime_ns == e.mtime_ns))
                     && (models.captioner.is_none() || row.caption.is_some()) =>
             {
                 summary.unchanged += 1;
@@ -610,7 +625,7 @@ fn record(entry: &FileEntry, hash: &str, width: u32, height: u32, embeds: Vec<f3
 fn decode(
     processor: &ImageProcessor,
     caption_processor: Option<&ImageProcessor>,
-    entry: FileEntry,
+    mut entry: FileEntry,
 ) -> Decoded {
     let bytes = match entry.read() {
         Ok(b) => b,
@@ -623,6 +638,9 @@ fn decode(
         }
     };
     let hash = blake3::hash(&bytes).to_hex().to_string();
+    if entry.listed {
+        entry.size = bytes.len() as u64;
+    }
     let what = shown(&entry.path);
     let result = processor.load_bytes(&bytes, &what).and_then(|img| {
         let (width, height) = img.dimensions();

@@ -19,6 +19,9 @@ pub struct FileEntry {
     pub mtime_ns: i64,
     /// Where to read an object-store entry's bytes; `None` for a local file.
     pub object: Option<ObjectSource>,
+    /// Named by a listing without its size or mtime (an immutable object: see
+    /// [`crate::listing`]); `size` is known once read.
+    pub listed: bool,
 }
 
 /// An object to read for a [`FileEntry`].
@@ -55,6 +58,7 @@ pub fn list_objects(remote: &blipdex_remote::Remote, filters: &Filters) -> Resul
                     remote: remote.clone(),
                     key: o.key,
                 }),
+                listed: false,
             })
         })
         .collect())
@@ -91,6 +95,11 @@ impl Filters {
             },
             exclude: build(exclude)?,
         })
+    }
+
+    /// A file a listing names: the globs only (a listing names its files, extension or not).
+    pub fn wants_listed(&self, path: &Path) -> bool {
+        !self.exclude.is_match(path) && self.include.as_ref().is_none_or(|i| i.is_match(path))
     }
 
     fn wants(&self, path: &Path) -> bool {
@@ -167,6 +176,7 @@ pub fn walk(roots: &[PathBuf], filters: &Filters) -> (Vec<FileEntry>, Vec<WalkPr
                         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_nanos() as i64),
                     object: None,
+                    listed: false,
                 }),
                 Err(e) => problems.push(WalkProblem {
                     path: entry.path().to_path_buf(),

@@ -227,7 +227,8 @@ impl Remote {
         }
     }
 
-    fn key(&self, relative: &str) -> ObjPath {
+    /// The key of `relative` below the prefix (`""`: the prefix itself, as an object).
+    pub fn key(&self, relative: &str) -> ObjPath {
         relative
             .split('/')
             .filter(|p| !p.is_empty())
@@ -245,6 +246,19 @@ impl Remote {
         self.block_on(self.base.store.list_with_delimiter(prefix))
             .map(|_| ())
             .map_err(|e| map_err(&self.url(), e))
+    }
+
+    /// `scheme://bucket` of a URL (the store it names), and the key in it.
+    pub fn split_url(url: &str) -> Option<(&str, &str)> {
+        let (scheme, rest) = url.split_once("://")?;
+        if scheme.eq_ignore_ascii_case("file") {
+            return Some((&url[..scheme.len() + 4], rest.trim_start_matches('/')));
+        }
+        let slash = rest.find('/').unwrap_or(rest.len());
+        Some((
+            &url[..scheme.len() + 3 + slash],
+            rest[slash..].trim_start_matches('/'),
+        ))
     }
 
     /// Every object below the prefix, in key order.
@@ -490,6 +504,15 @@ mod tests {
             "plain HTTP is not a store we list"
         );
         assert!(!is_url("weird:name"));
+        assert_eq!(
+            Remote::split_url("s3://b/dir/x.jpg"),
+            Some(("s3://b", "dir/x.jpg"))
+        );
+        assert_eq!(Remote::split_url("gs://b"), Some(("gs://b", "")));
+        assert_eq!(
+            Remote::split_url("file:///data/x.jpg"),
+            Some(("file:///", "data/x.jpg"))
+        );
     }
 
     #[test]
