@@ -388,3 +388,104 @@ fn serve_follows_an_index_on_s3() -> Result<()> {
     );
     Ok(())
 }
+
+/// The shipped Kubernetes Indexed Job and Slurm array script, through their environment
+/// contract: each engine's variables pick the shard, each worker publishes its part to the
+/// bucket, and the merge of both parts holds every photo once.
+#[test]
+fn kubernetes_and_slurm_entry_points() -> Result<()> {
+    let moto = Moto::start()?;
+    let tmp = tempfile::tempdir()?;
+    let photos = repo().join("tests/fixtures/photos");
+    moto.boto(&format!(
+        "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
+         for n in sorted(os.listdir('{0}')): s3.upload_file(os.path.join('{0}', n), 'photos', 'album/' + n)\n",
+        s(&photos)?
+    ))?;
+    let model = repo().join("tests/fixtures/models/itm-a");
+    let merged = |index: &str| -> Result<Value> {
+        ok(&moto.blipdex(&[
+            "index",
+            "merge",
+            "--index",
+            index,
+            "--cache-dir",
+            s(&tmp.path().join(format!("merge-{}", index.len())))?,
+        ])?)
+    };
+
+    // Kubernetes: the container's args from the manifest, run as pods 0 and 1 of 2, with the
+    // manifest's bucket and checkpoint replaced by the test's.
+    let yaml = std::fs::read_to_string(repo().join("pipelines/k8s-indexed-job.yaml"))?;
+    let start = yaml.find("args: [").context("args in the manifest")? + "args: ".len();
+    let end = start + yaml[start..].find(']').context("end of args")? + 1;
+    let args: Vec<String> = serde_json::from_str(&yaml[start..end])?;
+    let cache = tmp.path().join("pod-cache");
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| match a.as_str() {
+            "16" => "2".into(),
+            "s3://my-bucket/blipdex-index" => "s3://idx/k8s".into(),
+            "s3://my-bucket/photos" => "s3://photos/album".into(),
+            "/cache" => cache.display().to_string(),
+            "/models/blip2-itm-vit-g" => model.display().to_string(),
+            "cuda" => "cpu".into(),
+            "f16" => "f32".into(),
+            _ => a,
+        })
+        .collect();
+    for pod in 0..2 {
+        let o = Command::new(env!("CARGO_BIN_EXE_blipdex"))
+            .args(&args)
+            .envs(moto.env())
+            .env("JOB_COMPLETION_INDEX", pod.to_string())
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "pod {pod}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let parts = moto.keys("idx", "k8s/parts/")?;
+    for shard in ["shard-00000-of-00002", "shard-00001-of-00002"] {
+        ensure!(
+            parts.contains(&format!("k8s/parts/{shard}/DONE")),
+            "{shard} not published: {parts:?}"
+        );
+    }
+    let m = merged("s3://idx/k8s")?;
+    ensure!(m["parts"] == 2 && m["images"] == 5, "{m}");
+
+    // Slurm: array tasks 1 and 2 of `--array=1-2`, through the shipped script.
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_blipdex"))
+        .parent()
+        .context("binary folder")?;
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for task in 1..=2 {
+        let o = Command::new("bash")
+            .arg(repo().join("pipelines/slurm-array.sh"))
+            .args(["s3://photos/album", "s3://idx/slurm"])
+            .envs(moto.env())
+            .env("PATH", &path)
+            .env("SLURM_ARRAY_TASK_ID", task.to_string())
+            .env("SLURM_ARRAY_TASK_MIN", "1")
+            .env("SLURM_ARRAY_TASK_COUNT", "2")
+            .env("BLIPDEX_MODEL", &model)
+            .env("BLIPDEX_DEVICE", "cpu")
+            .env("BLIPDEX_DTYPE", "f32")
+            .env("BLIPDEX_CACHE_DIR", tmp.path().join("slurm-cache"))
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "task {task}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let m = merged("s3://idx/slurm")?;
+    ensure!(m["parts"] == 2 && m["images"] == 5, "{m}");
+    Ok(())
+}
