@@ -300,6 +300,31 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
     Ok(())
 }
 
+/// Refused credentials: a server that checks signatures (moto with authentication on from the
+/// first request) and keys it does not know.
+#[test]
+fn refused_credentials_fail_before_any_work() -> Result<()> {
+    let moto = Moto::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")])?;
+    let tmp = tempfile::tempdir()?;
+    let model = repo().join("tests/fixtures/models/itm-a");
+    let index = tmp.path().join("index");
+    let out = moto.blipdex(&[
+        "ingest",
+        "--index",
+        s(&index)?,
+        "--model",
+        s(&model)?,
+        "s3://photos/album",
+    ])?;
+    let err = failed(&out)?;
+    ensure!(
+        err.contains("s3://photos/album") && err.contains("credentials"),
+        "{err}"
+    );
+    ensure!(!index.join("manifest.json").exists(), "nothing written");
+    Ok(())
+}
+
 /// The `blipdex_index_images` sample of a server's /metrics, if it answers.
 fn served_images(metrics: &str) -> Option<u64> {
     use std::io::{Read, Write};

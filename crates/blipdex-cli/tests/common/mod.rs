@@ -27,6 +27,11 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// With moto's own settings, e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0` to check signatures.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self> {
         let (py, deps) = python_with("pydeps-moto", "moto.server, boto3", "moto[server]")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -41,6 +46,7 @@ impl Moto {
                 &port.to_string(),
             ])
             .env("PYTHONPATH", &deps)
+            .envs(settings.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
