@@ -15,7 +15,10 @@ fn flash_attention_kernel_matches_f64_attention() -> anyhow::Result<()> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let built = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread"])
-        .args(["-Wall", "-Wno-unknown-pragmas", "-Werror", "-o"])
+        // Warnings shown, and the ones that mean a wrong kernel made errors; not `-Werror` on all
+        // of them, which a newer compiler's new warnings would turn into a failing test.
+        .args(["-Wall", "-Wno-unknown-pragmas", "-Werror=return-type"])
+        .args(["-Werror=uninitialized", "-Werror=array-bounds", "-Werror=parentheses", "-o"])
         .arg(&bin)
         .arg(dir.join("main.cpp"))
         .output()
