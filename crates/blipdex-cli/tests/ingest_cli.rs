@@ -396,8 +396,9 @@ fn exif_rotated_photo_embeds_like_its_upright_twin() -> Result<()> {
     Ok(())
 }
 
-/// `--caption-model` stores a caption per image and `--vision-cache` one state file per image;
-/// `search --json` shows the captions and reranks from the cache.
+/// `--caption-model` stores a caption per image (the one `blipdex caption` makes of that file)
+/// and `--vision-cache` one state file per image; `search --json` shows the captions and reranks
+/// from the cache alone once the photos are gone.
 #[test]
 fn ingest_with_captions_and_vision_cache() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -422,18 +423,51 @@ fn ingest_with_captions_and_vision_cache() -> Result<()> {
     ensure!(out["indexed"] == 5 && out["captioned"] == 5, "{out}");
     let entries = walk_files(&index.join("vision-cache"))?;
     ensure!(entries == 5, "{entries} vision cache files");
+
+    // Each stored caption is the captioner's own for that file.
+    let hits = search(&index, &model, "a rocket", &["--top-k", "5"])?;
+    let hits = hits["hits"].as_array().context("hits")?.clone();
+    ensure!(hits.len() == 5, "{hits:?}");
+    let mut caption = Command::new(env!("CARGO_BIN_EXE_blipdex"));
+    caption.args(["caption", "--model", s(&caption_model)?, "--json"]);
+    for h in &hits {
+        caption.args(["--image", h["path"].as_str().context("path")?]);
+    }
+    let o = caption.output()?;
+    ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want: std::collections::HashMap<String, String> = String::from_utf8(o.stdout)?
+        .lines()
+        .map(|l| -> Result<(String, String)> {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok((
+                v["image"].as_str().context("image")?.to_string(),
+                v["text"].as_str().context("text")?.to_string(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    for h in &hits {
+        let path = h["path"].as_str().context("path")?;
+        ensure!(
+            want.get(path).is_some_and(|w| h["caption"] == w.as_str()),
+            "{path}: stored {} vs captioner {:?}",
+            h["caption"],
+            want.get(path)
+        );
+    }
+
+    // With the photos gone, reranking can only read the vision cache: every hit still gets
+    // an ITM score and no error.
+    std::fs::remove_dir_all(&folder)?;
     let hits = search(
         &index,
         &model,
         "a rocket",
         &["--top-k", "5", "--rerank", "5"],
     )?;
-    for h in hits["hits"].as_array().context("hits")? {
-        ensure!(
-            h["caption"].as_str().is_some_and(|c| !c.is_empty()) || h["caption"] == "",
-            "{h}"
-        );
-        ensure!(h["itm_score"].is_f64(), "{h}");
+    let hits = hits["hits"].as_array().context("hits")?;
+    ensure!(hits.len() == 5, "{hits:?}");
+    for h in hits {
+        ensure!(h["itm_score"].is_f64() && h.get("error").is_none(), "{h}");
     }
     Ok(())
 }
