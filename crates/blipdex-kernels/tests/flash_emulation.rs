@@ -18,7 +18,12 @@ fn flash_attention_kernel_matches_f64_attention() -> anyhow::Result<()> {
         // Warnings shown, and the ones that mean a wrong kernel made errors; not `-Werror` on all
         // of them, which a newer compiler's new warnings would turn into a failing test.
         .args(["-Wall", "-Wno-unknown-pragmas", "-Werror=return-type"])
-        .args(["-Werror=uninitialized", "-Werror=array-bounds", "-Werror=parentheses", "-o"])
+        .args([
+            "-Werror=uninitialized",
+            "-Werror=array-bounds",
+            "-Werror=parentheses",
+            "-o",
+        ])
         .arg(&bin)
         .arg(dir.join("main.cpp"))
         .output()

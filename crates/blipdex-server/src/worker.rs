@@ -138,3 +138,66 @@ fn process(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
 
 /// Where loading the engine ends up.
 pub(crate) type Loaded = Result<Arc<Engine>, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blipdex_model::{LoadOptions, ModelFiles, Retriever};
+    use blipdex_search::{EngineOptions, SearchParams};
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    /// Batching, without timing: ten queries queued before the model thread starts are answered
+    /// in turns of `max_batch` (4, 4, 2), each with its own answer.
+    #[test]
+    fn a_turn_takes_what_is_queued_up_to_max_batch() -> TestResult {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let tmp = tempfile::tempdir()?;
+        let index = tmp.path().join("index");
+        let files = ModelFiles::resolve(&fixtures.join("models/itm-a").to_string_lossy(), None)?;
+        let retriever = Retriever::load(&files, &LoadOptions::default())?;
+        let job = blipdex_ingest::IngestJob {
+            roots: vec![fixtures.join("photos")],
+            index: Some(index.clone()),
+            model: Some(files.name.clone()),
+            ..Default::default()
+        };
+        blipdex_ingest::ingest(&job, &retriever)?;
+        let engine = Engine::load(&EngineOptions::new(&index, files))?;
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let mut replies = Vec::new();
+        for top_k in 1..=10 {
+            let (reply, answer) = oneshot::channel();
+            let query = Query::Text {
+                text: format!("photo number {top_k}"),
+                params: SearchParams {
+                    top_k,
+                    exact: true,
+                    ..SearchParams::default()
+                },
+                rerank_top_n: 0,
+                with_captions: false,
+            };
+            tx.send(Job { query, reply })?;
+            replies.push((top_k.min(5), answer));
+        }
+        drop(tx);
+        let metrics = Metrics::new()?;
+        let limits = BatchLimits {
+            max_batch: 4,
+            batch_wait: Duration::ZERO,
+        };
+        run(&engine, &rx, Lane::Search, limits, &metrics);
+        assert_eq!(metrics.batch_jobs.get_sample_count(), 3);
+        assert_eq!(metrics.batch_jobs.get_sample_sum(), 10.0);
+        for (want, answer) in replies {
+            match answer.blocking_recv()? {
+                Ok(Answer::Hits { hits, .. }) => assert_eq!(hits.len(), want),
+                Ok(Answer::Caption(_)) => panic!("a caption for a text search"),
+                Err(status) => panic!("{status}"),
+            }
+        }
+        Ok(())
+    }
+}
