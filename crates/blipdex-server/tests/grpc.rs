@@ -1058,6 +1058,99 @@ async fn a_running_server_picks_up_a_later_ingest() -> Result<()> {
     server.stop().await
 }
 
+/// "A query sees one committed generation": a writer commits five generations one image at a
+/// time, each only after a client has been answered from the one before, while the client
+/// keeps querying. Every answer holds exactly the images of the generation it names, and the
+/// client sees every generation (so the check runs against each one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_comes_from_one_committed_generation() -> Result<()> {
+    const COMMITS: usize = 5;
+    let ix = index_of(&["astronaut.jpg", "camera_gray.png", "chelsea_alpha.png"])?;
+    let server = Running::serving(quick_config(), engine_options(&ix.index, false)).await?;
+    let mut client = server.client().await?;
+    let first = client.get_stats(GetStatsRequest {}).await?.into_inner();
+    // generation -> images it holds, filled by the writer before it commits nothing else.
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(HashMap::from([(
+        first.generation,
+        3usize,
+    )])));
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<u64>();
+    let index = ix.index.clone();
+    let writer_counts = counts.clone();
+    let writer = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut store = blipdex_store::Store::open_writable(&index)?;
+        let model = store.iter().next().context("an image")?;
+        let embeds = store.embeds(model.image_id).context("embeddings")?;
+        let mut waiting_for = first.generation;
+        for i in 0..COMMITS {
+            // Until the client was answered from the previous generation.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while seen_rx.recv_timeout(Duration::from_millis(50)).ok() != Some(waiting_for) {
+                ensure!(Instant::now() < deadline, "generation {waiting_for} never served");
+            }
+            let mut batch = blipdex_store::Batch::new();
+            let path = format!("/copies/{i}.jpg");
+            batch.add(blipdex_store::ImageRecord {
+                path: path.clone(),
+                paths: vec![path],
+                content_hash: blipdex_store::content_hash_bytes(format!("copy {i}").as_bytes()),
+                embeds: embeds.clone(),
+                ..model_record(&model)
+            });
+            // The count is known before the generation can be served.
+            let next = store.generation() + 1;
+            writer_counts
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .insert(next, 4 + i);
+            let info = store.commit(batch)?;
+            ensure!(info.generation == next, "{} != {next}", info.generation);
+            waiting_for = next;
+        }
+        Ok(())
+    });
+    let mut generations = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while generations.len() < COMMITS + 1 {
+        ensure!(Instant::now() < deadline, "saw only {generations:?}");
+        let mut q = text("a photo", 100);
+        q.options = exact();
+        let r = client.search_text(q).await?.into_inner();
+        let want = counts
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .get(&r.generation)
+            .copied();
+        ensure!(
+            want == Some(r.hits.len()),
+            "generation {} answered with {} hits, it holds {want:?}",
+            r.generation,
+            r.hits.len()
+        );
+        generations.insert(r.generation);
+        let _ = seen_tx.send(r.generation);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.await??;
+    server.stop().await
+}
+
+/// The fields of a new record copied from an existing row (the test's copies differ in path
+/// and content hash only).
+fn model_record(row: &blipdex_store::ImageRow) -> blipdex_store::ImageRecord {
+    blipdex_store::ImageRecord {
+        path: row.path.clone(),
+        paths: row.paths.clone(),
+        content_hash: row.content_hash.clone(),
+        width: row.width,
+        height: row.height,
+        file_size: row.file_size,
+        mtime_ns: row.mtime_ns,
+        embeds: Vec::new(),
+        caption: None,
+    }
+}
+
 /// A caption flush waits (seconds) for a writer lock someone else holds; a new generation
 /// committed meanwhile must still be served at once: reload never waits behind a flush.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
