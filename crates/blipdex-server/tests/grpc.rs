@@ -1086,7 +1086,10 @@ async fn every_answer_comes_from_one_committed_generation() -> Result<()> {
             // Until the client was answered from the previous generation.
             let deadline = Instant::now() + Duration::from_secs(30);
             while seen_rx.recv_timeout(Duration::from_millis(50)).ok() != Some(waiting_for) {
-                ensure!(Instant::now() < deadline, "generation {waiting_for} never served");
+                ensure!(
+                    Instant::now() < deadline,
+                    "generation {waiting_for} never served"
+                );
             }
             let mut batch = blipdex_store::Batch::new();
             let path = format!("/copies/{i}.jpg");
@@ -1149,6 +1152,130 @@ fn model_record(row: &blipdex_store::ImageRow) -> blipdex_store::ImageRecord {
         embeds: Vec::new(),
         caption: None,
     }
+}
+
+/// Shutdown (what SIGTERM triggers in `run_until_signal`) with requests in flight and captions
+/// pending: every request queued before it is answered, and the pending captions are in the
+/// index afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests_and_flushes_captions() -> Result<()> {
+    const REQUESTS: usize = 200;
+    let ix = index_of(&["rocket.jpg", "astronaut.jpg"])?;
+    let config = ServerConfig {
+        limits: Limits {
+            max_batch: 1,
+            ..Limits::default()
+        },
+        // Captions are written at shutdown only.
+        caption_flush_every: None,
+        ..quick_config()
+    };
+    let server = Running::serving(config, engine_options(&ix.index, true)).await?;
+    let mut client = server.client().await?;
+    let ids: Vec<u64> = client
+        .search_text(text("a rocket", 2))
+        .await?
+        .into_inner()
+        .hits
+        .iter()
+        .map(|h| h.image_id)
+        .collect();
+    ensure!(ids.len() == 2);
+    for &id in &ids {
+        client
+            .caption(CaptionRequest {
+                source: Some(caption_request::Source::ImageId(id)),
+                ..Default::default()
+            })
+            .await?;
+    }
+    let stats = client.get_stats(GetStatsRequest {}).await?.into_inner();
+    ensure!(stats.captions_pending == 2, "{stats:?}");
+
+    // Many captions of distinct prompts (none cached), one per model turn: a queue that takes
+    // a while to drain.
+    let bytes = std::fs::read(photo("rocket.jpg"))?;
+    let mut calls = Vec::new();
+    for i in 0..REQUESTS {
+        let mut c = client.clone();
+        let request = CaptionRequest {
+            source: Some(caption_request::Source::Image(bytes.clone())),
+            prompt: format!("Question: what is in photo {i}? Answer:"),
+            ..Default::default()
+        };
+        calls.push(tokio::spawn(async move { c.caption(request).await }));
+    }
+    let queued = || {
+        server
+            .metrics
+            .queue_depth
+            .with_label_values(&["caption"])
+            .get()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queued() < 5 {
+        ensure!(Instant::now() < deadline, "the caption queue never filled");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let waiting = queued();
+    let index = ix.index.clone();
+    let server_metrics = server.metrics.clone();
+    server.stop().await?;
+    let (mut answered, mut refused) = (0, Vec::new());
+    for call in calls {
+        match call.await? {
+            Ok(r) => {
+                ensure!(!r.into_inner().token_ids.is_empty());
+                answered += 1;
+            }
+            Err(status) => refused.push(status.code()),
+        }
+    }
+    let handled = |code: &str| {
+        server_metrics
+            .requests
+            .with_label_values(&["Caption", code])
+            .get()
+    };
+    println!(
+        "shutdown with {waiting} queued: {answered} answered, {} refused by the client's \
+         transport",
+        refused.len()
+    );
+    // Every request the server took was answered: the queued ones drained, none failed on the
+    // server's side. The client's refusals are streams it opened after the server's GOAWAY,
+    // which never reached a handler (a client retries those on another connection).
+    ensure!(
+        answered >= waiting as usize,
+        "{answered} answered, {waiting} were queued at shutdown"
+    );
+    ensure!(
+        handled("OK") == answered as u64 + 2,
+        "the server answered {} requests OK, the client got {answered} + 2",
+        handled("OK")
+    );
+    for code in [
+        "CANCELLED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "RESOURCE_EXHAUSTED",
+        "UNKNOWN",
+    ] {
+        ensure!(
+            handled(code) == 0,
+            "{} requests ended {code} on the server",
+            handled(code)
+        );
+    }
+    let store = blipdex_store::Store::open_readonly(&index)?;
+    for id in ids {
+        let row = store.get(id).context("row")?;
+        ensure!(
+            row.caption.as_deref().is_some_and(|c| !c.is_empty()),
+            "caption of {id} not flushed at shutdown: {row:?}"
+        );
+    }
+    Ok(())
 }
 
 /// A caption flush waits (seconds) for a writer lock someone else holds; a new generation
