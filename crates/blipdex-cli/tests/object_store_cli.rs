@@ -31,39 +31,6 @@ fn failed(o: &Output) -> Result<String> {
     Ok(String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
-/// path → ITC score of an exact search over every image.
-fn scores(moto: &Moto, index: &str, cache: &Path) -> Result<Vec<(String, f64)>> {
-    let model = repo().join("tests/fixtures/models/itm-a");
-    let out = ok(&moto.blipdex(&[
-        "search",
-        "--index",
-        index,
-        "--cache-dir",
-        s(cache)?,
-        "--model",
-        s(&model)?,
-        "--query",
-        "a rocket on a launch pad",
-        "--top-k",
-        "100",
-        "--exact",
-        "--json",
-    ])?)?;
-    let mut v: Vec<(String, f64)> = out["hits"]
-        .as_array()
-        .context("hits")?
-        .iter()
-        .map(|h| {
-            (
-                h["path"].as_str().unwrap_or_default().to_string(),
-                h["itc_score"].as_f64().unwrap_or(f64::NAN),
-            )
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(v)
-}
-
 #[test]
 fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
     let moto = Moto::start()?;
@@ -86,11 +53,7 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
         std::fs::write(folder.join(format!("img{i:03}.{ext}")), bytes)?;
     }
     std::fs::copy(folder.join("img004.jpg"), folder.join("again.jpg"))?;
-    moto.boto(&format!(
-        "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
-         for n in sorted(os.listdir('{0}')): s3.upload_file(os.path.join('{0}', n), 'photos', 'album/' + n)\n",
-        s(&folder)?
-    ))?;
+    moto.upload_album(&folder)?;
     let model = repo().join("tests/fixtures/models/itm-a");
     let model = s(&model)?;
     let photos = "s3://photos/album";
@@ -195,8 +158,8 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
     // A fresh machine reads the merged index from the bucket: the same images, paths and
     // scores as the one-machine ingest.
     let reader = tmp.path().join("reader");
-    let remote_scores = scores(&moto, index, &reader)?;
-    let local_scores = scores(&moto, s(&single)?, &reader)?;
+    let remote_scores = moto.scores(index, &reader)?;
+    let local_scores = moto.scores(s(&single)?, &reader)?;
     // One hit per image (the duplicate pair is one image).
     ensure!(remote_scores.len() == 16, "{remote_scores:?}");
     ensure!(remote_scores.len() == local_scores.len());
@@ -422,11 +385,7 @@ fn kubernetes_and_slurm_entry_points() -> Result<()> {
     let moto = Moto::start()?;
     let tmp = tempfile::tempdir()?;
     let photos = repo().join("tests/fixtures/photos");
-    moto.boto(&format!(
-        "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
-         for n in sorted(os.listdir('{0}')): s3.upload_file(os.path.join('{0}', n), 'photos', 'album/' + n)\n",
-        s(&photos)?
-    ))?;
+    moto.upload_album(&photos)?;
     let model = repo().join("tests/fixtures/models/itm-a");
     let merged = |index: &str| -> Result<Value> {
         ok(&moto.blipdex(&[

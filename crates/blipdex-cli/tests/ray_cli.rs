@@ -71,11 +71,7 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
         bytes.extend_from_slice(format!("copy {i}").as_bytes());
         std::fs::write(folder.join(format!("img{i:03}.jpg")), bytes)?;
     }
-    moto.boto(&format!(
-        "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
-         for n in sorted(os.listdir('{0}')): s3.upload_file(os.path.join('{0}', n), 'photos', 'album/' + n)\n",
-        s(&folder)?
-    ))?;
+    moto.upload_album(&folder)?;
     let photos = "s3://photos/album";
     let model = repo().join("tests/fixtures/models/itm-a");
     let bin = env!("CARGO_BIN_EXE_blipdex");
@@ -158,47 +154,15 @@ fn ray_driver_retries_a_killed_shard_and_merges() -> Result<()> {
     ensure!(summary["merge"]["parts"] == 2, "{summary}");
     ensure!(summary["merge"]["images"] == 24, "{summary}");
     // What the bucket holds, read by a fresh machine: the images, paths and scores of one ingest.
-    let search = |index: &str, cache: &std::path::Path| -> Result<Value> {
-        let o = moto.blipdex(&[
-            "search",
-            "--index",
-            index,
-            "--cache-dir",
-            s(cache)?,
-            "--model",
-            s(&model)?,
-            "--query",
-            "a rocket",
-            "--exact",
-            "--top-k",
-            "100",
-            "--json",
-        ])?;
-        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        last_json(&o.stdout)
-    };
     let reader = tmp.path().join("reader");
-    let (remote_hits, local_hits) = (search(index, &reader)?, search(s(&single)?, &reader)?);
+    let (a, b) = (
+        moto.scores(index, &reader)?,
+        moto.scores(s(&single)?, &reader)?,
+    );
     ensure!(
         contents(&copy_under(&reader)?)? == contents(&single)?,
         "the merged index differs from one ingest"
     );
-    let hits = |v: &Value| -> Vec<(String, f64)> {
-        let mut h: Vec<(String, f64)> = v["hits"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|h| {
-                (
-                    h["path"].as_str().unwrap_or_default().to_string(),
-                    h["itc_score"].as_f64().unwrap_or(f64::NAN),
-                )
-            })
-            .collect();
-        h.sort_by(|a, b| a.0.cmp(&b.0));
-        h
-    };
-    let (a, b) = (hits(&remote_hits), hits(&local_hits));
     ensure!(a.len() == 24 && a.len() == b.len(), "{a:?} {b:?}");
     for ((pa, sa), (pb, sb)) in a.iter().zip(&b) {
         ensure!(

@@ -10,12 +10,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use blipdex_core::{Error, Result};
 use blipdex_remote::{is_url, Remote, RemoteOptions};
 
-use crate::walk::{FileEntry, Filters, ObjectSource, WalkProblem};
+use crate::walk::{mtime_ns, FileEntry, Filters, ObjectSource, WalkProblem};
 
 /// Extensions of listing files.
 const LISTING_EXTENSIONS: &[&str] = &["txt", "csv", "tsv", "parquet"];
@@ -128,11 +127,7 @@ pub fn read_listing(
             match std::fs::metadata(&path) {
                 Ok(m) if m.is_file() => files.push(FileEntry {
                     size: m.len(),
-                    mtime_ns: m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_nanos() as i64),
+                    mtime_ns: mtime_ns(&m),
                     path,
                     object: None,
                     listed: false,

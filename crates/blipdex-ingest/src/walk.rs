@@ -113,6 +113,14 @@ impl Filters {
     }
 }
 
+/// A file's modification time in nanoseconds since the epoch (0 when the OS has none).
+pub(crate) fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
 /// Canonical absolute form of a root, so that the same folder given two ways is one folder.
 pub fn canonical_root(root: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(root).map_err(|e| Error::io(root, e))
@@ -170,11 +178,7 @@ pub fn walk(roots: &[PathBuf], filters: &Filters) -> (Vec<FileEntry>, Vec<WalkPr
                 Ok(m) => files.push(FileEntry {
                     path: entry.path().to_path_buf(),
                     size: m.len(),
-                    mtime_ns: m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_nanos() as i64),
+                    mtime_ns: mtime_ns(&m),
                     object: None,
                     listed: false,
                 }),

@@ -2,7 +2,7 @@
 //! system, the same code path as S3): generations follow, a rebuilt index is replaced file by
 //! file, the replaced generation's files are kept for readers and older ones dropped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Result};
 use blipdex_remote::mirror::{pull, push};
@@ -37,18 +37,40 @@ fn names(dir: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
-#[test]
-fn generations_follow_and_a_rebuilt_index_replaces_the_copy() -> Result<()> {
+/// A writer's and a reader's folder, and a `file://` "bucket" between them.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    writer: PathBuf,
+    reader: PathBuf,
+    bucket: PathBuf,
+    remote: Remote,
+}
+
+fn setup() -> Result<Setup> {
     let tmp = tempfile::tempdir()?;
-    let (writer, reader, bucket) = (
-        tmp.path().join("writer"),
-        tmp.path().join("reader"),
-        tmp.path().join("bucket/index"),
-    );
+    let bucket = tmp.path().join("bucket/index");
     let remote = Remote::open(
         &format!("file://{}", bucket.display()),
         &RemoteOptions::default(),
     )?;
+    Ok(Setup {
+        writer: tmp.path().join("writer"),
+        reader: tmp.path().join("reader"),
+        bucket,
+        remote,
+        _tmp: tmp,
+    })
+}
+
+#[test]
+fn generations_follow_and_a_rebuilt_index_replaces_the_copy() -> Result<()> {
+    let Setup {
+        _tmp,
+        writer,
+        reader,
+        bucket,
+        remote,
+    } = setup()?;
     ensure!(pull(&remote, &reader)?.is_none(), "nothing published yet");
 
     let synth = Synth::new(4, 8, 3, 7);
@@ -120,16 +142,13 @@ fn generations_follow_and_a_rebuilt_index_replaces_the_copy() -> Result<()> {
 
 #[test]
 fn a_pull_never_publishes_a_partial_copy() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let (writer, reader, bucket) = (
-        tmp.path().join("writer"),
-        tmp.path().join("reader"),
-        tmp.path().join("bucket"),
-    );
-    let remote = Remote::open(
-        &format!("file://{}", bucket.display()),
-        &RemoteOptions::default(),
-    )?;
+    let Setup {
+        _tmp,
+        writer,
+        reader,
+        bucket,
+        remote,
+    } = setup()?;
     let synth = Synth::new(4, 8, 3, 7);
     commit(&writer, &synth, 0..5)?;
     push(&writer, &remote, false)?;

@@ -96,6 +96,19 @@ impl Moto {
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// Creates the buckets `photos` and `idx` and uploads every file of `folder` (not its
+    /// subfolders) as `photos/album/<name>`: the photos are then `s3://photos/album`.
+    pub fn upload_album(&self, folder: &Path) -> Result<()> {
+        self.boto(&format!(
+            "import os\ns3.create_bucket(Bucket='photos')\ns3.create_bucket(Bucket='idx')\n\
+             for n in sorted(os.listdir('{0}')):\n\
+             \x20   p = os.path.join('{0}', n)\n\
+             \x20   if os.path.isfile(p): s3.upload_file(p, 'photos', 'album/' + n)\n",
+            s(folder)?
+        ))
+        .map(|_| ())
+    }
+
     pub fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
         let out = self.boto(&format!(
             "p = s3.get_paginator('list_objects_v2')\n\
@@ -166,4 +179,48 @@ pub fn copy_under(cache: &Path) -> Result<PathBuf> {
         .context("no copy under the cache folder")??
         .path()
         .join("index"))
+}
+
+impl Moto {
+    /// (path, ITC score) of every image of `index` (an exact search with the fixture model),
+    /// copying an object-store index under `cache`.
+    pub fn scores(&self, index: &str, cache: &Path) -> Result<Vec<(String, f64)>> {
+        let model = repo().join("tests/fixtures/models/itm-a");
+        let o = self.blipdex(&[
+            "search",
+            "--index",
+            index,
+            "--cache-dir",
+            s(cache)?,
+            "--model",
+            s(&model)?,
+            "--query",
+            "a rocket on a launch pad",
+            "--top-k",
+            "100",
+            "--exact",
+            "--json",
+        ])?;
+        ensure!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout);
+        let last = text.lines().last().context("no output")?;
+        Ok(hit_scores(&serde_json::from_str(last)?))
+    }
+}
+
+/// (path, ITC score) of each hit of `search --json` output, by path.
+pub fn hit_scores(search: &serde_json::Value) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = search["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            (
+                h["path"].as_str().unwrap_or_default().to_string(),
+                h["itc_score"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
