@@ -286,7 +286,13 @@ impl RemoteArgs {
             return Ok((index.into(), None));
         }
         let remote = blipdex_remote::Remote::open(index, &self.options())?;
-        let local = blipdex_remote::cache_dir_for(&self.cache_dir()?, &remote.url()).join("index");
+        // A missing bucket or credential is named as such, not as "no index here".
+        remote.probe()?;
+        let local = blipdex_remote::mirror::copy_dir(
+            &self.cache_dir()?,
+            &remote,
+            blipdex_remote::mirror::Role::Reader,
+        );
         match blipdex_remote::mirror::pull(&remote, &local)? {
             Some(s) => tracing::info!(
                 "{} generation {} copied to {} ({} files fetched)",

@@ -29,22 +29,21 @@ pub fn is_listing(root: &Path) -> bool {
     ext_ok && (crate::job::is_url(root) || root.is_file())
 }
 
-/// One object store per `scheme://bucket`, opened and probed once.
+/// One object store per `scheme://bucket`, opened once (or failed once). Not probed with a
+/// listing: a listing's buckets may allow reading objects only, and each entry's read says what
+/// is wrong with it.
 #[derive(Default)]
 pub struct Stores {
-    by_root: HashMap<String, Remote>,
+    by_root: HashMap<String, Result<Remote>>,
 }
 
 impl Stores {
     fn get(&mut self, root: &str, opts: &RemoteOptions) -> Result<&Remote> {
-        if !self.by_root.contains_key(root) {
-            let remote = Remote::open(root, opts)?;
-            remote.probe()?;
-            self.by_root.insert(root.to_string(), remote);
-        }
         self.by_root
-            .get(root)
-            .ok_or_else(|| Error::Internal(format!("store {root} not kept")))
+            .entry(root.to_string())
+            .or_insert_with(|| Remote::open(root, opts))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -65,7 +64,10 @@ pub fn read_listing(
         (remote.get_key(&remote.key(key))?, None)
     } else {
         let bytes = std::fs::read(listing).map_err(|e| Error::io(listing, e))?;
-        (bytes, listing.parent().map(Path::to_path_buf))
+        // Entries relative to the listing's folder, stored as absolute paths (the same however
+        // the listing was named on the command line, so workers shard alike).
+        let canonical = std::fs::canonicalize(listing).map_err(|e| Error::io(listing, e))?;
+        (bytes, canonical.parent().map(Path::to_path_buf))
     };
     let ext = listing
         .extension()

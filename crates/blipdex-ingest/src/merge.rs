@@ -53,11 +53,33 @@ pub(crate) fn mark_done(dir: &Path, shard: Shard, generation: u64) -> Result<()>
         generation,
         attempt: None,
     };
-    let tmp = dir.join(".DONE.tmp");
-    let text = serde_json::to_string(&done).map_err(|e| Error::Internal(e.to_string()))?;
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    let text = serde_json::to_vec(&done).map_err(|e| Error::Internal(e.to_string()))?;
+    blipdex_store::write_atomic(dir, "DONE", &text)
+}
+
+/// A worker starting on its part: the part is not finished until this run says so.
+pub(crate) fn unmark_done(dir: &Path) -> Result<()> {
     let path = dir.join("DONE");
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// [`unmark_done`] of a part on object storage.
+pub(crate) fn unmark_done_remote(index: &Remote, shard: Shard) -> Result<()> {
+    index
+        .child(&format!("parts/{}", shard.part_name()))
+        .delete("DONE")
+}
+
+/// Where a worker builds its part of the index at `index` below the cache folder `cache`
+/// (kept between runs on one machine, so a rerun resumes it).
+pub fn worker_part_dir(cache: &Path, index: &Remote, shard: Shard) -> PathBuf {
+    blipdex_remote::cache_dir_for(cache, &index.url())
+        .join("parts")
+        .join(shard.part_name())
 }
 
 /// What one merge did.
@@ -142,7 +164,8 @@ pub fn merge(index: &Path) -> Result<MergeSummary> {
 /// parts and the index are pulled, merged locally and published as one new generation.
 pub fn merge_remote(index: &Remote, cache: &Path) -> Result<MergeSummary> {
     index.probe()?;
-    let cache = blipdex_remote::cache_dir_for(cache, &index.url());
+    // The parts' copies live only for this merge.
+    let merge_parts_dir = blipdex_remote::cache_dir_for(cache, &index.url()).join("merge-parts");
     let parts_remote = index.child("parts");
     let mut summary = MergeSummary::default();
     let mut parts = Vec::new();
@@ -165,9 +188,23 @@ pub fn merge_remote(index: &Remote, cache: &Path) -> Result<MergeSummary> {
             .filter(|a| !a.is_empty() && !a.contains(['/', '\\']) && a != "." && a != "..")
             .ok_or_else(|| corrupt("DONE names no upload (attempt)".into()))?;
         let upload = part.child(&attempt);
-        let local = cache.join("parts").join(&name).join(&attempt);
-        let pulled = mirror::pull(&upload, &local)
-            .map_err(|e| corrupt(format!("cannot copy the upload {}: {e}", upload.url())))?;
+        let local = merge_parts_dir.join(&name).join(&attempt);
+        // A part that cannot be read as an index is the worker's to redo; a network or
+        // permission failure is not (it says so itself).
+        let pulled = mirror::pull(&upload, &local).map_err(|e| match e {
+            Error::Store { reason, .. } => {
+                corrupt(format!("the upload {} is corrupt: {reason}", upload.url()))
+            }
+            Error::ObjectStore {
+                kind: blipdex_core::ObjectStoreErrorKind::NotFound,
+                reason,
+                ..
+            } => corrupt(format!(
+                "the upload {} is incomplete: {reason}",
+                upload.url()
+            )),
+            other => other,
+        })?;
         if pulled.is_none() {
             return Err(corrupt(format!(
                 "DONE names the upload {} but it holds no manifest.json",
@@ -176,10 +213,13 @@ pub fn merge_remote(index: &Remote, cache: &Path) -> Result<MergeSummary> {
         }
         parts.push((upload.url(), local));
     }
-    let main = cache.join("index");
-    mirror::pull(index, &main)?;
+    let main = mirror::copy_dir(cache, index, mirror::Role::Writer);
+    mirror::pull_for_writing(index, &main)?;
     let summary = merge_parts(&main, &parts, &parts_remote.url(), summary)?;
     mirror::push(&main, index, false)?;
+    if let Err(e) = std::fs::remove_dir_all(&merge_parts_dir) {
+        tracing::warn!("{}: not removed ({e})", merge_parts_dir.display());
+    }
     Ok(summary)
 }
 

@@ -131,24 +131,34 @@ pub fn ingest_with(job: &IngestJob, models: IngestModels<'_>) -> Result<IngestSu
     }
     let url = index.to_str().unwrap_or_default();
     let remote = Remote::open(url, &job.remote)?;
-    // A missing bucket or credential fails here, before any image is read.
+    // A missing bucket or credential, for the index or an input prefix, fails here, before
+    // anything is copied or read.
     remote.probe()?;
+    for r in job
+        .roots
+        .iter()
+        .filter(|r| is_url(r) && !listing::is_listing(r))
+    {
+        Remote::open(r.to_str().unwrap_or_default(), &job.remote)?.probe()?;
+    }
     let cache = job.cache_dir.as_deref().ok_or_else(|| {
         Error::InvalidArgument(format!(
             "--index {url} is on object storage: give --cache-dir for its local copy"
         ))
     })?;
-    let cache = blipdex_remote::cache_dir_for(cache, &remote.url());
     match job.shard {
         Some(shard) => {
-            let local = cache.join("parts").join(shard.part_name());
+            let local = crate::merge::worker_part_dir(cache, &remote, shard);
+            // Until this run publishes its part, the shard is not finished (a merge meanwhile
+            // reports it unfinished rather than taking an older upload).
+            crate::merge::unmark_done_remote(&remote, shard)?;
             let summary = ingest_into(job, models, &local)?;
             crate::merge::publish_part(&local, &remote, shard)?;
             Ok(summary)
         }
         None => {
-            let local = cache.join("index");
-            mirror::pull(&remote, &local)?;
+            let local = mirror::copy_dir(cache, &remote, mirror::Role::Writer);
+            mirror::pull_for_writing(&remote, &local)?;
             let summary = ingest_into(job, models, &local)?;
             mirror::push(&local, &remote, false)?;
             let rejects = local.join("rejects.jsonl");
@@ -171,6 +181,9 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
         .transpose()?;
     let start = Instant::now();
     let index = index.to_path_buf();
+    if job.shard.is_some() {
+        crate::merge::unmark_done(&index)?;
+    }
     // Every root as paths below it will read (canonical folders, object-store URLs), and the
     // object-store ones, each checked with one request before any work.
     let mut roots = Vec::new();
@@ -660,8 +673,6 @@ fn decode(
 
 /// `<index>/rejects.jsonl`: one JSON object per file this run could not index, replaced atomically.
 fn write_rejects(index: &Path, rejects: &[Reject]) -> Result<()> {
-    let path = index.join("rejects.jsonl");
-    let tmp: PathBuf = index.join(".rejects.jsonl.tmp");
     let mut text = String::new();
     for r in rejects {
         // A reason on one line (decoders' messages may hold newlines): `jq -r .reason` output
@@ -675,8 +686,7 @@ fn write_rejects(index: &Path, rejects: &[Reject]) -> Result<()> {
         );
         text.push('\n');
     }
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+    blipdex_store::write_atomic(index, "rejects.jsonl", text.as_bytes())
 }
 
 /// A progress bar on a terminal, periodic log lines otherwise.

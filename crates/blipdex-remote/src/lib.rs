@@ -196,7 +196,7 @@ impl Remote {
             .map_err(|e| Error::Internal(format!("object-store runtime: {e}")))?;
         Ok(Self {
             base: Arc::new(Base { store, root, rt }),
-            prefix: ObjPath::from(key.trim_matches('/')),
+            prefix: raw_key(key.trim_matches('/')),
         })
     }
 
@@ -227,12 +227,21 @@ impl Remote {
         }
     }
 
-    /// The key of `relative` below the prefix (`""`: the prefix itself, as an object).
+    /// The key of `relative` below the prefix (`""`: the prefix itself, as an object). Keys are
+    /// taken as written (`Photos [2019]/a b.jpg` is that key), as listings return them.
     pub fn key(&self, relative: &str) -> ObjPath {
-        relative
-            .split('/')
-            .filter(|p| !p.is_empty())
-            .fold(self.prefix.clone(), |k, part| k.join(part))
+        let relative = relative.trim_matches('/');
+        if relative.is_empty() {
+            self.prefix.clone()
+        } else if self.prefix.as_ref().is_empty() {
+            raw_key(relative)
+        } else {
+            raw_key(&format!("{}/{relative}", self.prefix))
+        }
+    }
+
+    fn prefix_opt(&self) -> Option<&ObjPath> {
+        (!self.prefix.as_ref().is_empty()).then_some(&self.prefix)
     }
 
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -242,8 +251,7 @@ impl Remote {
     /// One cheap request that fails the way real work would: a missing bucket, wrong
     /// credentials or an unreachable endpoint, before any work starts.
     pub fn probe(&self) -> Result<()> {
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        self.block_on(self.base.store.list_with_delimiter(prefix))
+        self.block_on(self.base.store.list_with_delimiter(self.prefix_opt()))
             .map(|_| ())
             .map_err(|e| map_err(&self.url(), e))
     }
@@ -297,17 +305,19 @@ impl Remote {
 
     /// The names of the "folders" directly below the prefix.
     pub fn list_folders(&self) -> Result<Vec<String>> {
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let listed = self
-            .block_on(self.base.store.list_with_delimiter(prefix))
-            .map_err(|e| map_err(&self.url(), e))?;
-        let mut names: Vec<String> = listed
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .collect();
-        names.sort();
-        Ok(names)
+        let listed = self.list_level()?;
+        Ok(names(listed.common_prefixes.iter()))
+    }
+
+    /// The names of the objects directly below the prefix (not in its "folders").
+    pub fn list_files(&self) -> Result<Vec<String>> {
+        let listed = self.list_level()?;
+        Ok(names(listed.objects.iter().map(|o| &o.location)))
+    }
+
+    fn list_level(&self) -> Result<object_store::ListResult> {
+        self.block_on(self.base.store.list_with_delimiter(self.prefix_opt()))
+            .map_err(|e| map_err(&self.url(), e))
     }
 
     /// The bytes of the object at `key` (a key from [`Remote::list`]).
@@ -404,6 +414,21 @@ impl Remote {
             Err(e) => Err(map_err(&self.url_of_key(&key), e)),
         }
     }
+}
+
+/// A key exactly as written; one that is not a valid key as it stands (an empty segment, `..`)
+/// is escaped the way `object_store` escapes path parts.
+fn raw_key(key: &str) -> ObjPath {
+    ObjPath::parse(key).unwrap_or_else(|_| ObjPath::from(key))
+}
+
+/// The last part of each path, sorted.
+fn names<'a>(paths: impl Iterator<Item = &'a ObjPath>) -> Vec<String> {
+    let mut v: Vec<String> = paths
+        .filter_map(|p| p.filename().map(str::to_string))
+        .collect();
+    v.sort();
+    v
 }
 
 fn io_err(url: &str, e: std::io::Error) -> Error {
@@ -532,6 +557,14 @@ mod tests {
         assert!(listed[1].mtime_ns > 0);
         assert_eq!(r.url_of("a/two.jpg"), format!("{url}/a/two.jpg"));
         assert_eq!(r.child("a").list_folders()?, ["b"]);
+        assert_eq!(r.child("a").list_files()?, ["two.jpg"]);
+        // Keys as written, brackets and spaces included.
+        let odd = "Photos [2019]/a b #1.jpg";
+        r.put(odd, b"odd".to_vec())?;
+        let listed = r.child("Photos [2019]").list()?;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(r.get_key(&listed[0].key)?, b"odd");
+        assert_eq!(r.get_opt(odd)?.as_deref(), Some(&b"odd"[..]));
         assert_eq!(r.get_opt("a/two.jpg")?.as_deref(), Some(&b"22"[..]));
         assert_eq!(r.get_opt("a/none.jpg")?, None);
         r.put("c/new.bin", b"xyz".to_vec())?;

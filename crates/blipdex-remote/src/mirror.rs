@@ -1,13 +1,35 @@
 //! Copying a committed index between a local directory and an object-store prefix, whole
 //! files at a time, the manifest last (see the crate's documentation for the protocol).
+//!
+//! A local copy is either a reader's (only [`pull`] writes it) or a writer's (a store that
+//! ingest or merge commits to, then [`push`]es): [`copy_dir`] keeps the two apart, so that a
+//! server's pulls never race a writer's commits on the same host.
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
 use blipdex_core::{Error, ObjectStoreErrorKind, Result};
-use blipdex_store::{is_store_file, manifest_info, ManifestInfo, MANIFEST};
+use blipdex_store::{is_store_file, manifest_info, write_atomic, ManifestInfo, MANIFEST};
+use fs2::FileExt;
 
 use crate::Remote;
+
+/// Whose local copy of an index on object storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `search` and `serve`: written by [`pull`] only.
+    Reader,
+    /// `ingest` and `index merge`: a store committed to, then published by [`push`].
+    Writer,
+}
+
+/// The local copy of the index at `remote` for `role`, below the cache folder `cache`.
+pub fn copy_dir(cache: &Path, remote: &Remote, role: Role) -> PathBuf {
+    crate::cache_dir_for(cache, &remote.url()).join(match role {
+        Role::Reader => "read",
+        Role::Writer => "write",
+    })
+}
 
 /// What a [`pull`] or [`push`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,13 +46,17 @@ pub struct Synced {
 /// published twice while it copied).
 const PULL_ATTEMPTS: usize = 3;
 
+/// The local manifest; an unreadable one counts as none (the next pull replaces it).
 fn read_local_manifest(dir: &Path) -> Result<Option<(Vec<u8>, ManifestInfo)>> {
     let path = dir.join(MANIFEST);
     match std::fs::read(&path) {
-        Ok(bytes) => {
-            let info = manifest_info(&bytes, dir)?;
-            Ok(Some((bytes, info)))
-        }
+        Ok(bytes) => match manifest_info(&bytes, dir) {
+            Ok(info) => Ok(Some((bytes, info))),
+            Err(e) => {
+                tracing::warn!("{e}: the copy is replaced");
+                Ok(None)
+            }
+        },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),
     }
@@ -38,9 +64,14 @@ fn read_local_manifest(dir: &Path) -> Result<Option<(Vec<u8>, ManifestInfo)>> {
 
 /// Makes `local` a copy of the index committed at `remote`: the files it lacks, then the
 /// manifest (atomically). `Ok(None)` when `remote` holds no index. A copy of another index
-/// (a different `index_id`: the remote one was rebuilt) is replaced file by file.
+/// (a different `index_id`: the remote one was rebuilt) loses its manifest first, so a reader
+/// sees no index for a moment rather than a mix of the two. Pulls into one folder take turns.
 pub fn pull(remote: &Remote, local: &Path) -> Result<Option<Synced>> {
     std::fs::create_dir_all(local).map_err(|e| Error::io(local, e))?;
+    let lock_path = local.join(".pull-lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+    lock.lock_exclusive()
+        .map_err(|e| Error::io(&lock_path, e))?;
     let origin = Path::new(&remote.url()).to_path_buf();
     let mut attempt = 0;
     loop {
@@ -58,16 +89,24 @@ pub fn pull(remote: &Remote, local: &Path) -> Result<Option<Synced>> {
                 changed: false,
             }));
         }
-        // File names repeat across indexes (`shard-<generation>`): only a copy of the same
-        // index may keep what it has.
-        let same_index = have
-            .as_ref()
-            .is_some_and(|(_, h)| !h.index_id.is_empty() && h.index_id == info.index_id);
+        // File names repeat across indexes (`shard-<generation>`): only a file the local
+        // manifest names, of the same index, is known to hold what the remote one does.
+        let reusable: HashSet<&String> = match &have {
+            Some((_, h)) if !h.index_id.is_empty() && h.index_id == info.index_id => {
+                h.files.iter().collect()
+            }
+            Some(_) => {
+                let m = local.join(MANIFEST);
+                std::fs::remove_file(&m).map_err(|e| Error::io(&m, e))?;
+                HashSet::new()
+            }
+            None => HashSet::new(),
+        };
         let mut copied = 0;
         let mut gone = None;
         for f in &info.files {
             let dest = local.join(f);
-            if same_index && dest.is_file() {
+            if reusable.contains(f) && dest.is_file() {
                 continue;
             }
             match remote.download(f, &dest) {
@@ -87,12 +126,9 @@ pub fn pull(remote: &Remote, local: &Path) -> Result<Option<Synced>> {
             tracing::info!("{url} is gone (a newer generation was published); copying that one");
             continue;
         }
-        let tmp = local.join(".tmp-manifest.json");
-        std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, local.join(MANIFEST)).map_err(|e| Error::io(local, e))?;
-        // Keep the replaced generation's files (a reader may have mapped them: unlinking is
-        // safe for it, but a reader between reading the old manifest and opening its files
-        // would fail); drop anything older.
+        write_atomic(local, MANIFEST, &bytes)?;
+        // Keep the replaced generation's files (a reader between reading the old manifest and
+        // opening its files would fail); drop anything older.
         let keep: HashSet<&String> = info
             .files
             .iter()
@@ -115,10 +151,27 @@ pub fn pull(remote: &Remote, local: &Path) -> Result<Option<Synced>> {
     }
 }
 
-/// Publishes the index committed in `local` at `remote`: uploads the files the remote lacks
-/// (or holds with another size), then the manifest, then deletes remote files named by neither
-/// the new nor the replaced manifest. Refuses to replace another index (a different
-/// `index_id`) unless `replace` is set.
+/// A writer's copy before it works: a copy of the remote index, or, when the remote holds none
+/// (never built, or deleted), an empty folder (a stale copy would bring deleted images back).
+pub fn pull_for_writing(remote: &Remote, local: &Path) -> Result<Option<Synced>> {
+    let pulled = pull(remote, local)?;
+    if pulled.is_none() && local.join(MANIFEST).exists() {
+        tracing::info!(
+            "{} holds no index: the local copy {} is dropped",
+            remote.url(),
+            local.display()
+        );
+        std::fs::remove_dir_all(local).map_err(|e| Error::io(local, e))?;
+        std::fs::create_dir_all(local).map_err(|e| Error::io(local, e))?;
+    }
+    Ok(pulled)
+}
+
+/// Publishes the index committed in `local` at `remote`: uploads every file the remote's
+/// current manifest does not name (a name it does not name may hold another attempt's bytes,
+/// so it is never trusted), then the manifest, then deletes (best effort) remote files named
+/// by neither the new nor the replaced manifest. Refuses to replace another index (a
+/// different `index_id`) unless `replace` is set.
 pub fn push(local: &Path, remote: &Remote, replace: bool) -> Result<Synced> {
     let (bytes, info) = read_local_manifest(local)?
         .ok_or_else(|| Error::store(local, "no manifest.json: nothing committed to publish"))?;
@@ -150,25 +203,17 @@ pub fn push(local: &Path, remote: &Remote, replace: bool) -> Result<Synced> {
             ));
         }
     }
-    let listed: HashMap<String, u64> = remote
-        .list()?
-        .into_iter()
-        .filter(|o| !o.relative.contains('/'))
-        .map(|o| (o.relative, o.size))
+    let committed: HashSet<&String> = previous
+        .iter()
+        .filter(|p| p.index_id == info.index_id)
+        .flat_map(|p| &p.files)
         .collect();
-    let same_index = previous
-        .as_ref()
-        .is_some_and(|p| p.index_id == info.index_id);
     let mut copied = 0;
     for f in &info.files {
-        let path = local.join(f);
-        let size = std::fs::metadata(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .len();
-        if same_index && listed.get(f) == Some(&size) {
+        if committed.contains(f) {
             continue;
         }
-        remote.upload(f, &path)?;
+        remote.upload(f, &local.join(f))?;
         copied += 1;
     }
     remote.put(MANIFEST, bytes)?;
@@ -177,10 +222,18 @@ pub fn push(local: &Path, remote: &Remote, replace: bool) -> Result<Synced> {
         .iter()
         .chain(previous.iter().flat_map(|p| &p.files))
         .collect();
-    for name in listed.keys() {
-        if is_store_file(name) && !keep.contains(name) {
-            remote.delete(name)?;
+    // Published: what follows only frees space, and a failure is left for the next push.
+    match remote.list_files() {
+        Ok(names) => {
+            for name in names {
+                if is_store_file(&name) && !keep.contains(&name) {
+                    if let Err(e) = remote.delete(&name) {
+                        tracing::warn!("{}: not deleted ({e}); the next push retries", name);
+                    }
+                }
+            }
         }
+        Err(e) => tracing::warn!("{}: old files not listed ({e})", remote.url()),
     }
     Ok(Synced {
         generation: info.generation,

@@ -171,3 +171,50 @@ fn a_pull_never_publishes_a_partial_copy() -> Result<()> {
     );
     Ok(())
 }
+
+/// A writer's copy of an index deleted from the bucket is dropped, not pushed back; and a file
+/// left in the bucket by a push that failed before its manifest is never trusted by name.
+#[test]
+fn writers_neither_resurrect_nor_trust_leftovers() -> Result<()> {
+    let Setup {
+        _tmp,
+        writer,
+        bucket,
+        remote,
+        ..
+    } = setup()?;
+    let synth = Synth::new(4, 8, 3, 7);
+    commit(&writer, &synth, 0..5)?;
+    push(&writer, &remote, false)?;
+    // The next generation's shard name, already in the bucket with other bytes (an earlier
+    // attempt's upload whose manifest never went up).
+    let before: Vec<String> = names(&writer)?;
+    commit(&writer, &synth, 5..9)?;
+    let new_files: Vec<String> = names(&writer)?
+        .into_iter()
+        .filter(|n| blipdex_store::is_store_file(n) && !before.contains(n))
+        .collect();
+    ensure!(!new_files.is_empty());
+    for f in &new_files {
+        let len = std::fs::metadata(writer.join(f))?.len() as usize;
+        // Same size, other bytes: a size check would take it.
+        remote.put(f, vec![0xAB; len])?;
+    }
+    push(&writer, &remote, false)?;
+    for f in &new_files {
+        ensure!(
+            std::fs::read(bucket.join(f))? == std::fs::read(writer.join(f))?,
+            "{f}: the leftover was kept"
+        );
+    }
+    ensure!(hashes(&bucket)? == hashes(&writer)?);
+
+    // The index is deleted from the bucket: a writer's copy starts empty.
+    std::fs::remove_dir_all(&bucket)?;
+    ensure!(blipdex_remote::mirror::pull_for_writing(&remote, &writer)?.is_none());
+    ensure!(
+        !writer.join("manifest.json").exists(),
+        "the stale copy was kept"
+    );
+    Ok(())
+}

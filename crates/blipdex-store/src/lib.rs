@@ -198,6 +198,12 @@ mod store;
 pub mod synth;
 mod types;
 
+/// Writes `dir/name` durably and atomically (a fsynced temporary file renamed over it, then the
+/// directory fsynced): readers see the old bytes or the new, never a part.
+pub fn write_atomic(dir: &std::path::Path, name: &str, bytes: &[u8]) -> blipdex_core::Result<()> {
+    fsutil::replace_atomic(dir, name, bytes)
+}
+
 pub use ivf::DotDist;
 pub use kernels::kernel_path;
 pub use manifest::{is_store_file, manifest_info, ManifestInfo, MANIFEST};

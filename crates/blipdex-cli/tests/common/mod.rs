@@ -178,7 +178,7 @@ pub fn copy_under(cache: &Path) -> Result<PathBuf> {
         .next()
         .context("no copy under the cache folder")??
         .path()
-        .join("index"))
+        .join("read"))
 }
 
 impl Moto {
