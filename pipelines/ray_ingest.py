@@ -26,8 +26,13 @@ from pathlib import Path
 import ray
 
 
+# The object-store schemes blipdex reads (blipdex_remote::SCHEMES).
+SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure", "adl", "file")
+
+
 def is_url(location: str) -> bool:
-    return "://" in location
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
 
 
 def default_cache_dir() -> Path:
