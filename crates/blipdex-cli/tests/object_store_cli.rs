@@ -170,6 +170,28 @@ fn workers_on_s3_killed_and_retried_merge_to_one_ingest() -> Result<()> {
         );
     }
     ensure!(contents(&copy_under(&reader)?)? == contents(&single)?);
+    // ITM reranking reads the photos back from the bucket (no vision cache here).
+    let reranked = ok(&moto.blipdex(&[
+        "search",
+        "--index",
+        index,
+        "--cache-dir",
+        s(&reader)?,
+        "--model",
+        model,
+        "--query",
+        "a rocket",
+        "--top-k",
+        "3",
+        "--rerank",
+        "3",
+        "--json",
+    ])?)?;
+    let hits = reranked["hits"].as_array().context("hits")?;
+    ensure!(hits.len() == 3, "{reranked}");
+    for h in hits {
+        ensure!(h["itm_score"].is_f64() && h.get("error").is_none(), "{h}");
+    }
 
     // A corrupt part: its shard file replaced by junk. The merge names the upload and
     // publishes nothing.

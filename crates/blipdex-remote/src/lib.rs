@@ -103,7 +103,18 @@ struct Base {
     store: Arc<dyn ObjectStore>,
     /// `scheme://bucket` (`file://` for the local file system): a key's URL is `root/key`.
     root: String,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped.
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Base {
+    /// Without blocking: a `Remote` may be dropped by async code (an engine held by a server),
+    /// where a runtime's ordinary drop would panic.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A prefix of an object store (`s3://bucket/photos`), with blocking calls on the objects
@@ -195,7 +206,11 @@ impl Remote {
             .build()
             .map_err(|e| Error::Internal(format!("object-store runtime: {e}")))?;
         Ok(Self {
-            base: Arc::new(Base { store, root, rt }),
+            base: Arc::new(Base {
+                store,
+                root,
+                rt: Some(rt),
+            }),
             prefix: raw_key(key.trim_matches('/')),
         })
     }
@@ -245,7 +260,10 @@ impl Remote {
     }
 
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.base.rt.block_on(f)
+        match &self.base.rt {
+            Some(rt) => rt.block_on(f),
+            None => unreachable!("the runtime lives as long as the Remote"),
+        }
     }
 
     /// One cheap request that fails the way real work would: a missing bucket, wrong

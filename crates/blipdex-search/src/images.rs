@@ -1,18 +1,71 @@
 //! Reading indexed files back and comparing two images' query vectors.
 
-use blipdex_core::{paths, Error, Result};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
-/// The bytes of the first existing copy among `stored` (paths as the store keeps them) whose
-/// BLAKE3 hash is `content_hash`. A file that changed since it was indexed is refused: its
-/// embedding no longer describes it.
-pub(crate) fn read_verified(stored: &[String], content_hash: &str) -> Result<Vec<u8>> {
+use blipdex_core::{paths, Error, ObjectStoreErrorKind, Result};
+use blipdex_remote::{Remote, RemoteOptions};
+
+/// The object stores that indexed photos in buckets are read from (for reranking and
+/// captions), one per `scheme://bucket`, opened on first use.
+#[derive(Default)]
+pub(crate) struct Objects {
+    by_root: Mutex<HashMap<String, Remote>>,
+    opts: RemoteOptions,
+}
+
+impl Objects {
+    /// The object's bytes; `None` when it is gone.
+    fn read(&self, url: &str) -> Result<Option<Vec<u8>>> {
+        let (root, key) = Remote::split_url(url)
+            .ok_or_else(|| Error::InvalidArgument(format!("{url}: not an object URL")))?;
+        let remote = {
+            let mut by_root = self
+                .by_root
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match by_root.get(root) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = Remote::open(root, &self.opts)?;
+                    by_root.insert(root.to_string(), r.clone());
+                    r
+                }
+            }
+        };
+        match remote.get_key(&remote.key(key)) {
+            Ok(b) => Ok(Some(b)),
+            Err(Error::ObjectStore {
+                kind: ObjectStoreErrorKind::NotFound,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The bytes of the first existing copy among `stored` (paths as the store keeps them, local
+/// or object URLs) whose BLAKE3 hash is `content_hash`. A file that changed since it was
+/// indexed is refused: its embedding no longer describes it.
+pub(crate) fn read_verified(
+    stored: &[String],
+    content_hash: &str,
+    objects: &Objects,
+) -> Result<Vec<u8>> {
     let mut changed = None;
     for s in stored {
-        let p = paths::decode(s);
-        if !p.is_file() {
-            continue;
-        }
-        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let bytes = if blipdex_remote::is_url(s) {
+            match objects.read(s)? {
+                Some(b) => b,
+                None => continue,
+            }
+        } else {
+            let p = paths::decode(s);
+            if !p.is_file() {
+                continue;
+            }
+            std::fs::read(&p).map_err(|e| Error::io(&p, e))?
+        };
         if blake3::hash(&bytes).to_hex().as_str() == content_hash {
             return Ok(bytes);
         }
@@ -69,17 +122,18 @@ mod tests {
         let path = p.to_string_lossy().into_owned();
         let hash = blake3::hash(b"one").to_hex().to_string();
         assert_eq!(
-            read_verified(std::slice::from_ref(&path), &hash).expect("same"),
+            read_verified(std::slice::from_ref(&path), &hash, &Objects::default()).expect("same"),
             b"one"
         );
         std::fs::write(&p, b"two").expect("write");
-        let e = read_verified(std::slice::from_ref(&path), &hash).expect_err("changed");
+        let e = read_verified(std::slice::from_ref(&path), &hash, &Objects::default())
+            .expect_err("changed");
         assert!(
             e.to_string().contains("changed since it was indexed"),
             "{e}"
         );
         std::fs::remove_file(&p).expect("rm");
-        let e = read_verified(&[path], &hash).expect_err("missing");
+        let e = read_verified(&[path], &hash, &Objects::default()).expect_err("missing");
         assert!(matches!(e, Error::NotFound(_)), "{e}");
     }
 }

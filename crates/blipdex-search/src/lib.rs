@@ -214,6 +214,8 @@ pub struct Engine {
     /// Default captions not yet written to the store.
     pending: Mutex<HashMap<String, String>>,
     persist_captions: bool,
+    /// Where photos indexed from object storage are read back.
+    objects: images::Objects,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -272,6 +274,7 @@ impl Engine {
             )),
             pending: Mutex::new(HashMap::new()),
             persist_captions: opts.persist_captions,
+            objects: images::Objects::default(),
         })
     }
 
@@ -568,7 +571,7 @@ impl Engine {
                 Ok(None) => {}
                 Err(e) => tracing::warn!("vision cache entry unusable, recomputing: {e}"),
             }
-            match images::read_verified(&row.paths, &row.content_hash) {
+            match images::read_verified(&row.paths, &row.content_hash, &self.objects) {
                 Ok(bytes) => todo.push((i, hash, bytes)),
                 Err(e) => out[i] = Some(Err(e)),
             }
@@ -789,7 +792,9 @@ impl Engine {
                         CaptionSource::ImageId(id) => store.get(*id),
                         CaptionSource::Bytes(_) => None,
                     };
-                    match row.map(|r| images::read_verified(&r.paths, &r.content_hash)) {
+                    match row
+                        .map(|r| images::read_verified(&r.paths, &r.content_hash, &self.objects))
+                    {
                         Some(Ok(b)) => b,
                         Some(Err(e)) => {
                             out[i] = Some(Err(e));
