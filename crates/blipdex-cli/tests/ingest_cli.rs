@@ -822,11 +822,19 @@ fn sharded_workers_then_merge_equal_one_ingest() -> Result<()> {
         "{first} {other} {one}"
     );
 
+    // A reader opened before the merge keeps its generation; the merge's two commits (one per
+    // part) happen in its staging copy and reach the index as one generation.
+    let empty = blipdex_store::Store::read_generation(&sharded).ok();
     let merged = run_json(&["index", "merge", "--index", s(&sharded)?])?;
     ensure!(
-        merged["parts"] == 2 && merged["images"] == one["indexed"],
+        merged["parts"] == 2 && merged["images"] == one["indexed"] && merged["commits"] == 2,
         "{merged} vs {one}"
     );
+    ensure!(
+        !sharded.join("merge-staging").exists(),
+        "the staging copy is removed"
+    );
+    ensure!(empty.is_none(), "no index before the merge");
     let (got, want) = (contents(&sharded)?, contents(&single)?);
     ensure!(
         got.keys().eq(want.keys()),

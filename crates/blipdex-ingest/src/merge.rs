@@ -241,29 +241,88 @@ fn merge_parts(
             }
         )));
     }
-    let mut main: Option<Store> = None;
-    for (name, part_dir) in parts {
-        let part = Store::open_readonly(part_dir).map_err(|e| match e {
+    let open_part = |name: &String, part_dir: &PathBuf| {
+        Store::open_readonly(part_dir).map_err(|e| match e {
             Error::Store { reason, .. } if name != &part_dir.display().to_string() => Error::store(
                 name,
                 format!("{reason} (local copy {})", part_dir.display()),
             ),
             other => other,
-        })?;
-        let store = match &mut main {
-            Some(s) => s,
-            None => main.insert(Store::create_or_open(
-                index,
-                StoreOptions::new(part.model_fingerprint(), part.num_query(), part.dim())
-                    .with_dtype(part.dtype()),
-            )?),
-        };
-        check_compatible(store, &part)?;
-        merge_part(store, &part, &mut summary)?;
+        })
+    };
+    let (first_name, first_dir) = &parts[0];
+    let first = open_part(first_name, first_dir)?;
+    let options = StoreOptions::new(first.model_fingerprint(), first.num_query(), first.dim())
+        .with_dtype(first.dtype());
+    drop(first);
+    // The index's writer lock, held until the merged generation is in place.
+    let main = Store::create_or_open(index, options.clone())?;
+    let staging = stage(index)?;
+    let mut store = Store::create_or_open(&staging, options)?;
+    for (name, part_dir) in parts {
+        let part = open_part(name, part_dir)?;
+        check_compatible(&store, &part)?;
+        merge_part(&mut store, &part, &mut summary)?;
         summary.parts += 1;
     }
-    summary.images = main.map_or(0, |s| s.len());
+    summary.images = store.len();
+    drop(store);
+    publish(&staging, index)?;
+    drop(main);
+    if let Err(e) = std::fs::remove_dir_all(&staging) {
+        tracing::warn!("{}: not removed ({e})", staging.display());
+    }
     Ok(summary)
+}
+
+/// Folder inside the index where a merge builds its generation.
+const STAGING: &str = "merge-staging";
+
+/// A copy of the committed index in `<index>/merge-staging` (the caller holds the index's
+/// writer lock), made of hard links (the store's
+/// files are never modified, so sharing them is safe), for the merge to commit to while
+/// readers keep seeing the index as it was.
+fn stage(index: &Path) -> Result<PathBuf> {
+    let staging = index.join(STAGING);
+    // Left by a merge that was killed: never published, so garbage.
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
+    let manifest = std::fs::read(index.join(blipdex_store::MANIFEST))
+        .map_err(|e| Error::io(index.join(blipdex_store::MANIFEST), e))?;
+    let files = blipdex_store::manifest_info(&manifest, index)?.files;
+    for f in &files {
+        link_or_copy(&index.join(f), &staging.join(f))?;
+    }
+    blipdex_store::write_atomic(&staging, blipdex_store::MANIFEST, &manifest)?;
+    Ok(staging)
+}
+
+/// Moves the merged generation from `staging` into `index` (under its writer lock): the files
+/// the index lacks are linked in, then the manifest is replaced in one atomic rename, the
+/// commit point of the whole merge. A kill before that leaves the index as it was (the linked
+/// files are orphans its next writer removes).
+fn publish(staging: &Path, index: &Path) -> Result<()> {
+    let manifest = std::fs::read(staging.join(blipdex_store::MANIFEST))
+        .map_err(|e| Error::io(staging.join(blipdex_store::MANIFEST), e))?;
+    for f in blipdex_store::manifest_info(&manifest, staging)?.files {
+        let dest = index.join(&f);
+        if !dest.exists() {
+            link_or_copy(&staging.join(&f), &dest)?;
+        }
+    }
+    // Fsyncs the directory too, which makes the links durable with it.
+    blipdex_store::write_atomic(index, blipdex_store::MANIFEST, &manifest)
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| Error::io(to, e))
 }
 
 fn check_compatible(main: &Store, part: &Store) -> Result<()> {
