@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use blipdex_core::{paths, Error, ObjectStoreErrorKind, Result};
+use blipdex_core::{paths, Error, Result};
 use blipdex_remote::{Remote, RemoteOptions};
 
 /// The object stores that indexed photos in buckets are read from (for reranking and
@@ -33,14 +33,8 @@ impl Objects {
                 }
             }
         };
-        match remote.get_key(&remote.key(key)) {
-            Ok(b) => Ok(Some(b)),
-            Err(Error::ObjectStore {
-                kind: ObjectStoreErrorKind::NotFound,
-                ..
-            }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        // `remote` is the bucket itself: the key is relative to it.
+        remote.get_opt(key)
     }
 }
 
