@@ -20,6 +20,7 @@
 //!     mtime_ns: 0,
 //!     embeds, // Q*E unit vectors from the model
 //!     caption: None,
+//!     meta: None,
 //! });
 //! let ids = store.commit(batch)?.ids;
 //!
@@ -210,5 +211,6 @@ pub use manifest::{is_store_file, manifest_info, ManifestInfo, MANIFEST};
 pub use store::{content_hash_bytes, content_hash_file, Batch, IndexVersion, Store};
 pub use types::{
     AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,
+    PhotoMeta,
     StoreOptions, DEFAULT_EF, DEFAULT_NPROBE,
 };

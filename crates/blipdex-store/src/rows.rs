@@ -15,7 +15,9 @@
 //! fixed    [rows] 64 B width u32, height u32, file_size u64, mtime i64, ingested_at i64,
 //!                      content hash (32 bytes of BLAKE3)
 //! str_off  [rows+1] u64, offsets into `strings`
-//! strings  per row: path, paths, caption (u32 lengths, UTF-8 bytes)
+//! strings  per row: path, paths, caption (u32 lengths, UTF-8 bytes), then the EXIF metadata:
+//!          a byte (1: read; absent or 0: never read), a byte of which fields follow (bit 0
+//!          taken_at i64, 1 offset i16, 2 make, 3 model, 4 latitude and longitude f64)
 //! vectors  either [rows][Q][E] f32 or f16 in the store's dtype (the Parquet column's values),
 //!          or [rows] u64: where each row's values start in the shard file itself
 //! ```
@@ -34,7 +36,7 @@ use memmap2::Mmap;
 
 use crate::fsutil;
 use crate::shard::{self, Layout};
-use crate::types::{Dtype, ImageRow};
+use crate::types::{Dtype, ImageRow, PhotoMeta};
 
 #[cfg(target_endian = "big")]
 compile_error!("blipdex row and index files are little-endian and mapped in place");
@@ -63,6 +65,7 @@ pub(crate) struct RowFields {
     pub path: String,
     pub paths: Vec<String>,
     pub caption: Option<String>,
+    pub meta: Option<PhotoMeta>,
 }
 
 fn hash_bytes(hex: &str) -> [u8; 32] {
@@ -211,6 +214,7 @@ fn write(
             }
             None => strings.push(0),
         }
+        put_meta(&mut strings, r.meta.as_ref());
     }
     str_off.push(strings.len() as u64);
     let (in_shard, shard_len, vec_bytes) = match at {
@@ -294,6 +298,78 @@ fn write(
         }
         w.finish()
     })
+}
+
+const TAKEN: u8 = 1;
+const OFFSET: u8 = 2;
+const MAKE: u8 = 4;
+const MODEL: u8 = 8;
+const GPS: u8 = 16;
+
+fn put_meta(buf: &mut Vec<u8>, meta: Option<&PhotoMeta>) {
+    let Some(m) = meta else {
+        buf.push(0);
+        return;
+    };
+    buf.push(1);
+    let gps = m.location();
+    let mut bits = 0;
+    for (on, bit) in [
+        (m.taken_at.is_some(), TAKEN),
+        (m.taken_offset_min.is_some(), OFFSET),
+        (m.camera_make.is_some(), MAKE),
+        (m.camera_model.is_some(), MODEL),
+        (gps.is_some(), GPS),
+    ] {
+        if on {
+            bits |= bit;
+        }
+    }
+    buf.push(bits);
+    if let Some(t) = m.taken_at {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    if let Some(o) = m.taken_offset_min {
+        buf.extend_from_slice(&o.to_le_bytes());
+    }
+    for s in [&m.camera_make, &m.camera_model].into_iter().flatten() {
+        put_str(buf, s);
+    }
+    if let Some((lat, lon)) = gps {
+        buf.extend_from_slice(&lat.to_le_bytes());
+        buf.extend_from_slice(&lon.to_le_bytes());
+    }
+}
+
+/// The metadata record after the caption; `None` when the row has none (files written before
+/// blipdex read EXIF end after the caption).
+fn get_meta(c: &mut Cursor<'_>) -> Option<Option<PhotoMeta>> {
+    if c.0.is_empty() {
+        return Some(None);
+    }
+    if c.take(1)?[0] == 0 {
+        return Some(None);
+    }
+    let bits = c.take(1)?[0];
+    let has = |b: u8| bits & b != 0;
+    let mut m = PhotoMeta::default();
+    if has(TAKEN) {
+        m.taken_at = Some(i64::from_le_bytes(c.take(8)?.try_into().ok()?));
+    }
+    if has(OFFSET) {
+        m.taken_offset_min = Some(i16::from_le_bytes(c.take(2)?.try_into().ok()?));
+    }
+    if has(MAKE) {
+        m.camera_make = Some(c.string()?);
+    }
+    if has(MODEL) {
+        m.camera_model = Some(c.string()?);
+    }
+    if has(GPS) {
+        m.gps_lat = Some(f64::from_le_bytes(c.take(8)?.try_into().ok()?));
+        m.gps_lon = Some(f64::from_le_bytes(c.take(8)?.try_into().ok()?));
+    }
+    Some(Some(m))
 }
 
 /// Reads the length-prefixed records of the strings section.
@@ -543,10 +619,12 @@ impl RowsFile {
             0 => None,
             _ => Some(c.string().ok_or_else(bad)?),
         };
+        let meta = get_meta(&mut c).ok_or_else(bad)?;
         Ok(RowFields {
             path,
             paths,
             caption,
+            meta,
         })
     }
 
@@ -567,6 +645,7 @@ impl RowsFile {
             file_size: u64_at(8),
             mtime_ns: u64_at(16) as i64,
             caption: f.caption,
+            meta: f.meta,
             deleted: self.committed_deleted(i),
             ingested_at_ns: u64_at(24) as i64,
         })
@@ -590,5 +669,41 @@ impl RowsFile {
     /// Whether the vectors are read from the shard (else from this file).
     pub fn vectors_in_shard(&self) -> bool {
         self.shard.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_records_round_trip_and_old_rows_have_none() {
+        let full = PhotoMeta {
+            taken_at: Some(-86_400),
+            taken_offset_min: Some(-330),
+            camera_make: Some("Nikon".into()),
+            camera_model: Some(String::new()),
+            gps_lat: Some(-33.86),
+            gps_lon: Some(151.2),
+        };
+        for meta in [None, Some(PhotoMeta::default()), Some(full)] {
+            let mut buf = Vec::new();
+            put_meta(&mut buf, meta.as_ref());
+            let mut c = Cursor(&buf);
+            assert_eq!(get_meta(&mut c), Some(meta));
+            assert!(c.0.is_empty());
+        }
+        // A row written before metadata ends after its caption.
+        assert_eq!(get_meta(&mut Cursor(&[])), Some(None));
+        // A truncated record is corrupt, not "no metadata".
+        let mut buf = Vec::new();
+        put_meta(
+            &mut buf,
+            Some(&PhotoMeta {
+                taken_at: Some(1),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(get_meta(&mut Cursor(&buf[..buf.len() - 1])), None);
     }
 }

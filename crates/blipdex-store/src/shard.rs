@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Float32Array,
-    ListBuilder, RecordBatch, StringArray, StringBuilder, TimestampNanosecondArray, UInt32Array,
-    UInt64Array,
+    Float64Array, Int16Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
+    TimestampNanosecondArray, TimestampSecondArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{
-    DataType, Field, Float16Type, Float32Type, Schema, SchemaRef, TimeUnit,
-    TimestampNanosecondType, UInt32Type, UInt64Type,
+    DataType, Field, Float16Type, Float32Type, Float64Type, Int16Type, Schema, SchemaRef,
+    TimeUnit, TimestampNanosecondType, TimestampSecondType, UInt32Type, UInt64Type,
 };
 use blipdex_core::{Error, Result};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -27,7 +27,7 @@ use crate::fsutil;
 
 /// A shard reader and the file's key-value metadata.
 type ReaderWithMeta = (ParquetRecordBatchReaderBuilder<File>, Vec<(String, String)>);
-use crate::types::{Dtype, ImageRow};
+use crate::types::{Dtype, ImageRow, PhotoMeta};
 
 /// Key-value metadata in every file, so a Parquet file alone says what it holds.
 pub(crate) const KV_FINGERPRINT: &str = "blipdex.model_fingerprint";
@@ -57,8 +57,49 @@ fn embeds_type(dtype: Dtype, len: usize) -> DataType {
     DataType::FixedSizeList(Arc::new(Field::new("item", elem, false)), len as i32)
 }
 
+/// The EXIF columns, last in shards and patches (files written before them lack them: their
+/// images read as "never read"). `taken_at` is the camera's wall-clock time, so it has no time
+/// zone; `taken_at_offset_minutes` is the offset the camera recorded, where it did.
+fn meta_fields() -> [Field; 7] {
+    [
+        Field::new("exif_read", DataType::Boolean, true),
+        Field::new("taken_at", DataType::Timestamp(TimeUnit::Second, None), true),
+        Field::new("taken_at_offset_minutes", DataType::Int16, true),
+        Field::new("camera_make", DataType::Utf8, true),
+        Field::new("camera_model", DataType::Utf8, true),
+        Field::new("gps_latitude", DataType::Float64, true),
+        Field::new("gps_longitude", DataType::Float64, true),
+    ]
+}
+
+fn meta_columns(metas: &[Option<&PhotoMeta>]) -> [ArrayRef; 7] {
+    let f = |g: fn(&PhotoMeta) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(
+            metas.iter().map(|m| m.and_then(g)),
+        ))
+    };
+    let s = |g: fn(&PhotoMeta) -> Option<&str>| -> ArrayRef {
+        Arc::new(StringArray::from_iter(metas.iter().map(|m| m.and_then(g))))
+    };
+    [
+        Arc::new(BooleanArray::from_iter(
+            metas.iter().map(|m| Some(m.is_some())),
+        )),
+        Arc::new(TimestampSecondArray::from_iter(
+            metas.iter().map(|m| m.and_then(|m| m.taken_at)),
+        )),
+        Arc::new(Int16Array::from_iter(
+            metas.iter().map(|m| m.and_then(|m| m.taken_offset_min)),
+        )),
+        s(|m| m.camera_make.as_deref()),
+        s(|m| m.camera_model.as_deref()),
+        f(|m| m.location().map(|l| l.0)),
+        f(|m| m.location().map(|l| l.1)),
+    ]
+}
+
 pub(crate) fn shard_schema(dtype: Dtype, num_query: usize, dim: usize) -> SchemaRef {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("image_id", DataType::UInt64, false),
         Field::new("path", DataType::Utf8, false),
         paths_field(),
@@ -72,18 +113,22 @@ pub(crate) fn shard_schema(dtype: Dtype, num_query: usize, dim: usize) -> Schema
         Field::new("deleted", DataType::Boolean, false),
         Field::new("ingested_at", ts_type(), false),
         Field::new("model_fingerprint", DataType::Utf8, false),
-    ]))
+    ];
+    fields.extend(meta_fields());
+    Arc::new(Schema::new(fields))
 }
 
 pub(crate) fn patch_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("image_id", DataType::UInt64, false),
         Field::new("path", DataType::Utf8, false),
         paths_field(),
         Field::new("caption", DataType::Utf8, true),
         Field::new("deleted", DataType::Boolean, false),
         Field::new("updated_at", ts_type(), false),
-    ]))
+    ];
+    fields.extend(meta_fields());
+    Arc::new(Schema::new(fields))
 }
 
 /// What a shard or patch file must agree with.
@@ -234,7 +279,8 @@ pub(crate) fn write_shard(
     let embeds_arr = FixedSizeListArray::try_new(elem_field, qe as i32, values, None)
         .map_err(|e| fsutil::write_err(&dir.join(name), e))?;
     let n = rows.len();
-    let cols: Vec<ArrayRef> = vec![
+    let metas: Vec<Option<&PhotoMeta>> = rows.iter().map(|r| r.meta.as_ref()).collect();
+    let mut cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(
             rows.iter().map(|r| r.image_id),
         )),
@@ -262,6 +308,7 @@ pub(crate) fn write_shard(
             n,
         ))),
     ];
+    cols.extend(meta_columns(&metas));
     let batch =
         RecordBatch::try_new(schema, cols).map_err(|e| fsutil::write_err(&dir.join(name), e))?;
     // About 32 MiB of embeddings per row group: big enough for zstd, small enough to stream.
@@ -277,6 +324,7 @@ pub(crate) struct Patch {
     pub path: String,
     pub paths: Vec<String>,
     pub caption: Option<String>,
+    pub meta: Option<PhotoMeta>,
     pub deleted: bool,
     pub updated_at_ns: i64,
 }
@@ -287,7 +335,8 @@ pub(crate) fn write_patch(
     layout: &Layout<'_>,
     rows: &[Patch],
 ) -> Result<()> {
-    let cols: Vec<ArrayRef> = vec![
+    let metas: Vec<Option<&PhotoMeta>> = rows.iter().map(|r| r.meta.as_ref()).collect();
+    let mut cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(
             rows.iter().map(|r| r.image_id),
         )),
@@ -301,6 +350,7 @@ pub(crate) fn write_patch(
         )),
         ts_array(rows.iter().map(|r| r.updated_at_ns).collect()),
     ];
+    cols.extend(meta_columns(&metas));
     let batch = RecordBatch::try_new(patch_schema(), cols)
         .map_err(|e| fsutil::write_err(&dir.join(name), e))?;
     write_batch(dir, name, &batch, props(layout, "patch", 1 << 20))
@@ -407,6 +457,48 @@ impl Reader<'_> {
             .collect())
     }
 
+    /// The EXIF columns of a batch, one entry per row; all `None` in files written before them.
+    fn metas(&self, b: &RecordBatch) -> Result<Vec<Option<PhotoMeta>>> {
+        let n = b.num_rows();
+        let Some(read) = b.column_by_name("exif_read") else {
+            return Ok(vec![None; n]);
+        };
+        let read = read
+            .as_boolean_opt()
+            .ok_or_else(|| self.err("column exif_read is not bool"))?;
+        let prim = |name: &str| {
+            b.column_by_name(name)
+                .ok_or_else(|| self.err(format!("no column {name}")))
+        };
+        let taken = prim("taken_at")?
+            .as_primitive_opt::<TimestampSecondType>()
+            .ok_or_else(|| self.err("column taken_at is not timestamp[s]"))?;
+        let offset = prim("taken_at_offset_minutes")?
+            .as_primitive_opt::<Int16Type>()
+            .ok_or_else(|| self.err("column taken_at_offset_minutes is not int16"))?;
+        let make = self.strings(b, "camera_make", true)?;
+        let model = self.strings(b, "camera_model", true)?;
+        let lat = prim("gps_latitude")?
+            .as_primitive_opt::<Float64Type>()
+            .ok_or_else(|| self.err("column gps_latitude is not double"))?;
+        let lon = prim("gps_longitude")?
+            .as_primitive_opt::<Float64Type>()
+            .ok_or_else(|| self.err("column gps_longitude is not double"))?;
+        let opt = |a: &dyn Array, i: usize| a.is_valid(i);
+        Ok((0..n)
+            .map(|i| {
+                read.is_valid(i).then(|| read.value(i)).unwrap_or(false).then(|| PhotoMeta {
+                    taken_at: opt(taken, i).then(|| taken.value(i)),
+                    taken_offset_min: opt(offset, i).then(|| offset.value(i)),
+                    camera_make: make[i].clone(),
+                    camera_model: model[i].clone(),
+                    gps_lat: opt(lat, i).then(|| lat.value(i)),
+                    gps_lon: opt(lon, i).then(|| lon.value(i)),
+                })
+            })
+            .collect())
+    }
+
     fn open(&self) -> Result<ReaderWithMeta> {
         let f = File::open(self.path).map_err(|e| Error::io(self.path, e))?;
         let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| self.err(e))?;
@@ -463,6 +555,7 @@ pub(crate) fn read_shard(
         let captions = r.strings(&b, "caption", true)?;
         let deleted = r.bools(&b, "deleted")?;
         let ingested = r.timestamps(&b, "ingested_at")?;
+        let metas = r.metas(&b)?;
 
         let e = r.col(&b, "image_embeds")?;
         r.no_nulls(e.as_ref(), "image_embeds")?;
@@ -496,9 +589,14 @@ pub(crate) fn read_shard(
             return Err(r.err("image_embeds elements are neither float32 nor float16"));
         }
 
-        let mut it = path_col.into_iter().zip(paths).zip(hashes).zip(captions);
+        let mut it = path_col
+            .into_iter()
+            .zip(paths)
+            .zip(hashes)
+            .zip(captions)
+            .zip(metas);
         for i in 0..n {
-            let Some((((path, paths), content_hash), caption)) = it.next() else {
+            let Some(((((path, paths), content_hash), caption), meta)) = it.next() else {
                 break;
             };
             rows.push(ImageRow {
@@ -511,6 +609,7 @@ pub(crate) fn read_shard(
                 file_size: sizes[i],
                 mtime_ns: mtimes[i],
                 caption,
+                meta,
                 deleted: deleted[i],
                 ingested_at_ns: ingested[i],
             });
@@ -533,17 +632,73 @@ pub(crate) fn read_patch(path: &Path, layout: &Layout<'_>) -> Result<Vec<Patch>>
         let captions = r.strings(&b, "caption", true)?;
         let deleted = r.bools(&b, "deleted")?;
         let updated = r.timestamps(&b, "updated_at")?;
-        let it = path_col.into_iter().zip(paths).zip(captions);
-        for (i, ((path, paths), caption)) in it.enumerate() {
+        let metas = r.metas(&b)?;
+        let it = path_col.into_iter().zip(paths).zip(captions).zip(metas);
+        for (i, (((path, paths), caption), meta)) in it.enumerate() {
             out.push(Patch {
                 image_id: ids[i],
                 path,
                 paths,
                 caption,
+                meta,
                 deleted: deleted[i],
                 updated_at_ns: updated[i],
             });
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shards and patches written before the EXIF columns existed read as "never read".
+    #[test]
+    fn files_without_exif_columns_read_as_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout {
+            fingerprint: "fp",
+            num_query: 1,
+            dim: 2,
+            dtype: Dtype::F32,
+        };
+        let row = ImageRow {
+            image_id: 0,
+            path: "/a.jpg".into(),
+            paths: vec!["/a.jpg".into()],
+            content_hash: "00".repeat(32),
+            width: 1,
+            height: 1,
+            file_size: 1,
+            mtime_ns: 0,
+            caption: None,
+            meta: Some(PhotoMeta {
+                camera_make: Some("Canon".into()),
+                ..Default::default()
+            }),
+            deleted: false,
+            ingested_at_ns: 0,
+        };
+        write_shard(dir.path(), "new.parquet", &layout, &[row.clone()], &[1.0, 0.0]).unwrap();
+        let mut embeds = vec![0.0; 2];
+        let back = read_shard(&dir.path().join("new.parquet"), &layout, &mut embeds).unwrap();
+        assert_eq!(back[0].meta, row.meta);
+
+        // The same file as an older blipdex wrote it: without the last seven columns.
+        let file = File::open(dir.path().join("new.parquet")).unwrap();
+        let batch = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let old = batch.project(&(0..batch.num_columns() - 7).collect::<Vec<_>>()).unwrap();
+        assert!(old.column_by_name("exif_read").is_none());
+        write_batch(dir.path(), "old.parquet", &old, props(&layout, "shard", 16)).unwrap();
+        let back = read_shard(&dir.path().join("old.parquet"), &layout, &mut embeds).unwrap();
+        assert_eq!(back[0].meta, None);
+        assert_eq!(back[0].path, row.path);
+    }
 }

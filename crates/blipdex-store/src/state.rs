@@ -15,7 +15,7 @@ use blipdex_core::{Error, Result};
 
 use crate::rows::{RowsFile, Vectors};
 use crate::shard::Patch;
-use crate::types::ImageRow;
+use crate::types::{ImageRow, PhotoMeta};
 
 const NO_ROW: u32 = u32::MAX;
 
@@ -24,6 +24,7 @@ struct Mutable {
     path: String,
     paths: Vec<String>,
     caption: Option<String>,
+    meta: Option<PhotoMeta>,
     deleted: bool,
 }
 
@@ -47,6 +48,9 @@ pub(crate) struct State {
     live_bits: Vec<u64>,
     pub live: usize,
     lookups: OnceLock<Lookups>,
+    /// Every live image's id and EXIF metadata (built on the first filtered search; a
+    /// change drops it).
+    photos: OnceLock<Vec<(u64, Option<PhotoMeta>)>>,
 }
 
 pub(crate) fn hash_key(hex: &str) -> Option<[u8; 32]> {
@@ -73,6 +77,7 @@ impl State {
             live_bits: Vec::new(),
             live: 0,
             lookups: OnceLock::new(),
+            photos: OnceLock::new(),
         }
     }
 
@@ -143,6 +148,7 @@ impl State {
             m.path.clone_from(&o.path);
             m.paths.clone_from(&o.paths);
             m.caption.clone_from(&o.caption);
+            m.meta.clone_from(&o.meta);
             m.deleted = o.deleted;
         }
         Ok(Some(m))
@@ -215,6 +221,7 @@ impl State {
     /// Appends a mapped row file: each row becomes its image's current row (superseding any
     /// earlier one, and any patch of it), with the fields it was committed with.
     pub fn push_file(&mut self, file: RowsFile, next_image_id: u64) -> Result<()> {
+        self.photos = OnceLock::new();
         let base = self.rows();
         let total = base + file.rows();
         if total >= NO_ROW as usize {
@@ -255,6 +262,7 @@ impl State {
 
     /// Applies a patch; false when it names an image no shard holds (a corrupt store).
     pub fn apply_patch(&mut self, p: &Patch) -> Result<bool> {
+        self.photos = OnceLock::new();
         if self.current_row(p.image_id).is_none() {
             return Ok(false);
         }
@@ -265,6 +273,7 @@ impl State {
                 path: p.path.clone(),
                 paths: p.paths.clone(),
                 caption: p.caption.clone(),
+                meta: p.meta.clone(),
                 deleted: p.deleted,
             },
         );
@@ -306,6 +315,27 @@ impl State {
     /// The live image `path` belongs to.
     pub fn by_path(&self, path: &str) -> Result<Option<u64>> {
         Ok(self.lookups()?.by_path.get(path).copied())
+    }
+
+    /// Every live image's id and EXIF metadata, in replay order (read once, then kept until
+    /// the state changes).
+    pub fn photos(&self) -> Result<&[(u64, Option<PhotoMeta>)]> {
+        if let Some(p) = self.photos.get() {
+            return Ok(p);
+        }
+        let mut out = Vec::with_capacity(self.live);
+        for row in self.live_rows() {
+            let id = self.row_image(row);
+            let meta = match self.overlay.get(&id) {
+                Some(m) => m.meta.clone(),
+                None => {
+                    let (f, i) = self.locate(row);
+                    f.fields(i)?.meta
+                }
+            };
+            out.push((id, meta));
+        }
+        Ok(self.photos.get_or_init(|| out))
     }
 
     /// Rows of the live images, in replay order.

@@ -19,7 +19,7 @@ use crate::shard::{self, Layout, Patch};
 use crate::state::State;
 use crate::types::{
     AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,
-    StoreOptions,
+    PhotoMeta, StoreOptions,
 };
 
 const LOCK: &str = "LOCK";
@@ -45,6 +45,7 @@ enum Op {
     RemovePath(String),
     Delete(u64),
     SetCaption(u64, Option<String>),
+    SetMeta(u64, PhotoMeta),
 }
 
 impl Batch {
@@ -81,6 +82,11 @@ impl Batch {
     /// Sets (or with `None` clears) an image's caption; works on deleted images too.
     pub fn set_caption(&mut self, image_id: u64, caption: Option<String>) {
         self.ops.push(Op::SetCaption(image_id, caption));
+    }
+
+    /// Sets an image's EXIF metadata (e.g. read for an image indexed before blipdex read it).
+    pub fn set_meta(&mut self, image_id: u64, meta: PhotoMeta) {
+        self.ops.push(Op::SetMeta(image_id, meta));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -476,6 +482,13 @@ impl Store {
     pub fn by_path(&self, path: &str) -> Option<ImageRow> {
         let id = self.logged(self.state.by_path(path))?;
         self.get(id)
+    }
+
+    /// Every live image's id and EXIF metadata, in commit order: what metadata filters scan.
+    /// Read from the row files on first use and kept with this snapshot (about 100 bytes per
+    /// image), so later filtered searches scan memory.
+    pub fn photos(&self) -> Result<&[(u64, Option<PhotoMeta>)]> {
+        self.state.photos()
     }
 
     /// Live images in commit order.
@@ -1305,6 +1318,11 @@ impl<'s> Plan<'s> {
                     meta.caption = caption;
                     p.put(meta)?;
                 }
+                Op::SetMeta(id, photo) => {
+                    let mut meta = p.known(id, i)?;
+                    meta.meta = Some(photo);
+                    p.put(meta)?;
+                }
             }
         }
         Ok(p)
@@ -1434,7 +1452,7 @@ impl<'s> Plan<'s> {
                 paths.push(p.clone());
             }
         }
-        let (id, caption) = match self.owner_of_hash(&rec.content_hash)? {
+        let (id, caption, meta) = match self.owner_of_hash(&rec.content_hash)? {
             Some(id) => {
                 let old = self.get(id)?;
                 if let Some(old) = &old {
@@ -1444,12 +1462,17 @@ impl<'s> Plan<'s> {
                         }
                     }
                 }
-                (id, rec.caption.clone().or(old.and_then(|o| o.caption)))
+                let (old_caption, old_meta) = old.map(|o| (o.caption, o.meta)).unwrap_or_default();
+                (
+                    id,
+                    rec.caption.clone().or(old_caption),
+                    rec.meta.clone().or(old_meta),
+                )
             }
             None => {
                 let id = self.next_id;
                 self.next_id += 1;
-                (id, rec.caption.clone())
+                (id, rec.caption.clone(), rec.meta.clone())
             }
         };
         for p in &paths {
@@ -1465,6 +1488,7 @@ impl<'s> Plan<'s> {
             file_size: rec.file_size,
             mtime_ns: rec.mtime_ns,
             caption,
+            meta,
             deleted: false,
             ingested_at_ns: now,
         })?;
@@ -1492,6 +1516,7 @@ impl<'s> Plan<'s> {
                 old.path != m.path
                     || old.paths != m.paths
                     || old.caption != m.caption
+                    || old.meta != m.meta
                     || old.deleted != m.deleted
             });
             if differs {
@@ -1505,6 +1530,7 @@ impl<'s> Plan<'s> {
                 path: m.path,
                 paths: m.paths,
                 caption: m.caption,
+                meta: m.meta,
                 deleted: m.deleted,
                 updated_at_ns: now,
             })

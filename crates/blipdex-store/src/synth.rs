@@ -111,6 +111,7 @@ impl Synth {
             mtime_ns: 1_700_000_000_000_000_000 + i as i64,
             embeds: self.image(i),
             caption: None,
+            meta: None,
         }
     }
 }

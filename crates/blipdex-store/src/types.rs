@@ -140,6 +140,49 @@ impl StoreOptions {
     }
 }
 
+/// What a photo's EXIF block says about it, read at ingest. Every field is optional: most
+/// screenshots and edited files carry none of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhotoMeta {
+    /// When the photo was taken (`DateTimeOriginal`, else `DateTimeDigitized`), as the camera's
+    /// clock showed it: seconds from 1970-01-01T00:00:00 to that wall-clock time, no time zone
+    /// applied (most cameras record none). Filters compare wall-clock times.
+    pub taken_at: Option<i64>,
+    /// `OffsetTimeOriginal` (or `OffsetTimeDigitized`): the clock's offset east of UTC, in
+    /// minutes, when the camera recorded one; `taken_at - offset * 60` is then the UTC instant.
+    pub taken_offset_min: Option<i16>,
+    /// `Make` and `Model`, trimmed of padding.
+    pub camera_make: Option<String>,
+    pub camera_model: Option<String>,
+    /// `GPSLatitude`/`GPSLongitude` in signed decimal degrees (south and west negative).
+    pub gps_lat: Option<f64>,
+    pub gps_lon: Option<f64>,
+}
+
+impl PhotoMeta {
+    /// "Make Model", without repeating a make that the model already starts with
+    /// ("Canon Canon EOS 5D" reads "Canon EOS 5D").
+    pub fn camera(&self) -> Option<String> {
+        match (self.camera_make.as_deref(), self.camera_model.as_deref()) {
+            (None, None) => None,
+            (Some(m), None) | (None, Some(m)) => Some(m.to_string()),
+            (Some(make), Some(model)) => {
+                let first = make.split_whitespace().next().unwrap_or(make);
+                if model.to_lowercase().starts_with(&first.to_lowercase()) {
+                    Some(model.to_string())
+                } else {
+                    Some(format!("{make} {model}"))
+                }
+            }
+        }
+    }
+
+    /// Both coordinates, when the photo has a location.
+    pub fn location(&self) -> Option<(f64, f64)> {
+        Some((self.gps_lat?, self.gps_lon?))
+    }
+}
+
 /// One image to add. Image identity is its content: adding a record whose `content_hash` is
 /// already live in the store updates that image (same `image_id`) instead of adding a second one.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +201,8 @@ pub struct ImageRecord {
     /// Q*E unit vectors, row-major `[Q][E]` (the model's normalized `image_embeds`).
     pub embeds: Vec<f32>,
     pub caption: Option<String>,
+    /// What the photo's EXIF says; `None` = not read (an image keeps the metadata it has).
+    pub meta: Option<PhotoMeta>,
 }
 
 /// The current metadata of one image (embeddings via [`crate::Store::embeds`]).
@@ -172,6 +217,9 @@ pub struct ImageRow {
     pub file_size: u64,
     pub mtime_ns: i64,
     pub caption: Option<String>,
+    /// EXIF metadata; `None` for images indexed before blipdex read it (the next ingest adds
+    /// it without re-embedding them), `Some` with empty fields for photos without EXIF.
+    pub meta: Option<PhotoMeta>,
     pub deleted: bool,
     /// When the row holding this image's embeddings was committed, ns since the Unix epoch.
     pub ingested_at_ns: i64,
