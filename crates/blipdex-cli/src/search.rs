@@ -4,7 +4,8 @@
 
 use anyhow::bail;
 use blipdex_model::ModelFiles;
-use blipdex_search::{Answer, Engine, EngineOptions, Query, SearchParams};
+use blipdex_search::filter::format_wall_clock;
+use blipdex_search::{Answer, Engine, EngineOptions, Near, PhotoFilter, Query, SearchParams};
 use clap::Args;
 
 use crate::args::ModelArgs;
@@ -34,6 +35,25 @@ pub struct SearchArgs {
     /// Only hits whose ITC score is at least this.
     #[arg(long, env = "BLIPDEX_MIN_SCORE")]
     pub min_score: Option<f32>,
+    /// Only photos taken at or after this time of the camera's clock (EXIF): 2019-06-01 or
+    /// 2019-06-01T12:30:00.
+    #[arg(long, env = "BLIPDEX_TAKEN_AFTER")]
+    pub taken_after: Option<String>,
+    /// Only photos taken before this time (a date alone includes that whole day).
+    #[arg(long, env = "BLIPDEX_TAKEN_BEFORE")]
+    pub taken_before: Option<String>,
+    /// Only photos whose camera make or model contains this (case-insensitive).
+    #[arg(long, env = "BLIPDEX_CAMERA")]
+    pub camera: Option<String>,
+    /// Only photos within a circle: LAT,LON,RADIUS_KM (decimal degrees, e.g. 59.91,10.75,25).
+    #[arg(long, env = "BLIPDEX_NEAR", value_parser = parse_near)]
+    pub near: Option<Near>,
+    /// Only photos with (true) or without (false) a GPS location.
+    #[arg(long, env = "BLIPDEX_HAS_LOCATION")]
+    pub has_location: Option<bool>,
+    /// Order of the hits: score (default), date_desc (newest first) or date_asc.
+    #[arg(long, env = "BLIPDEX_SORT", default_value = "score")]
+    pub sort: String,
     /// Rerank the first N hits of the whole ranking by ITM match probability (recomputed from
     /// the image files), then cut the page.
     #[arg(long, env = "BLIPDEX_RERANK", default_value_t = 0)]
@@ -58,7 +78,30 @@ pub struct SearchArgs {
     pub json: bool,
 }
 
+fn parse_near(s: &str) -> Result<Near, String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}; write LAT,LON,RADIUS_KM"))?;
+    match v[..] {
+        [lat, lon, radius_km] => Ok(Near {
+            lat,
+            lon,
+            radius_km,
+        }),
+        _ => Err(format!("{s:?}: write LAT,LON,RADIUS_KM (three numbers)")),
+    }
+}
+
 pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
+    let photo = PhotoFilter::parse(
+        args.taken_after.as_deref().unwrap_or(""),
+        args.taken_before.as_deref().unwrap_or(""),
+        args.camera.as_deref().unwrap_or(""),
+        args.near,
+        args.has_location,
+    )?;
     let query = Query::Text {
         text: args.query.clone(),
         params: SearchParams {
@@ -68,6 +111,8 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
             ef: args.ef,
             path_prefix: args.path_prefix.clone(),
             min_score: args.min_score,
+            photo,
+            sort: args.sort.parse()?,
         },
         rerank_top_n: args.rerank,
         with_captions: args.caption_model.is_some(),
@@ -98,10 +143,18 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
                     "path": h.path,
                     "itc_score": h.itc_score,
                 });
+                let photo = h.photo.clone().unwrap_or_default();
                 for (k, val) in [
                     ("itm_score", h.itm_score.map(serde_json::Value::from)),
                     ("caption", h.caption.clone().map(serde_json::Value::from)),
                     ("error", h.error.clone().map(serde_json::Value::from)),
+                    (
+                        "taken_at",
+                        photo.taken_at.map(|t| format_wall_clock(t).into()),
+                    ),
+                    ("camera", photo.camera().map(serde_json::Value::from)),
+                    ("latitude", photo.gps_lat.map(serde_json::Value::from)),
+                    ("longitude", photo.gps_lon.map(serde_json::Value::from)),
                 ] {
                     if let Some(val) = val {
                         v[k] = val;
@@ -127,8 +180,13 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
                 .as_deref()
                 .map(|c| format!("\n       {c}"))
                 .unwrap_or_default();
+            let photo = h.photo.clone().unwrap_or_default();
+            let when = photo
+                .taken_at
+                .map(|t| format!("  {}", format_wall_clock(t)))
+                .unwrap_or_default();
             println!(
-                "{:>3}. {:.4}{itm}  {}{err}{caption}",
+                "{:>3}. {:.4}{itm}  {}{when}{err}{caption}",
                 args.offset + rank + 1,
                 h.itc_score,
                 h.path

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Prometheus metrics address (GET /metrics); none by default.
     #[arg(long, env = "BLIPDEX_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// HTTP address of the JSON API (/api/v1, described at /openapi.json) and the search page
+    /// (/), e.g. 127.0.0.1:8080; none by default. Same limits and token as gRPC.
+    #[arg(long, env = "BLIPDEX_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Largest request message in bytes (an image sent for search or captioning); larger ones
     /// are refused with INVALID_ARGUMENT.
     #[arg(long, env = "BLIPDEX_MAX_MESSAGE_BYTES", default_value_t = 16 << 20,
@@ -202,6 +206,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         blipdex_server::Endpoints {
             listen: args.listen,
             metrics_listen: args.metrics_listen,
+            http_listen: args.http_listen,
             log_json: args.log_json,
         },
         config,

@@ -98,6 +98,11 @@ pub enum Error {
     #[error("overloaded: {0}")]
     Overloaded(String),
 
+    /// The service cannot answer now (the model is still loading, or the server is stopping);
+    /// retry later or elsewhere.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+
     /// Another process holds the index's writer lock (one writer at a time). Transient: an
     /// ingest or a caption flush commits and lets go; readers are never blocked by it.
     #[error(

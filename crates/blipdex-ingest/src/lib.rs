@@ -1,6 +1,7 @@
 //! `blipdex ingest`: walk photo folders, decode and embed new or changed images, and commit
 //! them to the store in atomic batches so that a crash loses at most the uncommitted batch.
 
+pub mod exif;
 pub mod job;
 pub mod listing;
 pub mod merge;

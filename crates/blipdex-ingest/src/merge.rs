@@ -399,6 +399,7 @@ fn merge_part(main: &mut Store, part: &Store, summary: &mut MergeSummary) -> Res
                     mtime_ns: row.mtime_ns,
                     embeds,
                     caption: row.caption,
+                    meta: row.meta,
                 });
                 summary.added += 1;
             }

@@ -13,7 +13,7 @@ use blipdex_model::vision_cache::{self, CacheDtype};
 use blipdex_model::{CaptionRequest, Captioner, Retriever};
 
 use crate::merge::parts_dir;
-use blipdex_store::{Batch, Dtype, ImageRecord, Store, StoreOptions};
+use blipdex_store::{Batch, Dtype, ImageRecord, PhotoMeta, Store, StoreOptions};
 use candle_core::Tensor;
 use serde::Serialize;
 
@@ -68,13 +68,25 @@ struct Pixels {
     caption: Option<Vec<f32>>,
     width: u32,
     height: u32,
+    meta: PhotoMeta,
 }
 
 /// Output of a decode worker.
 struct Decoded {
     entry: FileEntry,
     hash: String,
-    result: Result<Pixels>,
+    /// The pixels; `None` for an unchanged image that was read only for its EXIF metadata.
+    result: Result<Option<Pixels>>,
+    meta: PhotoMeta,
+}
+
+/// What a decode worker does with a file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Hash, EXIF and pixels.
+    Full,
+    /// Hash and EXIF only: an image indexed before blipdex read EXIF (nothing is re-embedded).
+    MetaOnly,
 }
 
 struct Queued {
@@ -265,10 +277,14 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
                     && (e.listed || (row.file_size == e.size && row.mtime_ns == e.mtime_ns))
                     && (models.captioner.is_none() || row.caption.is_some()) =>
             {
-                summary.unchanged += 1;
-                keep.insert(p);
+                if row.meta.is_some() {
+                    summary.unchanged += 1;
+                    keep.insert(p);
+                } else {
+                    todo.push((e, Read::MetaOnly));
+                }
             }
-            _ => todo.push(e),
+            _ => todo.push((e, Read::Full)),
         }
     }
 
@@ -294,15 +310,15 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
     let progress = Progress::new(todo.len(), job.progress);
 
     let result = std::thread::scope(|scope| -> Result<()> {
-        let (work_tx, work_rx) = crossbeam_channel::bounded::<FileEntry>(threads * 4);
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<(FileEntry, Read)>(threads * 4);
         let (done_tx, done_rx) =
             crossbeam_channel::bounded::<Decoded>(job.batch_size * 2 + threads);
         for _ in 0..threads {
             let (work_rx, done_tx, processor) = (work_rx.clone(), done_tx.clone(), &processor);
             let caption_processor = caption_processor.as_ref();
             scope.spawn(move || {
-                for entry in work_rx {
-                    let decoded = decode(processor, caption_processor, entry);
+                for (entry, read) in work_rx {
+                    let decoded = decode(processor, caption_processor, entry, read);
                     if done_tx.send(decoded).is_err() {
                         break;
                     }
@@ -323,8 +339,27 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
         for d in done_rx {
             progress.tick();
             let p = path_string(&d.entry.path);
+            let path = p.clone();
+            let d = if matches!(d.result, Ok(None)) {
+                let row = store.by_content_hash(&d.hash).filter(|r| !r.deleted);
+                if let Some(row) = row.filter(|r| r.paths.contains(&p)) {
+                    if row.meta.is_none() {
+                        state.batch.set_meta(row.image_id, d.meta);
+                        state.updates += 1;
+                    }
+                    summary.unchanged += 1;
+                    keep.insert(p);
+                    continue;
+                }
+                // Its bytes changed under an unchanged size and mtime: index it afresh.
+                decode(&processor, caption_processor.as_ref(), d.entry, Read::Full)
+            } else {
+                d
+            };
+            let meta = d.meta;
             let pixels = match d.result {
-                Ok(v) => v,
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
                 Err(e) => {
                     rejects.push(Reject {
                         path: shown(&d.entry.path),
@@ -356,7 +391,7 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
                 } else if row.paths.contains(&p) {
                     // Same bytes, new mtime (touched/copied over): refresh metadata, keep embeddings.
                     let embeds = store.embeds(id).unwrap_or_default();
-                    let mut rec = record(&d.entry, &d.hash, width, height, embeds);
+                    let mut rec = record(&d.entry, &d.hash, width, height, &meta, embeds);
                     rec.paths = row.paths.clone();
                     rec.path = row.path.clone();
                     rec.caption = row.caption.clone();
@@ -367,11 +402,15 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
                     state.batch.add_path(id, p);
                     summary.duplicates += 1;
                 }
+                if row.meta.is_none() && !(row.paths.contains(&path) && row.path == path) {
+                    // Indexed before blipdex read EXIF: the same bytes, the same metadata.
+                    state.batch.set_meta(id, meta);
+                }
             } else if let Some(i) = state.queued_hash.get(&d.hash) {
                 state.queue[*i].extra_paths.push(p);
                 summary.duplicates += 1;
             } else if let Some(embeds) = state.batched_hash.get(&d.hash) {
-                let mut rec = record(&d.entry, &d.hash, width, height, embeds.clone());
+                let mut rec = record(&d.entry, &d.hash, width, height, &meta, embeds.clone());
                 rec.paths = vec![p];
                 state.batch.add(rec);
                 summary.duplicates += 1;
@@ -563,6 +602,7 @@ impl Round {
                 &q.hash,
                 q.pixels.width,
                 q.pixels.height,
+                &q.pixels.meta,
                 e.clone(),
             );
             rec.paths.extend(q.extra_paths);
@@ -619,7 +659,14 @@ fn collect_cache_garbage(dir: &Path, store: &Store) {
     }
 }
 
-fn record(entry: &FileEntry, hash: &str, width: u32, height: u32, embeds: Vec<f32>) -> ImageRecord {
+fn record(
+    entry: &FileEntry,
+    hash: &str,
+    width: u32,
+    height: u32,
+    meta: &PhotoMeta,
+    embeds: Vec<f32>,
+) -> ImageRecord {
     let p = path_string(&entry.path);
     ImageRecord {
         path: p.clone(),
@@ -631,6 +678,7 @@ fn record(entry: &FileEntry, hash: &str, width: u32, height: u32, embeds: Vec<f3
         mtime_ns: entry.mtime_ns,
         embeds,
         caption: None,
+        meta: Some(meta.clone()),
     }
 }
 
@@ -639,6 +687,7 @@ fn decode(
     processor: &ImageProcessor,
     caption_processor: Option<&ImageProcessor>,
     mut entry: FileEntry,
+    read: Read,
 ) -> Decoded {
     let bytes = match entry.read() {
         Ok(b) => b,
@@ -647,6 +696,7 @@ fn decode(
                 entry,
                 hash: String::new(),
                 result: Err(err),
+                meta: PhotoMeta::default(),
             };
         }
     };
@@ -654,20 +704,26 @@ fn decode(
     if entry.listed {
         entry.size = bytes.len() as u64;
     }
+    let meta = crate::exif::photo_meta(&bytes);
     let what = shown(&entry.path);
-    let result = processor.load_bytes(&bytes, &what).and_then(|img| {
-        let (width, height) = img.dimensions();
-        Ok(Pixels {
-            retrieval: processor.preprocess(&img)?,
-            caption: caption_processor.map(|c| c.preprocess(&img)).transpose()?,
-            width,
-            height,
-        })
-    });
+    let result = match read {
+        Read::MetaOnly => Ok(None),
+        Read::Full => processor.load_bytes(&bytes, &what).and_then(|img| {
+            let (width, height) = img.dimensions();
+            Ok(Some(Pixels {
+                retrieval: processor.preprocess(&img)?,
+                caption: caption_processor.map(|c| c.preprocess(&img)).transpose()?,
+                width,
+                height,
+                meta: meta.clone(),
+            }))
+        }),
+    };
     Decoded {
         entry,
         hash,
         result,
+        meta,
     }
 }
 

@@ -5,8 +5,10 @@
 //! never from the async runtime. The index is a snapshot ([`Engine::store`]) swapped atomically
 //! by [`Engine::refresh`] when a later ingest commits, so a query never sees a half-written state.
 
+pub mod filter;
 mod images;
 mod query;
+mod thumbs;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,12 +20,14 @@ use blipdex_model::vision_cache;
 use blipdex_model::{
     Blip2, CaptionRequest, Captioner, Generated, LoadOptions, ModelFiles, Retriever,
 };
-use blipdex_store::{Batch, Store};
+use blipdex_store::{Batch, PhotoMeta, Store};
 use candle_core::Tensor;
 use serde::Serialize;
 
+pub use filter::{Near, PhotoFilter, SortBy};
 pub use images::image_similarity;
 pub use query::{dedup_ids, Answer, BatchSizes, Query, IMAGE_CHUNK, MAX_BEAMS, MAX_NEW_TOKENS};
+pub use thumbs::Thumbnail;
 
 /// Most results one query may ask for (`offset + top_k`); larger requests are refused.
 pub const MAX_RESULTS: usize = 10_000;
@@ -87,6 +91,9 @@ pub struct SearchParams {
     pub path_prefix: Option<String>,
     /// Only results scoring at least this.
     pub min_score: Option<f32>,
+    /// Only photos whose EXIF metadata passes.
+    pub photo: PhotoFilter,
+    pub sort: SortBy,
 }
 
 impl Default for SearchParams {
@@ -98,6 +105,8 @@ impl Default for SearchParams {
             ef: blipdex_store::DEFAULT_EF,
             path_prefix: None,
             min_score: None,
+            photo: PhotoFilter::default(),
+            sort: SortBy::Score,
         }
     }
 }
@@ -122,11 +131,69 @@ impl SearchParams {
         if self.min_score.is_some_and(|s| !s.is_finite()) {
             return Err(Error::InvalidArgument("min_score must be finite".into()));
         }
-        Ok(())
+        self.photo.validate()
     }
 
     fn filtered(&self) -> bool {
         self.path_prefix.is_some() || self.min_score.is_some()
+    }
+
+    /// Whether the candidates come from a scan of the metadata (EXIF filters, date order)
+    /// rather than from the ANN index.
+    fn scans_metadata(&self) -> bool {
+        !self.photo.is_empty() || self.sort != SortBy::Score
+    }
+
+    /// The live images that pass the EXIF and path filters (before any score), with their
+    /// metadata: one pass over the snapshot's metadata table, paths read only for those.
+    fn matching(&self, store: &Store) -> Result<Vec<(u64, Option<PhotoMeta>)>> {
+        Ok(store
+            .photos()?
+            .iter()
+            .filter(|(id, m)| self.photo.matches(m.as_ref()) && self.keeps(store, *id, f32::MAX))
+            .cloned()
+            .collect())
+    }
+
+    /// Scores `matching` with `score`, keeps those at or above `min_score`, orders them by
+    /// `sort` and cuts the page.
+    fn rank_matching(
+        &self,
+        matching: Vec<(u64, Option<PhotoMeta>)>,
+        score: impl Fn(u64) -> Option<f32>,
+    ) -> Vec<(u64, f32)> {
+        let mut scored: Vec<(u64, f32, Option<i64>)> = matching
+            .into_iter()
+            .filter_map(|(id, m)| {
+                let s = score(id)?;
+                self.min_score
+                    .is_none_or(|min| s >= min)
+                    .then(|| (id, s, m.and_then(|m| m.taken_at)))
+            })
+            .collect();
+        let by_score = |a: &(u64, f32, Option<i64>), b: &(u64, f32, Option<i64>)| {
+            b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+        };
+        match self.sort {
+            SortBy::Score => scored.sort_by(by_score),
+            // Undated photos last, whichever the direction.
+            SortBy::DateDesc => scored.sort_by(|a, b| {
+                (b.2.is_some(), b.2)
+                    .cmp(&(a.2.is_some(), a.2))
+                    .then_with(|| by_score(a, b))
+            }),
+            SortBy::DateAsc => scored.sort_by(|a, b| {
+                (a.2.is_none(), a.2)
+                    .cmp(&(b.2.is_none(), b.2))
+                    .then_with(|| by_score(a, b))
+            }),
+        }
+        scored
+            .into_iter()
+            .skip(self.offset)
+            .take(self.top_k)
+            .map(|(id, s, _)| (id, s))
+            .collect()
     }
 
     fn keeps(&self, store: &Store, id: u64, score: f32) -> bool {
@@ -164,6 +231,9 @@ pub struct Hit {
     /// Why this hit has no `itm_score` / caption although one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the photo's EXIF says (absent when it was never read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub photo: Option<PhotoMeta>,
 }
 
 /// What to caption.
@@ -394,6 +464,11 @@ impl Engine {
     /// for ANN results).
     pub fn search_text(&self, store: &Store, t: &[f32], p: &SearchParams) -> Result<Vec<Hit>> {
         p.validate()?;
+        if p.scans_metadata() {
+            let matching = p.matching(store)?;
+            let ranked = p.rank_matching(matching, |id| store.itc_score(id, t));
+            return Ok(self.hits(store, ranked.into_iter()));
+        }
         let need = p.offset + p.top_k;
         let scored = if p.exact {
             let all = store.search_exact(t, if p.filtered() { store.len() } else { need })?;
@@ -460,6 +535,13 @@ impl Engine {
                 embeds.len()
             )));
         }
+        if p.scans_metadata() {
+            let matching = p.matching(store)?;
+            let ranked = p.rank_matching(matching, |id| {
+                Some(image_similarity(embeds, &store.embeds(id)?, e))
+            });
+            return Ok(self.hits(store, ranked.into_iter()));
+        }
         let need = p.offset + p.top_k;
         let candidates: Vec<u64> = if p.exact {
             store.iter().map(|r| r.image_id).collect()
@@ -516,6 +598,7 @@ impl Engine {
                         .clone()
                         .or_else(|| lock(&self.pending).get(&row.content_hash).cloned()),
                     error: None,
+                    photo: row.meta,
                 })
             })
             .collect()
@@ -932,6 +1015,11 @@ impl Engine {
         }
         self.refresh()?;
         Ok(n)
+    }
+
+    /// What the current snapshot's photos hold (cameras, dates, locations).
+    pub fn facets(&self) -> Result<filter::Facets> {
+        filter::facets(&self.store())
     }
 
     pub fn stats(&self) -> Stats {

@@ -38,6 +38,13 @@ pub enum Query {
         params: SearchParams,
         with_captions: bool,
     },
+    /// Images like an indexed image ("more like this"), by its stored embeddings: its file
+    /// is not read, so this works while the photo is offline.
+    Similar {
+        image_id: u64,
+        params: SearchParams,
+        with_captions: bool,
+    },
     /// ITM match probabilities of a text against chosen images (distinct ids, in order).
     Rerank {
         text: String,
@@ -77,6 +84,7 @@ impl Query {
         match self {
             Query::Text { with_captions, .. }
             | Query::Image { with_captions, .. }
+            | Query::Similar { with_captions, .. }
             | Query::Rerank { with_captions, .. } => *with_captions,
             Query::Caption { .. } => true,
         }
@@ -119,6 +127,14 @@ impl Query {
                 with_captions,
             } => {
                 check_image(image)?;
+                params.validate()?;
+                check_captioned(*with_captions, params.top_k)
+            }
+            Query::Similar {
+                params,
+                with_captions,
+                ..
+            } => {
                 params.validate()?;
                 check_captioned(*with_captions, params.top_k)
             }
@@ -316,6 +332,19 @@ impl Engine {
                 }),
                 Query::Image { params, .. } => embedding(&image_embeds, w.image)
                     .and_then(|v| self.search_image(&store, &v, params)),
+                Query::Similar {
+                    image_id, params, ..
+                } => match store.get(*image_id).filter(|r| !r.deleted) {
+                    Some(_) => store
+                        .embeds(*image_id)
+                        .ok_or_else(|| {
+                            Error::NotFound(format!("image id {image_id} has no embeddings"))
+                        })
+                        .and_then(|v| self.search_image(&store, &v, params)),
+                    None => Err(Error::NotFound(format!(
+                        "image id {image_id} is not in the index"
+                    ))),
+                },
                 Query::Rerank { ids, .. } => embedding(&text_embeds, w.text).and_then(|t| {
                     let mut hits = self.hits_for_ids(&store, ids)?;
                     for h in &mut hits {
@@ -394,6 +423,7 @@ impl Engine {
                 }
                 Query::Text { with_captions, .. }
                 | Query::Image { with_captions, .. }
+                | Query::Similar { with_captions, .. }
                 | Query::Rerank { with_captions, .. }
                     if *with_captions =>
                 {

@@ -39,23 +39,34 @@ impl Interceptor for BearerAuth {
                  (BLIPDEX_AUTH_TOKEN)"
             )))
         };
-        let mut values = request.metadata().get_all("authorization").iter();
-        let Some(value) = values.next() else {
-            return refuse("missing authorization");
-        };
-        // Proxies and servers disagree on which of several copies counts: accept none.
-        if values.next().is_some() {
-            return refuse("more than one authorization header");
+        let values = request.metadata().get_all("authorization");
+        match check(token, values.iter().map(|v| v.as_bytes())) {
+            Ok(()) => Ok(request),
+            Err(why) => refuse(why),
         }
-        let given = value.as_bytes();
-        let given = given
-            .strip_prefix(b"Bearer ")
-            .or_else(|| given.strip_prefix(b"bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.trim_ascii(), token) => Ok(request),
-            Some(_) => refuse("wrong bearer token"),
-            None => refuse("authorization is not a bearer token"),
-        }
+    }
+}
+
+/// Whether the `authorization` header values (every copy sent) carry `Bearer <token>`; the
+/// reason otherwise. Shared by the gRPC and HTTP front ends.
+pub(crate) fn check<'a>(
+    token: &[u8],
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), &'static str> {
+    let Some(given) = values.next() else {
+        return Err("missing authorization");
+    };
+    // Proxies and servers disagree on which of several copies counts: accept none.
+    if values.next().is_some() {
+        return Err("more than one authorization header");
+    }
+    let given = given
+        .strip_prefix(b"Bearer ")
+        .or_else(|| given.strip_prefix(b"bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.trim_ascii(), token) => Ok(()),
+        Some(_) => Err("wrong bearer token"),
+        None => Err("authorization is not a bearer token"),
     }
 }
 

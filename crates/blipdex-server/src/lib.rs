@@ -16,6 +16,7 @@
 
 mod auth;
 mod codec;
+pub mod http;
 pub mod metrics;
 mod service;
 mod worker;
@@ -149,6 +150,7 @@ pub fn status_from(e: &Error) -> Status {
             "{msg}; restart the server with the model that built the index"
         )),
         Error::Overloaded(_) => Status::resource_exhausted(msg),
+        Error::Unavailable(_) => Status::unavailable(msg),
         // The index's object store, seen from the server: its own configuration, not the client's.
         Error::ObjectStore { kind, .. } => match kind {
             ObjectStoreErrorKind::NotFound => Status::not_found(msg),
@@ -216,11 +218,78 @@ pub(crate) struct Shared {
     pub limits: Limits,
 }
 
+impl Shared {
+    /// The engine, once loaded.
+    pub(crate) fn engine(&self) -> blipdex_core::Result<Arc<Engine>> {
+        self.engine.get().cloned().ok_or_else(|| {
+            Error::Unavailable(
+                "the model is still loading; retry when the health check reports SERVING".into(),
+            )
+        })
+    }
+
+    /// Validates `query`, queues it on its lane without waiting (a full queue is
+    /// [`Error::Overloaded`]) and awaits the engine's answer. Every transport goes through here.
+    pub(crate) async fn submit(
+        &self,
+        rpc: &'static str,
+        query: blipdex_search::Query,
+    ) -> blipdex_core::Result<blipdex_search::Answer> {
+        use crossbeam_channel::TrySendError;
+        let engine = self.engine()?;
+        query.validate(engine.has_captioner())?;
+        // Queries that caption wait behind caption generation, the others never do.
+        let lane = if query.generates_captions() {
+            worker::Lane::Caption
+        } else {
+            worker::Lane::Search
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let jobs = self.jobs.read().map_err(|_| {
+                Error::Internal("the job queue is poisoned; restart the server".into())
+            })?;
+            let Some(sender) = jobs.as_ref().map(|q| q.lane(lane)) else {
+                return Err(Error::Unavailable(
+                    "the server is shutting down; retry elsewhere".into(),
+                ));
+            };
+            match sender.try_send(worker::Job { query, reply: tx }) {
+                Ok(()) => self
+                    .metrics
+                    .queue_depth
+                    .with_label_values(&[lane.name()])
+                    .set(sender.len() as i64),
+                Err(TrySendError::Full(_)) => {
+                    self.metrics.rejected.with_label_values(&[rpc]).inc();
+                    return Err(Error::Overloaded(format!(
+                        "{} {} requests are already waiting for the model (--queue-depth); \
+                         retry with backoff",
+                        self.limits.queue_depth,
+                        lane.name()
+                    )));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(Error::Unavailable(
+                        "the model thread has stopped; the server is shutting down".into(),
+                    ));
+                }
+            }
+        }
+        rx.await.map_err(|_| {
+            Error::Internal(
+                "the model failed while serving this request (see the server log); retry".into(),
+            )
+        })?
+    }
+}
+
 /// A configured server; [`Server::run`] serves it on a listener.
 pub struct Server {
     config: ServerConfig,
     metrics: Metrics,
     loader: Loader,
+    http: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -247,7 +316,15 @@ impl Server {
             config,
             metrics: Metrics::new()?,
             loader: Box::new(loader),
+            http: None,
         })
+    }
+
+    /// Also serves the HTTP/JSON API and the search page (see [`http`]) on `listener`, with
+    /// the same queue, limits and token as gRPC; it stops with the gRPC server.
+    pub fn with_http(mut self, listener: TcpListener) -> Self {
+        self.http = Some(listener);
+        self
     }
 
     /// The server's metrics (serve them with [`serve_metrics`]).
@@ -266,6 +343,7 @@ impl Server {
             config,
             metrics,
             loader,
+            http,
         } = self;
         let limits = config.limits.clone();
         let queue_depth = limits.queue_depth.max(1);
@@ -415,6 +493,27 @@ impl Server {
             }
             s
         });
+        let (http_stop_tx, mut http_stop) = tokio::sync::watch::channel(false);
+        let http_task = match http {
+            Some(listener) => {
+                let addr = listener.local_addr().ok();
+                let app = http::router(
+                    shared.clone(),
+                    config.auth_token.as_deref(),
+                    limits.max_message_bytes,
+                );
+                tracing::info!(addr = ?addr, "HTTP API and search page listening");
+                Some(tokio::spawn(async move {
+                    let stopped = async move {
+                        let _ = http_stop.wait_for(|stop| *stop).await;
+                    };
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }))
+            }
+            None => None,
+        };
         let stopping = {
             let health = health.clone();
             async move {
@@ -424,6 +523,7 @@ impl Server {
                     Ok(()) = stop_rx => {}
                 }
                 set_health(&health, ServingStatus::NotServing).await;
+                let _ = http_stop_tx.send(true);
                 tracing::info!("shutting down: draining in-flight requests");
             }
         };
@@ -456,6 +556,13 @@ impl Server {
             .serve_with_incoming_shutdown(incoming, stopping)
             .await;
 
+        if let Some(t) = http_task {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
+                Err(e) => tracing::warn!("HTTP server task: {e}"),
+            }
+        }
         // Close the queues: the model threads finish what is queued, then end.
         if let Ok(mut jobs) = shared.jobs.write() {
             jobs.take();
@@ -643,6 +750,8 @@ pub struct Endpoints {
     pub listen: std::net::SocketAddr,
     /// Prometheus `GET /metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The HTTP/JSON API and the search page.
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Logs as JSON lines instead of text.
     pub log_json: bool,
 }
@@ -669,7 +778,13 @@ pub fn run_until_signal(
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let server = Server::with_loader(config, loader)?;
+        let mut server = Server::with_loader(config, loader)?;
+        if let Some(addr) = endpoints.http_listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on --http-listen {addr}"))?;
+            server = server.with_http(listener);
+        }
         let (stop_metrics, metrics_stopped) = oneshot::channel::<()>();
         if let Some(addr) = endpoints.metrics_listen {
             let listener = TcpListener::bind(addr)

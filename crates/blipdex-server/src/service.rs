@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use blipdex_core::Error;
 use blipdex_model::CaptionRequest as EngineCaptionRequest;
+use blipdex_search::filter::{format_offset, format_wall_clock};
 use blipdex_search::{
-    dedup_ids, Answer, CaptionOutcome, CaptionSource, Engine, Query, SearchParams,
+    dedup_ids, Answer, CaptionOutcome, CaptionSource, Engine, Near, PhotoFilter, Query,
+    SearchParams, SortBy,
 };
-use crossbeam_channel::TrySendError;
-use tokio::sync::oneshot;
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
@@ -21,7 +20,6 @@ use tonic::{Request, Response, Status};
 use crate::auth::BearerAuth;
 use crate::pb::retrieval_server::{Retrieval, RetrievalServer};
 use crate::pb::{self, SearchOptions};
-use crate::worker::{Job, Lane};
 use crate::{status_from, Shared};
 
 /// Hits per page when a request leaves `top_k` at 0.
@@ -51,65 +49,14 @@ pub(crate) struct Handlers {
 
 impl Handlers {
     fn engine(&self) -> Result<Arc<Engine>, Status> {
-        self.shared.engine.get().cloned().ok_or_else(|| {
-            Status::unavailable(
-                "the model is still loading; retry when grpc.health.v1.Health reports SERVING",
-            )
-        })
+        self.shared.engine().map_err(|e| status_from(&e))
     }
 
-    /// Queues a job without waiting: a full queue is RESOURCE_EXHAUSTED.
-    /// Validates `query`, queues it on its lane and awaits the engine's answer.
     async fn submit(&self, rpc: &'static str, query: Query) -> Result<Answer, Status> {
-        let engine = self.engine()?;
-        query
-            .validate(engine.has_captioner())
-            .map_err(|e| status_from(&e))?;
-        // Queries that caption wait behind caption generation, the others never do.
-        let lane = if query.generates_captions() {
-            Lane::Caption
-        } else {
-            Lane::Search
-        };
-        let (tx, rx) = oneshot::channel();
-        {
-            let jobs =
-                self.shared.jobs.read().map_err(|_| {
-                    Status::internal("the job queue is poisoned; restart the server")
-                })?;
-            let Some(sender) = jobs.as_ref().map(|q| q.lane(lane)) else {
-                return Err(Status::unavailable(
-                    "the server is shutting down; retry elsewhere",
-                ));
-            };
-            match sender.try_send(Job { query, reply: tx }) {
-                Ok(()) => self
-                    .shared
-                    .metrics
-                    .queue_depth
-                    .with_label_values(&[lane.name()])
-                    .set(sender.len() as i64),
-                Err(TrySendError::Full(_)) => {
-                    self.shared.metrics.rejected.with_label_values(&[rpc]).inc();
-                    return Err(status_from(&Error::Overloaded(format!(
-                        "{} {} requests are already waiting for the model (--queue-depth); \
-                         retry with backoff",
-                        self.shared.limits.queue_depth,
-                        lane.name()
-                    ))));
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    return Err(Status::unavailable(
-                        "the model thread has stopped; the server is shutting down",
-                    ));
-                }
-            }
-        }
-        rx.await.map_err(|_| {
-            Status::internal(
-                "the model failed while serving this request (see the server log); retry",
-            )
-        })?
+        self.shared
+            .submit(rpc, query)
+            .await
+            .map_err(|e| status_from(&e))
     }
 
     async fn timed<T>(
@@ -138,6 +85,29 @@ impl Handlers {
 
 fn search_params(top_k: u32, options: Option<SearchOptions>) -> Result<SearchParams, Status> {
     let o = options.unwrap_or_default();
+    let photo = PhotoFilter::parse(
+        &o.taken_after,
+        &o.taken_before,
+        &o.camera,
+        o.near.map(|n| Near {
+            lat: n.lat,
+            lon: n.lon,
+            radius_km: n.radius_km,
+        }),
+        o.has_location,
+    )
+    .map_err(|e| status_from(&e))?;
+    let sort = match pb::SortBy::try_from(o.sort) {
+        Ok(pb::SortBy::Score) => SortBy::Score,
+        Ok(pb::SortBy::DateDesc) => SortBy::DateDesc,
+        Ok(pb::SortBy::DateAsc) => SortBy::DateAsc,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "sort is {}; use SORT_BY_SCORE, SORT_BY_DATE_DESC or SORT_BY_DATE_ASC",
+                o.sort
+            )))
+        }
+    };
     let mut p = SearchParams {
         top_k: if top_k == 0 {
             DEFAULT_TOP_K
@@ -148,6 +118,8 @@ fn search_params(top_k: u32, options: Option<SearchOptions>) -> Result<SearchPar
         exact: o.exact,
         path_prefix: (!o.path_prefix.is_empty()).then_some(o.path_prefix),
         min_score: o.min_score,
+        photo,
+        sort,
         ..SearchParams::default()
     };
     if o.ef != 0 {
@@ -167,7 +139,17 @@ fn found(a: Answer) -> Result<pb::SearchResponse, Status> {
 }
 
 fn hit(h: blipdex_search::Hit) -> pb::Hit {
+    let photo = h.photo.unwrap_or_default();
     pb::Hit {
+        taken_at: photo.taken_at.map(format_wall_clock).unwrap_or_default(),
+        taken_offset: photo
+            .taken_offset_min
+            .map(format_offset)
+            .unwrap_or_default(),
+        latitude: photo.location().map(|l| l.0),
+        longitude: photo.location().map(|l| l.1),
+        camera_make: photo.camera_make.unwrap_or_default(),
+        camera_model: photo.camera_model.unwrap_or_default(),
         image_id: h.image_id,
         path: h.path,
         itc_score: h.itc_score,
@@ -206,10 +188,23 @@ impl Retrieval for Handlers {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         self.timed("SearchImage", async {
             let r = request.into_inner();
-            let query = Query::Image {
-                image: r.image,
-                params: search_params(r.top_k, r.options)?,
-                with_captions: r.with_captions,
+            let params = search_params(r.top_k, r.options)?;
+            let query = match (r.image_id, r.image.is_empty()) {
+                (Some(image_id), true) => Query::Similar {
+                    image_id,
+                    params,
+                    with_captions: r.with_captions,
+                },
+                (Some(_), false) => {
+                    return Err(Status::invalid_argument(
+                        "both image and image_id are set; send one of them",
+                    ))
+                }
+                (None, _) => Query::Image {
+                    image: r.image,
+                    params,
+                    with_captions: r.with_captions,
+                },
             };
             found(self.submit("SearchImage", query).await?)
         })

@@ -15,12 +15,10 @@ use std::time::{Duration, Instant};
 use blipdex_search::{Answer, Engine, Query};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tokio::sync::oneshot;
-use tonic::Status;
 
 use crate::metrics::Metrics;
-use crate::status_from;
 
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, Status>>;
+pub(crate) type Reply<T> = oneshot::Sender<blipdex_core::Result<T>>;
 
 /// One queued request: a query validated by its handler, and where its answer goes.
 pub(crate) struct Job {
@@ -132,7 +130,7 @@ fn process(engine: &Engine, jobs: Vec<Job>, metrics: &Metrics) {
         }
     }
     for (answer, reply) in answers.into_iter().zip(replies) {
-        let _ = reply.send(answer.map_err(|e| status_from(&e)));
+        let _ = reply.send(answer);
     }
 }
 

@@ -1151,6 +1151,7 @@ fn model_record(row: &blipdex_store::ImageRow) -> blipdex_store::ImageRecord {
         mtime_ns: row.mtime_ns,
         embeds: Vec::new(),
         caption: None,
+        meta: row.meta.clone(),
     }
 }
 

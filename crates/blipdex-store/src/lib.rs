@@ -211,6 +211,5 @@ pub use manifest::{is_store_file, manifest_info, ManifestInfo, MANIFEST};
 pub use store::{content_hash_bytes, content_hash_file, Batch, IndexVersion, Store};
 pub use types::{
     AnnInfo, AnnSearch, CommitInfo, CommitTimings, Dtype, Hit, HnswParams, ImageRecord, ImageRow,
-    PhotoMeta,
-    StoreOptions, DEFAULT_EF, DEFAULT_NPROBE,
+    PhotoMeta, StoreOptions, DEFAULT_EF, DEFAULT_NPROBE,
 };

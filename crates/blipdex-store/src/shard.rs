@@ -12,8 +12,8 @@ use arrow::array::{
     TimestampNanosecondArray, TimestampSecondArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{
-    DataType, Field, Float16Type, Float32Type, Float64Type, Int16Type, Schema, SchemaRef,
-    TimeUnit, TimestampNanosecondType, TimestampSecondType, UInt32Type, UInt64Type,
+    DataType, Field, Float16Type, Float32Type, Float64Type, Int16Type, Schema, SchemaRef, TimeUnit,
+    TimestampNanosecondType, TimestampSecondType, UInt32Type, UInt64Type,
 };
 use blipdex_core::{Error, Result};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -63,7 +63,11 @@ fn embeds_type(dtype: Dtype, len: usize) -> DataType {
 fn meta_fields() -> [Field; 7] {
     [
         Field::new("exif_read", DataType::Boolean, true),
-        Field::new("taken_at", DataType::Timestamp(TimeUnit::Second, None), true),
+        Field::new(
+            "taken_at",
+            DataType::Timestamp(TimeUnit::Second, None),
+            true,
+        ),
         Field::new("taken_at_offset_minutes", DataType::Int16, true),
         Field::new("camera_make", DataType::Utf8, true),
         Field::new("camera_model", DataType::Utf8, true),
@@ -74,9 +78,7 @@ fn meta_fields() -> [Field; 7] {
 
 fn meta_columns(metas: &[Option<&PhotoMeta>]) -> [ArrayRef; 7] {
     let f = |g: fn(&PhotoMeta) -> Option<f64>| -> ArrayRef {
-        Arc::new(Float64Array::from_iter(
-            metas.iter().map(|m| m.and_then(g)),
-        ))
+        Arc::new(Float64Array::from_iter(metas.iter().map(|m| m.and_then(g))))
     };
     let s = |g: fn(&PhotoMeta) -> Option<&str>| -> ArrayRef {
         Arc::new(StringArray::from_iter(metas.iter().map(|m| m.and_then(g))))
@@ -487,7 +489,7 @@ impl Reader<'_> {
         let opt = |a: &dyn Array, i: usize| a.is_valid(i);
         Ok((0..n)
             .map(|i| {
-                read.is_valid(i).then(|| read.value(i)).unwrap_or(false).then(|| PhotoMeta {
+                (read.is_valid(i) && read.value(i)).then(|| PhotoMeta {
                     taken_at: opt(taken, i).then(|| taken.value(i)),
                     taken_offset_min: opt(offset, i).then(|| offset.value(i)),
                     camera_make: make[i].clone(),
@@ -680,7 +682,14 @@ mod tests {
             deleted: false,
             ingested_at_ns: 0,
         };
-        write_shard(dir.path(), "new.parquet", &layout, &[row.clone()], &[1.0, 0.0]).unwrap();
+        write_shard(
+            dir.path(),
+            "new.parquet",
+            &layout,
+            &[row.clone()],
+            &[1.0, 0.0],
+        )
+        .unwrap();
         let mut embeds = vec![0.0; 2];
         let back = read_shard(&dir.path().join("new.parquet"), &layout, &mut embeds).unwrap();
         assert_eq!(back[0].meta, row.meta);
@@ -694,7 +703,9 @@ mod tests {
             .next()
             .unwrap()
             .unwrap();
-        let old = batch.project(&(0..batch.num_columns() - 7).collect::<Vec<_>>()).unwrap();
+        let old = batch
+            .project(&(0..batch.num_columns() - 7).collect::<Vec<_>>())
+            .unwrap();
         assert!(old.column_by_name("exif_read").is_none());
         write_batch(dir.path(), "old.parquet", &old, props(&layout, "shard", 16)).unwrap();
         let back = read_shard(&dir.path().join("old.parquet"), &layout, &mut embeds).unwrap();

@@ -1411,8 +1411,7 @@ fn photo_metadata_round_trip_and_backfill() {
         &DataType::Timestamp(TimeUnit::Second, None)
     );
     let taken = col("taken_at");
-    let taken = taken
-        .as_primitive::<arrow::datatypes::TimestampSecondType>();
+    let taken = taken.as_primitive::<arrow::datatypes::TimestampSecondType>();
     assert_eq!(taken.value(0), photo(0).taken_at.unwrap());
     assert!(taken.is_null(1));
     let lat = col("gps_latitude");
