@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
+use blipdex_search::{PhotoFilter, SearchParams};
 use blipdex_store::synth::{recall, Synth};
-use blipdex_store::{AnnSearch, Batch, Dtype, HnswParams, Store, StoreOptions};
+use blipdex_store::{AnnSearch, Batch, Dtype, HnswParams, ImageRecord, Store, StoreOptions};
 use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
@@ -261,6 +262,7 @@ fn search(
         eprintln!("{row}");
         ann.push(row);
     }
+    let filters = filtered_searches(&store, &ts, e, k)?;
     let p = params(a);
     Ok(json!({
         "bench": "search",
@@ -285,7 +287,88 @@ fn search(
         },
         "exact": {"batch_qps": exact_batch_qps, "single_query_ms": exact_single_ms},
         "ann": ann,
+        "filters": filters,
     }))
+}
+
+/// Text searches under EXIF filters of known selectivity (see `Synth::photo`), through the
+/// engine's ranking (`blipdex_search::rank_text`): the first query (which reads the metadata
+/// table), then the mean of the next ones, and whether each answer is the exact filtered top-k.
+fn filtered_searches(
+    store: &Store,
+    ts: &[f32],
+    e: usize,
+    k: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let day = 86_400;
+    let cases = [
+        (
+            "camera, 1%",
+            PhotoFilter {
+                camera: Some("model-007".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "date range, 1%",
+            PhotoFilter {
+                taken_after: Some(1_262_304_000 + 1000 * day),
+                taken_before: Some(1_262_304_000 + 1036 * day + day / 2),
+                ..Default::default()
+            },
+        ),
+        (
+            "has location, 50%",
+            PhotoFilter {
+                has_location: Some(true),
+                ..Default::default()
+            },
+        ),
+    ];
+    let queries: Vec<&[f32]> = ts.chunks_exact(e).take(20).collect();
+    let mut out = Vec::new();
+    for (i, (name, photo)) in cases.into_iter().enumerate() {
+        let p = SearchParams {
+            top_k: k,
+            photo,
+            ..SearchParams::default()
+        };
+        let exact = SearchParams {
+            exact: true,
+            ..p.clone()
+        };
+        let matching = store
+            .photos()?
+            .iter()
+            .filter(|(_, m)| p.photo.matches(m.as_ref()))
+            .count();
+        let t = Instant::now();
+        let first = blipdex_search::rank_text(store, queries[0], &p)?;
+        let first_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let mut answers = vec![first];
+        for q in &queries[1..] {
+            answers.push(blipdex_search::rank_text(store, q, &p)?);
+        }
+        let mean_ms = t.elapsed().as_secs_f64() * 1e3 / (queries.len() - 1) as f64;
+        let mut rec = 0.0;
+        for (q, got) in queries.iter().zip(&answers) {
+            ensure!(got.len() == k.min(matching), "{name}: {} hits", got.len());
+            let truth = blipdex_search::rank_text(store, q, &exact)?;
+            let ids = |v: &[(u64, f32)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+            rec += recall(&ids(&truth), &ids(got));
+        }
+        let row = json!({
+            "filter": name,
+            "matching_images": matching,
+            "first_query_ms_incl_metadata_table": if i == 0 { Some(first_ms) } else { None },
+            "query_ms": mean_ms,
+            "recall_at_k_vs_exact": rec / queries.len() as f64,
+        });
+        eprintln!("{row}");
+        out.push(row);
+    }
+    Ok(json!(out))
 }
 
 fn build(
@@ -312,7 +395,10 @@ fn build(
         let t = Instant::now();
         let recs: Vec<_> = (start..(start + batch).min(n))
             .into_par_iter()
-            .map(|i| synth.record(i as u64))
+            .map(|i| ImageRecord {
+                meta: Some(synth.photo(i as u64)),
+                ..synth.record(i as u64)
+            })
             .collect();
         t_gen += t.elapsed().as_secs_f64();
         let mut b = Batch::new();

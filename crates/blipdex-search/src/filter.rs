@@ -142,14 +142,9 @@ impl PhotoFilter {
             }
         }
         if let Some(want) = &self.camera {
-            let want = want.trim().to_lowercase();
-            let have = format!(
-                "{} {}",
-                m.camera_make.as_deref().unwrap_or(""),
-                m.camera_model.as_deref().unwrap_or("")
-            )
-            .to_lowercase();
-            if !have.contains(&want) {
+            let make = m.camera_make.as_deref().unwrap_or("");
+            let model = m.camera_model.as_deref().unwrap_or("");
+            if !camera_contains(make, model, want) {
                 return false;
             }
         }
@@ -210,6 +205,25 @@ pub fn facets(store: &blipdex_store::Store) -> Result<Facets> {
     f.cameras
         .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Ok(f)
+}
+
+/// Whether "make model" contains `want`, ignoring case. Every filtered search runs this on
+/// every photo, so the usual ASCII names are compared in a stack buffer, without allocating.
+fn camera_contains(make: &str, model: &str, want: &str) -> bool {
+    let want = want.trim();
+    let mut buf = [0u8; 128];
+    let len = make.len() + 1 + model.len();
+    if make.is_ascii() && model.is_ascii() && want.is_ascii() && len <= buf.len() {
+        buf[..make.len()].copy_from_slice(make.as_bytes());
+        buf[make.len()] = b' ';
+        buf[make.len() + 1..len].copy_from_slice(model.as_bytes());
+        let hay = &buf[..len];
+        let w = want.as_bytes();
+        return w.is_empty() || hay.windows(w.len()).any(|win| win.eq_ignore_ascii_case(w));
+    }
+    format!("{make} {model}")
+        .to_lowercase()
+        .contains(&want.to_lowercase())
 }
 
 /// Great-circle distance (haversine) in kilometres.
@@ -316,6 +330,17 @@ mod tests {
         assert_eq!(format_offset(120), "+02:00");
         assert_eq!(format_offset(-330), "-05:30");
         assert_eq!(format_offset(0), "+00:00");
+    }
+
+    #[test]
+    fn camera_matching_ignores_case_and_spans_make_and_model() {
+        assert!(camera_contains("Canon", "EOS 5D", "canon eos"));
+        assert!(camera_contains("NIKON CORPORATION", "NIKON D750", "d750"));
+        assert!(!camera_contains("Apple", "iPhone 14", "pixel"));
+        assert!(camera_contains("Ricoh", "GR Ⅲ", "gr ⅲ"));
+        assert!(camera_contains("ÉCLAIR", "Modèle", "éclair mod"));
+        let long = "x".repeat(200);
+        assert!(camera_contains(&long, "Y", "x y"));
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub const MAX_QUERY_BYTES: usize = 4096;
 pub const MAX_RERANK: usize = 1000;
 /// Images per caption batch.
 const CAPTION_CHUNK: usize = 8;
+/// Up to this many photos passing an EXIF filter, a text search scores each of them exactly
+/// (about 8k multiply-adds each at 32x256); more, and the ANN ranking is filtered instead.
+const EXACT_TEXT_MATCHES: usize = 20_000;
+/// The same for image queries, whose exact score costs Q times more (32x32x256).
+const EXACT_IMAGE_MATCHES: usize = 2_000;
 /// Most hits one search may ask captions for.
 pub const MAX_CAPTIONED_HITS: usize = 100;
 /// Captions kept in memory (per image and request).
@@ -463,59 +468,7 @@ impl Engine {
     /// Text → images by ITC (max over each image's Q vectors of the cosine; exact scores also
     /// for ANN results).
     pub fn search_text(&self, store: &Store, t: &[f32], p: &SearchParams) -> Result<Vec<Hit>> {
-        p.validate()?;
-        if p.scans_metadata() {
-            let matching = p.matching(store)?;
-            let ranked = p.rank_matching(matching, |id| store.itc_score(id, t));
-            return Ok(self.hits(store, ranked.into_iter()));
-        }
-        let need = p.offset + p.top_k;
-        let scored = if p.exact {
-            let all = store.search_exact(t, if p.filtered() { store.len() } else { need })?;
-            all.into_iter()
-                .filter(|h| p.keeps(store, h.image_id, h.score))
-                .take(need)
-                .map(|h| (h.image_id, h.score))
-                .collect()
-        } else {
-            let fetch = if p.filtered() {
-                (need * 4).max(100).min(store.len().max(1))
-            } else {
-                need
-            };
-            // Each image has several graph points: ask for enough points to cover `fetch`
-            // distinct images.
-            let per_image = store.hnsw_params().vectors_per_image.max(1);
-            let raw = store.search_ann(t, fetch, p.ef.max(fetch.saturating_mul(per_image)))?;
-            if raw.len() < fetch.min(store.len()) {
-                // The graph yielded too few live images (e.g. many deleted rows): scan.
-                let exact = SearchParams {
-                    exact: true,
-                    ..p.clone()
-                };
-                return self.search_text(store, t, &exact);
-            }
-            let maybe_more = raw.len() == fetch && raw.len() < store.len();
-            let last = raw.last().map(|h| h.score);
-            let kept: Vec<(u64, f32)> = raw
-                .into_iter()
-                .filter(|h| p.keeps(store, h.image_id, h.score))
-                .map(|h| (h.image_id, h.score))
-                .collect();
-            let short = kept.len() < need
-                && maybe_more
-                && (p.path_prefix.is_some() || p.min_score.is_none_or(|m| last >= Some(m)));
-            if short {
-                // The filter threw away too much of the graph's candidates: scan everything.
-                let exact = SearchParams {
-                    exact: true,
-                    ..p.clone()
-                };
-                return self.search_text(store, t, &exact);
-            }
-            kept.into_iter().take(need).collect::<Vec<_>>()
-        };
-        Ok(self.hits(store, scored.into_iter().skip(p.offset)))
+        Ok(self.hits(store, rank_text(store, t, p)?.into_iter()))
     }
 
     /// Image → images: for each of the query's Q vectors, its best cosine over the candidate's
@@ -527,52 +480,7 @@ impl Engine {
         embeds: &[f32],
         p: &SearchParams,
     ) -> Result<Vec<Hit>> {
-        p.validate()?;
-        let (q, e) = (store.num_query(), store.dim());
-        if embeds.len() != q * e {
-            return Err(Error::InvalidArgument(format!(
-                "an image query must be {q}x{e} values, got {}",
-                embeds.len()
-            )));
-        }
-        if p.scans_metadata() {
-            let matching = p.matching(store)?;
-            let ranked = p.rank_matching(matching, |id| {
-                Some(image_similarity(embeds, &store.embeds(id)?, e))
-            });
-            return Ok(self.hits(store, ranked.into_iter()));
-        }
-        let need = p.offset + p.top_k;
-        let candidates: Vec<u64> = if p.exact {
-            store.iter().map(|r| r.image_id).collect()
-        } else {
-            // Filters are applied to the candidates; ask for more of them when filtering.
-            let fetch = if p.filtered() {
-                (need * 4).max(100)
-            } else {
-                need
-            }
-            .min(store.len().max(1));
-            let per_image = store.hnsw_params().vectors_per_image.max(1);
-            let mut set = HashSet::new();
-            for v in embeds.chunks_exact(e) {
-                for h in store.search_ann(v, fetch, p.ef.max(fetch.saturating_mul(per_image)))? {
-                    set.insert(h.image_id);
-                }
-            }
-            set.into_iter().collect()
-        };
-        let mut scored: Vec<(u64, f32)> = candidates
-            .into_iter()
-            .filter_map(|id| {
-                let c = store.embeds(id)?;
-                let s = image_similarity(embeds, &c, e);
-                p.keeps(store, id, s).then_some((id, s))
-            })
-            .collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        scored.truncate(need);
-        Ok(self.hits(store, scored.into_iter().skip(p.offset)))
+        Ok(self.hits(store, rank_image(store, embeds, p)?.into_iter()))
     }
 
     fn hits(&self, store: &Store, scored: impl Iterator<Item = (u64, f32)>) -> Vec<Hit> {
@@ -1038,6 +946,150 @@ impl Engine {
             vision_cache_entries: lock(&self.vision_lru).cache.len(),
         }
     }
+}
+
+/// Text → (image id, ITC score) for the page `p` asks for: EXIF filters first (scoring every
+/// matching photo exactly when few match), else the ANN ranking (or an exact scan), filtered.
+/// What [`Engine::search_text`] turns into hits; usable on a bare [`Store`] (benchmarks).
+pub fn rank_text(store: &Store, t: &[f32], p: &SearchParams) -> Result<Vec<(u64, f32)>> {
+    p.validate()?;
+
+    let mut allowed = None;
+    if p.scans_metadata() {
+        let matching = p.matching(store)?;
+        if p.exact || p.sort != SortBy::Score || matching.len() <= EXACT_TEXT_MATCHES {
+            let ranked = p.rank_matching(matching, |id| store.itc_score(id, t));
+            return Ok(ranked);
+        }
+        // Many photos pass: the ANN ranking, filtered (and scanned if it falls short).
+        allowed = Some(matching.into_iter().map(|m| m.0).collect::<HashSet<u64>>());
+    }
+    let allowed = allowed.as_ref();
+    let keeps =
+        |id: u64, score: f32| p.keeps(store, id, score) && allowed.is_none_or(|a| a.contains(&id));
+    let filtered = p.filtered() || allowed.is_some();
+    let need = p.offset + p.top_k;
+    let scored = if p.exact {
+        let all = store.search_exact(t, if filtered { store.len() } else { need })?;
+        all.into_iter()
+            .filter(|h| keeps(h.image_id, h.score))
+            .take(need)
+            .map(|h| (h.image_id, h.score))
+            .collect()
+    } else {
+        let fetch = if filtered {
+            ((need * 4).max(100) * sparsity(store, allowed)).min(store.len().max(1))
+        } else {
+            need
+        };
+        // Each image has several graph points: ask for enough points to cover `fetch`
+        // distinct images.
+        let per_image = store.hnsw_params().vectors_per_image.max(1);
+        let raw = store.search_ann(t, fetch, p.ef.max(fetch.saturating_mul(per_image)))?;
+        if raw.len() < fetch.min(store.len()) {
+            // The graph yielded too few live images (e.g. many deleted rows): scan.
+            let exact = SearchParams {
+                exact: true,
+                ..p.clone()
+            };
+            return rank_text(store, t, &exact);
+        }
+        let maybe_more = raw.len() == fetch && raw.len() < store.len();
+        let last = raw.last().map(|h| h.score);
+        let kept: Vec<(u64, f32)> = raw
+            .into_iter()
+            .filter(|h| keeps(h.image_id, h.score))
+            .map(|h| (h.image_id, h.score))
+            .collect();
+        let short = kept.len() < need
+            && maybe_more
+            && (p.path_prefix.is_some()
+                || allowed.is_some()
+                || p.min_score.is_none_or(|m| last >= Some(m)));
+        if short {
+            // The filter threw away too much of the graph's candidates: scan everything.
+            let exact = SearchParams {
+                exact: true,
+                ..p.clone()
+            };
+            return rank_text(store, t, &exact);
+        }
+        kept.into_iter().take(need).collect::<Vec<_>>()
+    };
+    Ok(scored.into_iter().skip(p.offset).collect())
+}
+
+/// Image embeddings (Q×E) → (image id, similarity) for the page `p` asks for; what
+/// [`Engine::search_image`] turns into hits.
+pub fn rank_image(store: &Store, embeds: &[f32], p: &SearchParams) -> Result<Vec<(u64, f32)>> {
+    p.validate()?;
+    let (q, e) = (store.num_query(), store.dim());
+    if embeds.len() != q * e {
+        return Err(Error::InvalidArgument(format!(
+            "an image query must be {q}x{e} values, got {}",
+            embeds.len()
+        )));
+    }
+    let mut allowed = None;
+    if p.scans_metadata() {
+        let matching = p.matching(store)?;
+        if p.exact || p.sort != SortBy::Score || matching.len() <= EXACT_IMAGE_MATCHES {
+            let ranked = p.rank_matching(matching, |id| {
+                Some(image_similarity(embeds, &store.embeds(id)?, e))
+            });
+            return Ok(ranked);
+        }
+        allowed = Some(matching.into_iter().map(|m| m.0).collect::<HashSet<u64>>());
+    }
+    let filtered = p.filtered() || allowed.is_some();
+    let need = p.offset + p.top_k;
+    let candidates: Vec<u64> = if p.exact {
+        store.iter().map(|r| r.image_id).collect()
+    } else {
+        // Filters are applied to the candidates; ask for more of them when filtering.
+        let fetch = if filtered {
+            (need * 4).max(100) * sparsity(store, allowed.as_ref())
+        } else {
+            need
+        }
+        .min(store.len().max(1));
+        let per_image = store.hnsw_params().vectors_per_image.max(1);
+        let mut set = HashSet::new();
+        for v in embeds.chunks_exact(e) {
+            for h in store.search_ann(v, fetch, p.ef.max(fetch.saturating_mul(per_image)))? {
+                set.insert(h.image_id);
+            }
+        }
+        set.into_iter().collect()
+    };
+    let searched = candidates.len();
+    let mut scored: Vec<(u64, f32)> = candidates
+        .into_iter()
+        .filter(|id| allowed.as_ref().is_none_or(|a| a.contains(id)))
+        .filter_map(|id| {
+            let c = store.embeds(id)?;
+            let s = image_similarity(embeds, &c, e);
+            p.keeps(store, id, s).then_some((id, s))
+        })
+        .collect();
+    if allowed.is_some() && scored.len() < need && searched < store.len() {
+        // The metadata filter threw away too many of the graph's candidates: score every
+        // matching photo.
+        let exact = SearchParams {
+            exact: true,
+            ..p.clone()
+        };
+        return rank_image(store, embeds, &exact);
+    }
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    scored.truncate(need);
+    Ok(scored.into_iter().skip(p.offset).collect())
+}
+
+/// How many times more ANN candidates a filter that keeps only `allowed` of the images needs
+/// to leave as many hits as an unfiltered search.
+fn sparsity(store: &Store, allowed: Option<&HashSet<u64>>) -> usize {
+    allowed.map_or(1, |a| store.len().div_ceil(a.len().max(1)).max(1))
 }
 
 /// An image waiting for a caption: (item index, content hash, encoded bytes).

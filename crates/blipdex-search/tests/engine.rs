@@ -568,3 +568,96 @@ fn non_utf8_file_names_round_trip() -> Result<()> {
     ensure!(caption[0].is_ok(), "{:?}", caption[0]);
     Ok(())
 }
+
+/// An index built before blipdex read EXIF (rows without metadata) gets every photo's metadata
+/// on the next ingest, by patch: nothing is decoded for pixels or embedded again (no new row,
+/// embeddings and ingest times unchanged); the run after that writes nothing.
+#[test]
+fn exif_metadata_backfilled_without_reembedding() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos)?;
+    for e in std::fs::read_dir(fixtures().join("photos-meta"))? {
+        let e = e?;
+        if e.file_name() != "expected.json" {
+            std::fs::copy(e.path(), photos.join(e.file_name()))?;
+        }
+    }
+    let fresh = tmp.path().join("fresh");
+    run_ingest(&photos, &fresh, None, None)?;
+    let fresh = Store::open_readonly(&fresh)?;
+    ensure!(
+        fresh.iter().all(|r| r.meta.is_some()),
+        "fresh ingest lacks metadata"
+    );
+    ensure!(
+        fresh
+            .iter()
+            .filter_map(|r| r.meta)
+            .filter(|m| m.taken_at.is_some())
+            .count()
+            >= 5,
+        "the fixtures' dates were not read"
+    );
+
+    // The same rows as an older blipdex wrote them: no metadata.
+    let old = tmp.path().join("old");
+    {
+        let opts = blipdex_store::StoreOptions::new(
+            fresh.model_fingerprint(),
+            fresh.num_query(),
+            fresh.dim(),
+        );
+        let mut w = Store::create_or_open(&old, opts)?;
+        let mut b = blipdex_store::Batch::new();
+        for r in fresh.iter() {
+            b.add(blipdex_store::ImageRecord {
+                embeds: fresh.embeds(r.image_id).context("embeds")?,
+                path: r.path,
+                paths: r.paths,
+                content_hash: r.content_hash,
+                width: r.width,
+                height: r.height,
+                file_size: r.file_size,
+                mtime_ns: r.mtime_ns,
+                caption: None,
+                meta: None,
+            });
+        }
+        w.commit(b)?;
+    }
+    let before = Store::open_readonly(&old)?;
+    ensure!(before.iter().all(|r| r.meta.is_none()));
+
+    let summary = run_ingest(&photos, &old, None, None)?;
+    assert_eq!(summary.indexed, 0, "{summary:?}");
+    assert_eq!(summary.unchanged, fresh.len(), "{summary:?}");
+    assert_eq!(summary.model_seconds, 0.0, "{summary:?}");
+    assert_eq!(summary.commits, 1, "{summary:?}");
+    let after = Store::open_readonly(&old)?;
+    assert_eq!(
+        after.total_rows(),
+        before.total_rows(),
+        "rows were rewritten"
+    );
+    for r in after.iter() {
+        let want = fresh
+            .by_content_hash(&r.content_hash)
+            .context("same photo")?;
+        assert_eq!(r.meta, want.meta, "{}", r.path);
+        let was = before.get(r.image_id).context("same id")?;
+        assert_eq!(
+            r.ingested_at_ns, was.ingested_at_ns,
+            "{} re-embedded",
+            r.path
+        );
+        assert_eq!(after.embeds(r.image_id), before.embeds(r.image_id));
+    }
+    let again = run_ingest(&photos, &old, None, None)?;
+    assert_eq!(
+        (again.commits, again.unchanged),
+        (0, fresh.len()),
+        "{again:?}"
+    );
+    Ok(())
+}

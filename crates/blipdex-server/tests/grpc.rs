@@ -1568,3 +1568,138 @@ async fn load_hundreds_of_concurrent_searches() -> Result<()> {
     still_serving(&mut client).await?;
     server.stop().await
 }
+
+/// EXIF filters and "more like this" over gRPC: the same parsing and rules as the HTTP API
+/// (one implementation in blipdex-search), hits carry the metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exif_filters_and_more_like_this() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let folder = tmp.path().join("photos");
+    let index = tmp.path().join("index");
+    std::fs::create_dir_all(&folder)?;
+    for n in [
+        "oslo_nikon.jpg",
+        "sydney_iphone.jpg",
+        "no_exif.jpg",
+        "date_no_gps.jpg",
+    ] {
+        std::fs::copy(fixtures().join("photos-meta").join(n), folder.join(n))?;
+    }
+    ingest(&folder, &index, &[])?;
+    let server = Running::serving(quick_config(), engine_options(&index, false)).await?;
+    let mut client = server.client().await?;
+    let search = |options: SearchOptions| SearchTextRequest {
+        options: Some(options),
+        ..text("a photo", 10)
+    };
+    let names_of = |r: &SearchResponse| -> Vec<String> {
+        let mut v: Vec<String> = r
+            .hits
+            .iter()
+            .map(|h| file_name(&h.path).to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let located = client
+        .search_text(search(SearchOptions {
+            has_location: Some(true),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(names_of(&located), ["oslo_nikon.jpg", "sydney_iphone.jpg"]);
+    let oslo = located
+        .hits
+        .iter()
+        .find(|h| h.path.ends_with("oslo_nikon.jpg"))
+        .context("oslo")?;
+    assert!(
+        oslo.latitude.is_some_and(|l| (l - 59.9139).abs() < 1e-9),
+        "{oslo:?}"
+    );
+    assert!(
+        oslo.camera_model.contains("D750") && oslo.taken_at.starts_with("2019-"),
+        "{oslo:?}"
+    );
+    let south = client
+        .search_text(search(SearchOptions {
+            near: Some(blipdex_server::pb::GeoCircle {
+                lat: -33.87,
+                lon: 151.21,
+                radius_km: 20.0,
+            }),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(names_of(&south), ["sydney_iphone.jpg"]);
+    let nikon_newest = client
+        .search_text(search(SearchOptions {
+            camera: "nikon".into(),
+            sort: blipdex_server::pb::SortBy::DateDesc as i32,
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    let order: Vec<&str> = nikon_newest
+        .hits
+        .iter()
+        .map(|h| file_name(&h.path))
+        .collect();
+    assert_eq!(order, ["oslo_nikon.jpg", "date_no_gps.jpg"]);
+
+    // More like this, by id.
+    let first = located.hits[0].image_id;
+    let like = client
+        .search_image(SearchImageRequest {
+            image_id: Some(first),
+            top_k: 4,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(like.hits[0].image_id, first);
+    assert!((like.hits[0].itc_score - 1.0).abs() < 1e-5);
+
+    // Refusals.
+    for (what, options) in [
+        (
+            "date",
+            SearchOptions {
+                taken_before: "31/12/2019".into(),
+                ..Default::default()
+            },
+        ),
+        (
+            "sort",
+            SearchOptions {
+                sort: 7,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let s = code_of(client.search_text(search(options)).await);
+        assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
+    }
+    let s = code_of(
+        client
+            .search_image(SearchImageRequest {
+                image_id: Some(first),
+                image: vec![1, 2, 3],
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    let s = code_of(
+        client
+            .search_image(SearchImageRequest {
+                image_id: Some(999_999),
+                ..Default::default()
+            })
+            .await,
+    );
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    server.stop().await
+}

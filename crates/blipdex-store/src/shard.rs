@@ -9,11 +9,11 @@ use std::sync::Arc;
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float16Array, Float32Array,
     Float64Array, Int16Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
-    TimestampNanosecondArray, TimestampSecondArray, UInt32Array, UInt64Array,
+    TimestampMillisecondArray, TimestampNanosecondArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{
     DataType, Field, Float16Type, Float32Type, Float64Type, Int16Type, Schema, SchemaRef, TimeUnit,
-    TimestampNanosecondType, TimestampSecondType, UInt32Type, UInt64Type,
+    TimestampMillisecondType, TimestampNanosecondType, UInt32Type, UInt64Type,
 };
 use blipdex_core::{Error, Result};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -65,7 +65,7 @@ fn meta_fields() -> [Field; 7] {
         Field::new("exif_read", DataType::Boolean, true),
         Field::new(
             "taken_at",
-            DataType::Timestamp(TimeUnit::Second, None),
+            DataType::Timestamp(TimeUnit::Millisecond, None),
             true,
         ),
         Field::new("taken_at_offset_minutes", DataType::Int16, true),
@@ -87,9 +87,10 @@ fn meta_columns(metas: &[Option<&PhotoMeta>]) -> [ArrayRef; 7] {
         Arc::new(BooleanArray::from_iter(
             metas.iter().map(|m| Some(m.is_some())),
         )),
-        Arc::new(TimestampSecondArray::from_iter(
-            metas.iter().map(|m| m.and_then(|m| m.taken_at)),
-        )),
+        // Parquet has no second unit; milliseconds keep the column a TIMESTAMP for readers.
+        Arc::new(TimestampMillisecondArray::from_iter(metas.iter().map(
+            |m| m.and_then(|m| m.taken_at).and_then(|t| t.checked_mul(1000)),
+        ))),
         Arc::new(Int16Array::from_iter(
             metas.iter().map(|m| m.and_then(|m| m.taken_offset_min)),
         )),
@@ -473,8 +474,8 @@ impl Reader<'_> {
                 .ok_or_else(|| self.err(format!("no column {name}")))
         };
         let taken = prim("taken_at")?
-            .as_primitive_opt::<TimestampSecondType>()
-            .ok_or_else(|| self.err("column taken_at is not timestamp[s]"))?;
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .ok_or_else(|| self.err("column taken_at is not timestamp[ms]"))?;
         let offset = prim("taken_at_offset_minutes")?
             .as_primitive_opt::<Int16Type>()
             .ok_or_else(|| self.err("column taken_at_offset_minutes is not int16"))?;
@@ -490,7 +491,7 @@ impl Reader<'_> {
         Ok((0..n)
             .map(|i| {
                 (read.is_valid(i) && read.value(i)).then(|| PhotoMeta {
-                    taken_at: opt(taken, i).then(|| taken.value(i)),
+                    taken_at: opt(taken, i).then(|| taken.value(i).div_euclid(1000)),
                     taken_offset_min: opt(offset, i).then(|| offset.value(i)),
                     camera_make: make[i].clone(),
                     camera_model: model[i].clone(),

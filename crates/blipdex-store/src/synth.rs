@@ -1,6 +1,6 @@
 //! Seeded synthetic BLIP-2-like data for tests and `blipdex bench search`.
 
-use crate::{content_hash_bytes, ImageRecord};
+use crate::{content_hash_bytes, ImageRecord, PhotoMeta};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -97,6 +97,23 @@ impl Synth {
         let mut rng = StdRng::seed_from_u64(!self.seed ^ i.wrapping_mul(0x2545_f491_4f6c_dd1d));
         let c = rng.random_range(0..self.n_centres());
         self.noisy(self.centre(c), self.text_noise, &mut rng)
+    }
+
+    /// EXIF metadata for image `i`, spread so that filters of known selectivity exist: one
+    /// of 100 camera models (`Model-007` keeps 1%), a date among 3650 days from 2010-01-01
+    /// (any 36.5 days keep 1%), a location for every second image.
+    pub fn photo(&self, i: u64) -> PhotoMeta {
+        let mut rng = StdRng::seed_from_u64(self.seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let day = rng.random_range(0..3650i64);
+        let located = i % 2 == 0;
+        PhotoMeta {
+            taken_at: Some(1_262_304_000 + day * 86_400 + rng.random_range(0..86_400)),
+            taken_offset_min: None,
+            camera_make: Some("Synth".into()),
+            camera_model: Some(format!("Model-{:03}", rng.random_range(0..100))),
+            gps_lat: located.then(|| rng.random_range(-60.0..70.0)),
+            gps_lon: located.then(|| rng.random_range(-180.0..180.0)),
+        }
     }
 
     pub fn record(&self, i: u64) -> ImageRecord {

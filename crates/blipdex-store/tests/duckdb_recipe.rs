@@ -81,8 +81,14 @@ fn build(dir: &Path) -> Store {
     let mut store = Store::create_or_open(dir, StoreOptions::new("fp", 2, 8)).unwrap();
     let mut b = Batch::new();
     for i in 0..6 {
-        b.add(s.record(i));
+        let mut r = s.record(i);
+        // EXIF read at ingest for some; 4 gets it later by patch; 1 never.
+        r.meta = (i % 2 == 0).then(|| s.photo(i));
+        b.add(r);
     }
+    store.commit(b).unwrap();
+    let mut b = Batch::new();
+    b.set_meta(3, s.photo(3));
     store.commit(b).unwrap();
     store.set_caption(1, "a cat on a blanket").unwrap();
     // Superseded by image 5's later row (re-added below): a patch older than the current row.
@@ -113,7 +119,21 @@ fn readme_duckdb_statement_gives_the_stores_current_state() {
     let store = build(dir.path());
     let want: Vec<serde_json::Value> = store
         .iter()
-        .map(|r| serde_json::json!([r.image_id, r.path, r.paths, r.caption, r.content_hash]))
+        .map(|r| {
+            let m = r.meta.unwrap_or_default();
+            serde_json::json!([
+                r.image_id,
+                r.path,
+                r.paths,
+                r.caption,
+                r.content_hash,
+                m.taken_at,
+                m.camera_make,
+                m.camera_model,
+                m.gps_lat,
+                m.gps_lon
+            ])
+        })
         .collect();
     let mut want = want;
     want.sort_by_key(|v| v[0].as_u64());
@@ -124,7 +144,9 @@ import json, sys, duckdb
 index = sys.argv[1].rstrip('/') + '/'
 sql = {sql:?}.replace("'index/", "'" + index)
 rows = duckdb.sql(sql).fetchall()
-out = [[r[0], r[1], list(r[2]), r[3], r[4]] for r in rows]
+import calendar
+when = lambda t: None if t is None else calendar.timegm(t.timetuple())
+out = [[r[0], r[1], list(r[2]), r[3], r[4], when(r[5]), r[6], r[7], r[8], r[9]] for r in rows]
 print(json.dumps(out))
 "#,
         sql = readme_block("sql")

@@ -1408,11 +1408,11 @@ fn photo_metadata_round_trip_and_backfill() {
     let col = |n: &str| batch.column_by_name(n).unwrap().clone();
     assert_eq!(
         col("taken_at").data_type(),
-        &DataType::Timestamp(TimeUnit::Second, None)
+        &DataType::Timestamp(TimeUnit::Millisecond, None)
     );
     let taken = col("taken_at");
-    let taken = taken.as_primitive::<arrow::datatypes::TimestampSecondType>();
-    assert_eq!(taken.value(0), photo(0).taken_at.unwrap());
+    let taken = taken.as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    assert_eq!(taken.value(0), photo(0).taken_at.unwrap() * 1000);
     assert!(taken.is_null(1));
     let lat = col("gps_latitude");
     let lat = lat.as_primitive::<arrow::datatypes::Float64Type>();
