@@ -687,7 +687,7 @@ mod tests {
             dir.path(),
             "new.parquet",
             &layout,
-            &[row.clone()],
+            std::slice::from_ref(&row),
             &[1.0, 0.0],
         )
         .unwrap();

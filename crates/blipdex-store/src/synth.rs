@@ -105,7 +105,7 @@ impl Synth {
     pub fn photo(&self, i: u64) -> PhotoMeta {
         let mut rng = StdRng::seed_from_u64(self.seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let day = rng.random_range(0..3650i64);
-        let located = i % 2 == 0;
+        let located = i.is_multiple_of(2);
         PhotoMeta {
             taken_at: Some(1_262_304_000 + day * 86_400 + rng.random_range(0..86_400)),
             taken_offset_min: None,

@@ -1340,10 +1340,12 @@ fn full_disk_and_read_only_dir_fail_commits_cleanly() {
 
 fn photo(i: u64) -> blipdex_store::PhotoMeta {
     blipdex_store::PhotoMeta {
-        taken_at: (i % 2 == 0).then_some(1_500_000_000 + i as i64 * 86_400),
-        taken_offset_min: (i % 4 == 0).then_some(-330),
-        camera_make: (i % 3 != 0).then(|| format!("Make {i}")),
-        camera_model: (i % 5 != 0).then(|| format!("Model {i}")),
+        taken_at: i
+            .is_multiple_of(2)
+            .then_some(1_500_000_000 + i as i64 * 86_400),
+        taken_offset_min: i.is_multiple_of(4).then_some(-330),
+        camera_make: (!i.is_multiple_of(3)).then(|| format!("Make {i}")),
+        camera_model: (!i.is_multiple_of(5)).then(|| format!("Model {i}")),
         gps_lat: (i % 2 == 1).then_some(-33.5 - i as f64 / 1000.0),
         gps_lon: (i % 2 == 1).then_some(151.25 + i as f64 / 1000.0),
     }
