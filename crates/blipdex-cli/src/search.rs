@@ -46,7 +46,7 @@ pub struct SearchArgs {
     #[arg(long, env = "BLIPDEX_CAMERA")]
     pub camera: Option<String>,
     /// Only photos within a circle: LAT,LON,RADIUS_KM (decimal degrees, e.g. 59.91,10.75,25).
-    #[arg(long, env = "BLIPDEX_NEAR", value_parser = parse_near)]
+    #[arg(long, env = "BLIPDEX_NEAR", value_parser = parse_near, allow_hyphen_values = true)]
     pub near: Option<Near>,
     /// Only photos with (true) or without (false) a GPS location.
     #[arg(long, env = "BLIPDEX_HAS_LOCATION")]

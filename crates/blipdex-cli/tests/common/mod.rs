@@ -2,12 +2,14 @@
 //! demand, and an S3-compatible server (moto) on 127.0.0.1.
 #![allow(dead_code)]
 
+use std::fs::File;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -223,4 +225,92 @@ pub fn hit_scores(search: &serde_json::Value) -> Vec<(String, f64)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// The JSON body of a call, also of a non-2xx answer (WebDriver and API errors are JSON).
+pub fn json_of(r: std::result::Result<ureq::Response, ureq::Error>) -> Result<(u16, Value)> {
+    let resp = match r {
+        Ok(resp) => resp,
+        Err(ureq::Error::Status(_, resp)) => resp,
+        Err(e) => return Err(e.into()),
+    };
+    let status = resp.status();
+    let text = resp.into_string()?;
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, v))
+}
+
+/// `blipdex serve` with the HTTP API on a free port, killed on drop.
+pub struct Server {
+    _proc: Proc,
+    pub url: String,
+}
+
+impl Server {
+    /// With the fixture checkpoints (caption-a for captions); `token` sets BLIPDEX_AUTH_TOKEN.
+    pub fn start(index: &Path, log: &Path, token: Option<&str>) -> Result<Self> {
+        let fixtures = repo().join("tests/fixtures");
+        let (grpc, http) = (free_port()?, free_port()?);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_blipdex"));
+        match token {
+            Some(t) => cmd.env("BLIPDEX_AUTH_TOKEN", t),
+            None => cmd.env_remove("BLIPDEX_AUTH_TOKEN"),
+        };
+        let mut child = cmd
+            .args(["serve", "--index", s(index)?, "--model"])
+            .arg(fixtures.join("models/itm-a"))
+            .arg("--caption-model")
+            .arg(fixtures.join("models/caption-a"))
+            .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http}")])
+            .stdout(Stdio::null())
+            .stderr(File::create(log)?)
+            .spawn()?;
+        let url = format!("http://127.0.0.1:{http}");
+        let http_agent = agent();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                bail!("blipdex serve exited ({st}) before serving:\n{log}");
+            }
+            if let Ok((200, v)) = json_of(http_agent.get(&format!("{url}/api/v1/health")).call()) {
+                if v["status"] == "serving" {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                let _ = child.kill();
+                bail!("blipdex serve never said serving on {url}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(Server {
+            _proc: Proc(child),
+            url,
+        })
+    }
 }
