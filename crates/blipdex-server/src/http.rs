@@ -441,6 +441,17 @@ fn decode_base64(s: &str, field: &str) -> Result<Vec<u8>, ApiError> {
         })
 }
 
+/// The image a request names: an indexed one by id, or uploaded bytes (base64), not both.
+fn image_source(image_id: Option<u64>, image: Option<String>) -> Result<CaptionSource, ApiError> {
+    match (image_id, image) {
+        (Some(id), None) => Ok(CaptionSource::ImageId(id)),
+        (None, Some(b64)) => Ok(CaptionSource::Bytes(decode_base64(&b64, "image")?)),
+        _ => Err(ApiError::invalid(
+            "send one of image_id (an indexed image) or image (base64 bytes)",
+        )),
+    }
+}
+
 fn hit(h: blipdex_search::Hit) -> HitJson {
     let photo = h.photo.unwrap_or_default();
     HitJson {
@@ -558,22 +569,17 @@ async fn search_image(
 ) -> Result<Json<SearchResult>, ApiError> {
     let params = params(r.top_k, r.offset, r.exact, r.ef, r.filters)?;
     let with_captions = r.with_captions.unwrap_or(false);
-    let query = match (r.image_id, r.image) {
-        (Some(image_id), None) => Query::Similar {
+    let query = match image_source(r.image_id, r.image)? {
+        CaptionSource::ImageId(image_id) => Query::Similar {
             image_id,
             params,
             with_captions,
         },
-        (None, Some(b64)) => Query::Image {
-            image: decode_base64(&b64, "image")?,
+        CaptionSource::Bytes(image) => Query::Image {
+            image,
             params,
             with_captions,
         },
-        _ => {
-            return Err(ApiError::invalid(
-                "send one of image_id (an indexed image) or image (base64 bytes)",
-            ))
-        }
     };
     st.search("http:SearchImage", query).await
 }
@@ -602,15 +608,7 @@ async fn caption(
     State(st): State<Http>,
     ApiJson(r): ApiJson<CaptionJson>,
 ) -> Result<Json<CaptionResult>, ApiError> {
-    let source = match (r.image_id, r.image) {
-        (Some(id), None) => CaptionSource::ImageId(id),
-        (None, Some(b64)) => CaptionSource::Bytes(decode_base64(&b64, "image")?),
-        _ => {
-            return Err(ApiError::invalid(
-                "send one of image_id (an indexed image) or image (base64 bytes)",
-            ))
-        }
-    };
+    let source = image_source(r.image_id, r.image)?;
     let request = EngineCaptionRequest {
         prompt: r.prompt.unwrap_or_default(),
         max_new_tokens: r.max_new_tokens.map(|n| n as usize),
@@ -637,17 +635,7 @@ async fn caption(
     responses((status = 200, body = StatsJson), (status = "4XX", body = ErrorBody),
         (status = "5XX", body = ErrorBody)))]
 async fn stats(State(st): State<Http>) -> Result<Json<StatsJson>, ApiError> {
-    let engine = st.shared.engine()?;
-    let s = tokio::task::spawn_blocking(move || engine.stats())
-        .await
-        .map_err(|e| Error::Internal(format!("stats task failed: {e}")))?;
-    let queue_depth = st
-        .shared
-        .jobs
-        .read()
-        .ok()
-        .and_then(|j| j.as_ref().map(|q| q.search.len() + q.caption.len()))
-        .unwrap_or(0);
+    let (s, queue_depth) = st.shared.stats().await?;
     Ok(Json(StatsJson {
         images: s.images as u64,
         deleted: s.dead_rows as u64,

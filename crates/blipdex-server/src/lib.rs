@@ -228,6 +228,22 @@ impl Shared {
         })
     }
 
+    /// The engine's stats (off the runtime: it walks the index directory) and how many
+    /// requests wait in the queues.
+    pub(crate) async fn stats(&self) -> blipdex_core::Result<(blipdex_search::Stats, usize)> {
+        let engine = self.engine()?;
+        let stats = tokio::task::spawn_blocking(move || engine.stats())
+            .await
+            .map_err(|e| Error::Internal(format!("stats task failed: {e}")))?;
+        let queue_depth = self
+            .jobs
+            .read()
+            .ok()
+            .and_then(|j| j.as_ref().map(|q| q.search.len() + q.caption.len()))
+            .unwrap_or(0);
+        Ok((stats, queue_depth))
+    }
+
     /// Validates `query`, queues it on its lane without waiting (a full queue is
     /// [`Error::Overloaded`]) and awaits the engine's answer. Every transport goes through here.
     pub(crate) async fn submit(

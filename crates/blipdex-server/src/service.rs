@@ -8,8 +8,8 @@ use std::time::Instant;
 use blipdex_model::CaptionRequest as EngineCaptionRequest;
 use blipdex_search::filter::{format_offset, format_wall_clock};
 use blipdex_search::{
-    dedup_ids, Answer, CaptionOutcome, CaptionSource, Engine, Near, PhotoFilter, Query,
-    SearchParams, SortBy,
+    dedup_ids, Answer, CaptionOutcome, CaptionSource, Near, PhotoFilter, Query, SearchParams,
+    SortBy,
 };
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::codegen::{BoxFuture, Service};
@@ -48,10 +48,6 @@ pub(crate) struct Handlers {
 }
 
 impl Handlers {
-    fn engine(&self) -> Result<Arc<Engine>, Status> {
-        self.shared.engine().map_err(|e| status_from(&e))
-    }
-
     async fn submit(&self, rpc: &'static str, query: Query) -> Result<Answer, Status> {
         self.shared
             .submit(rpc, query)
@@ -271,17 +267,7 @@ impl Retrieval for Handlers {
         _request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         self.timed("GetStats", async {
-            let engine = self.engine()?;
-            let s = tokio::task::spawn_blocking(move || engine.stats())
-                .await
-                .map_err(|e| Status::internal(format!("stats task failed: {e}")))?;
-            let queue_depth = self
-                .shared
-                .jobs
-                .read()
-                .ok()
-                .and_then(|j| j.as_ref().map(|q| q.search.len() + q.caption.len()))
-                .unwrap_or(0);
+            let (s, queue_depth) = self.shared.stats().await.map_err(|e| status_from(&e))?;
             Ok(pb::GetStatsResponse {
                 images: s.images as u64,
                 deleted: s.dead_rows as u64,
