@@ -21,6 +21,21 @@ pub enum BenchCommand {
     Caption(CaptionBench),
     /// Exact and ANN search on a synthetic index: queries/s, latency, recall.
     Search(crate::bench_search::SearchBench),
+    /// Decode + Pillow-exact resize of photo files on one thread, as ingest's decode workers
+    /// run it: images/s per core, for the decode and the resize apart.
+    Decode(DecodeBench),
+}
+
+#[derive(Args, Debug)]
+pub struct DecodeBench {
+    /// Image files to decode (each once per run).
+    #[arg(required = true)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Output side (BLIP-2's processors resize to 224x224).
+    #[arg(long, env = "BLIPDEX_BENCH_SIZE", default_value_t = 224)]
+    pub size: u32,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 #[derive(Args, Debug)]
@@ -79,6 +94,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Embed(a) => embed(a),
         BenchCommand::Caption(a) => caption(a),
         BenchCommand::Search(a) => crate::bench_search::run(a),
+        BenchCommand::Decode(a) => decode(a),
     }
 }
 
@@ -268,5 +284,55 @@ fn caption(a: &CaptionBench) -> anyhow::Result<()> {
             "peak_rss_mib": peak_rss_mib(),
         }),
     );
+    Ok(())
+}
+
+/// Best-of-`iters` seconds for decoding every file and for resizing every decoded image, on
+/// this thread (the unit of ingest's decode pool), after one warm-up run.
+fn decode(a: &DecodeBench) -> anyhow::Result<()> {
+    use blipdex_model::image::{resize_bicubic, ImageConfig, ImageProcessor};
+    let processor = ImageProcessor::new(ImageConfig::blip2_default()).with_exif_orientation(true);
+    let files: Vec<(String, Vec<u8>)> = a
+        .files
+        .iter()
+        .map(|p| {
+            Ok((
+                p.display().to_string(),
+                std::fs::read(p).with_context(|| p.display().to_string())?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut best = (f64::INFINITY, f64::INFINITY);
+    let mut pixels = 0u64;
+    for _ in 0..=a.common.iters.max(1) {
+        let (mut dec, mut res) = (0.0, 0.0);
+        pixels = 0;
+        for (name, bytes) in &files {
+            let t = Instant::now();
+            let img = processor.load_bytes(bytes, name)?;
+            dec += t.elapsed().as_secs_f64();
+            pixels += u64::from(img.width()) * u64::from(img.height());
+            let t = Instant::now();
+            let out = resize_bicubic(&img, a.size, a.size)?;
+            res += t.elapsed().as_secs_f64();
+            std::hint::black_box(out);
+        }
+        best = (best.0.min(dec), best.1.min(res));
+    }
+    let n = files.len() as f64;
+    let out = json!({
+        "bench": "decode",
+        "files": files.len(),
+        "megapixels_per_image": pixels as f64 / n / 1e6,
+        "size": a.size,
+        "decode_ms_per_image": best.0 * 1e3 / n,
+        "resize_ms_per_image": best.1 * 1e3 / n,
+        "images_per_s_per_core": n / (best.0 + best.1),
+    });
+    if a.common.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
     Ok(())
 }
