@@ -1016,6 +1016,7 @@ mod tests {
             (225, 3),
             (97, 96),
         ];
+        let mut ran = std::collections::BTreeSet::new();
         for &(n_in, n_out) in &sizes {
             let c = precompute_coeffs(n_in, n_out);
             let (rows, row0) = (3, 2);
@@ -1023,21 +1024,97 @@ mod tests {
                 let src: Vec<u8> = (0..n_in * (rows + row0) * 3)
                     .map(|_| fill.unwrap_or_else(&mut byte))
                     .collect();
+                let want = scalar_horizontal(&src, n_in, row0, rows, &c, n_out);
                 assert_eq!(
                     resample_horizontal(&src, n_in, row0, rows, &c, n_out),
-                    scalar_horizontal(&src, n_in, row0, rows, &c, n_out),
+                    want,
                     "horizontal {n_in} -> {n_out}, fill {fill:?}"
                 );
+                for path in PATHS {
+                    let mut out = vec![0u8; n_out * rows * 3];
+                    let op = Horizontal {
+                        src: &src[row0 * n_in * 3..(row0 + rows) * n_in * 3],
+                        src_w: n_in,
+                        c: &c,
+                        out: &mut out,
+                        out_w: n_out,
+                    };
+                    if run_on(path, op) {
+                        ran.insert(path);
+                        assert_eq!(out, want, "horizontal {n_in} -> {n_out} on {path:?}");
+                    }
+                }
                 // Vertical: n_in rows of a 9-pixel-wide image, columns 2..7.
                 let src: Vec<u8> = (0..n_in * 9 * 3)
                     .map(|_| fill.unwrap_or_else(&mut byte))
                     .collect();
+                let want = scalar_vertical(&src, 9, 2, 5, &c, n_out);
                 assert_eq!(
                     resample_vertical(&src, 9, 2, 5, &c, n_out),
-                    scalar_vertical(&src, 9, 2, 5, &c, n_out),
+                    want,
                     "vertical {n_in} -> {n_out}, fill {fill:?}"
                 );
+                for path in PATHS {
+                    let mut out = vec![0u8; 5 * 3 * n_out];
+                    let op = Vertical {
+                        src: &src,
+                        src_w: 9,
+                        col0: 2,
+                        cols: 5,
+                        c: &c,
+                        out: &mut out,
+                    };
+                    if run_on(path, op) {
+                        assert_eq!(out, want, "vertical {n_in} -> {n_out} on {path:?}");
+                    }
+                }
             }
+        }
+        println!("resize paths tested on this CPU: {ran:?}");
+        // As for the GEMM: CI names the path its machines must run (a missing one fails).
+        if let Ok(want) = std::env::var("BLIPDEX_REQUIRE_CPU_GEMM") {
+            let need = match want.as_str() {
+                "avx512" => Some(SimdPath::Avx512),
+                "avx2" => Some(SimdPath::Avx2),
+                _ => None,
+            };
+            if let Some(need) = need {
+                assert!(
+                    ran.contains(&need),
+                    "{need:?} required but not run: {ran:?}"
+                );
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum SimdPath {
+        Scalar,
+        Avx2,
+        Avx512,
+    }
+
+    const PATHS: [SimdPath; 3] = [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512];
+
+    /// Runs `op` compiled for `path`, if this CPU has it (dispatch alone would test only the
+    /// widest path here).
+    fn run_on<Op: pulp::WithSimd<Output = ()>>(path: SimdPath, op: Op) -> bool {
+        use pulp::Simd;
+        match path {
+            SimdPath::Scalar => {
+                pulp::Scalar::new().vectorize(op);
+                true
+            }
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 => pulp::x86::V3::try_new()
+                .map(|s| Simd::vectorize(s, op))
+                .is_some(),
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx512 => pulp::x86::V4::try_new()
+                .map(|s| Simd::vectorize(s, op))
+                .is_some(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
     }
 
