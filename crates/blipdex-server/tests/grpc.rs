@@ -1296,14 +1296,16 @@ async fn reload_does_not_wait_behind_a_caption_flush() -> Result<()> {
         .into_inner()
         .hits;
     let (a, b) = (hits[0].image_id, hits[1].image_id);
-    // A caption queued for write-back, and the writer lock held here, as an ingest would.
+    // The writer lock held here, as an ingest would, then a caption queued for write-back (in
+    // this order: a flush finds nothing to write before the caption exists, so it never holds
+    // the lock when this test takes it).
+    let index = ix.index.clone();
+    let mut writer = blocking(move || blipdex_store::Store::open_writable(&index)).await?;
     let by_id = CaptionRequest {
         source: Some(caption_request::Source::ImageId(a)),
         ..Default::default()
     };
     client.caption(by_id).await?;
-    let index = ix.index.clone();
-    let mut writer = blocking(move || blipdex_store::Store::open_writable(&index)).await?;
     let before = client.get_stats(GetStatsRequest {}).await?.into_inner();
     // Flush ticks now wait for the lock, up to 5 s each.
     tokio::time::sleep(Duration::from_millis(400)).await;
