@@ -52,6 +52,11 @@ pub struct IngestArgs {
     /// Reject images with more pixels than this (decompression-bomb guard) [default: 178956970].
     #[arg(long, env = "BLIPDEX_MAX_IMAGE_PIXELS")]
     pub max_image_pixels: Option<u64>,
+    /// How JPEGs are decoded: exact (every pixel, then the Pillow-exact resize: transformers'
+    /// numbers) or fast (a reduced DCT scale keeping twice the model's input size) [default: fast
+    /// on a GPU, exact on the CPU].
+    #[arg(long, env = "BLIPDEX_DECODE")]
+    pub decode: Option<blipdex_model::image::DecodeMode>,
     /// Glob a file's path must match to be indexed (repeatable: any of them); replaces the
     /// pipeline file's `include`.
     #[arg(long, env = "BLIPDEX_INCLUDE", value_delimiter = ',')]
@@ -115,6 +120,7 @@ impl IngestArgs {
         );
         set!(
             max_image_pixels,
+            decode,
             caption_model,
             vision_cache,
             listing_column

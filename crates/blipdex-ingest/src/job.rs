@@ -48,6 +48,10 @@ pub struct IngestJob {
     pub decode_threads: usize,
     #[serde(default = "defaults::max_image_pixels")]
     pub max_image_pixels: u64,
+    /// How JPEGs are decoded: `exact` (full size, transformers' numbers) or `fast` (a reduced
+    /// DCT scale that keeps twice the model's input size). Unset: fast on a GPU, where the
+    /// decoding bounds the rate, exact on the CPU, where the model does (README: "Decoding").
+    pub decode: Option<blipdex_model::image::DecodeMode>,
     /// Store embeddings as f16 on disk (half the size; scores change by ~1e-3).
     #[serde(default)]
     pub f16_embeddings: bool,

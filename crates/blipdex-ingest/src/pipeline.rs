@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use blipdex_core::{paths, Error, Result};
-use blipdex_model::image::ImageProcessor;
+use blipdex_model::image::{DecodeMode, ImageProcessor};
 use blipdex_model::vision_cache::{self, CacheDtype};
 use blipdex_model::{CaptionRequest, Captioner, Retriever};
 
@@ -44,6 +44,8 @@ pub struct IngestSummary {
     pub model_seconds: f64,
     /// Captions generated (new images and earlier ones that had none).
     pub captioned: usize,
+    /// How JPEGs were decoded: `exact` or `fast`.
+    pub decode: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -288,15 +290,33 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
         }
     }
 
+    let decode_mode = job.decode.unwrap_or(if retriever.model.device().is_cuda() {
+        DecodeMode::Fast
+    } else {
+        DecodeMode::Exact
+    });
+    summary.decode = decode_mode.to_string();
     let processor = retriever
         .processor
         .clone()
-        .with_max_pixels(job.max_image_pixels);
+        .with_max_pixels(job.max_image_pixels)
+        .with_decode(decode_mode);
     // The captioner decodes the same image; preprocess twice only if its settings differ.
     let caption_processor = models
         .captioner
         .filter(|c| c.processor.config != processor.config)
         .map(|c| c.processor.clone());
+    // A fast decode keeps twice the largest input side of either model.
+    let mut loader = processor.clone();
+    if let Some(c) = &caption_processor {
+        loader.config.width = loader.config.width.max(c.config.width);
+        loader.config.height = loader.config.height.max(c.config.height);
+    }
+    let processors = Processors {
+        loader: &loader,
+        retrieval: &processor,
+        caption: caption_processor.as_ref(),
+    };
     let embedder = Embedder {
         retriever,
         processor: &processor,
@@ -314,11 +334,10 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
         let (done_tx, done_rx) =
             crossbeam_channel::bounded::<Decoded>(job.batch_size * 2 + threads);
         for _ in 0..threads {
-            let (work_rx, done_tx, processor) = (work_rx.clone(), done_tx.clone(), &processor);
-            let caption_processor = caption_processor.as_ref();
+            let (work_rx, done_tx, processors) = (work_rx.clone(), done_tx.clone(), &processors);
             scope.spawn(move || {
                 for (entry, read) in work_rx {
-                    let decoded = decode(processor, caption_processor, entry, read);
+                    let decoded = decode(processors, entry, read);
                     if done_tx.send(decoded).is_err() {
                         break;
                     }
@@ -352,7 +371,7 @@ fn ingest_into(job: &IngestJob, models: IngestModels<'_>, index: &Path) -> Resul
                     continue;
                 }
                 // Its bytes changed under an unchanged size and mtime: index it afresh.
-                decode(&processor, caption_processor.as_ref(), d.entry, Read::Full)
+                decode(&processors, d.entry, Read::Full)
             } else {
                 d
             };
@@ -682,13 +701,17 @@ fn record(
     }
 }
 
+/// The decode workers' processors.
+struct Processors<'a> {
+    /// Decodes (its size decides a fast decode's scale: the larger of the two models' inputs).
+    loader: &'a ImageProcessor,
+    retrieval: &'a ImageProcessor,
+    /// The captioner's, where its settings differ from the retrieval model's.
+    caption: Option<&'a ImageProcessor>,
+}
+
 /// Read once, hash those bytes, decode the same bytes: what is embedded is what was hashed.
-fn decode(
-    processor: &ImageProcessor,
-    caption_processor: Option<&ImageProcessor>,
-    mut entry: FileEntry,
-    read: Read,
-) -> Decoded {
+fn decode(p: &Processors<'_>, mut entry: FileEntry, read: Read) -> Decoded {
     let bytes = match entry.read() {
         Ok(b) => b,
         Err(err) => {
@@ -708,13 +731,12 @@ fn decode(
     let what = shown(&entry.path);
     let result = match read {
         Read::MetaOnly => Ok(None),
-        Read::Full => processor.load_bytes(&bytes, &what).and_then(|img| {
-            let (width, height) = img.dimensions();
+        Read::Full => p.loader.load(&bytes, &what).and_then(|img| {
             Ok(Some(Pixels {
-                retrieval: processor.preprocess(&img)?,
-                caption: caption_processor.map(|c| c.preprocess(&img)).transpose()?,
-                width,
-                height,
+                retrieval: p.retrieval.preprocess(&img.image)?,
+                caption: p.caption.map(|c| c.preprocess(&img.image)).transpose()?,
+                width: img.width,
+                height: img.height,
                 meta: meta.clone(),
             }))
         }),

@@ -271,6 +271,54 @@ pub struct ImageProcessor {
     pub max_pixels: u64,
     /// Rotate/flip by the EXIF orientation tag. Off by default: transformers ignores EXIF.
     pub apply_exif_orientation: bool,
+    /// How JPEGs are decoded before the resize ([`DecodeMode::Exact`] by default).
+    pub decode: DecodeMode,
+}
+
+/// How [`ImageProcessor`] decodes JPEGs for the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeMode {
+    /// Every pixel at full size, then the Pillow-exact resize: transformers' numbers (`embed`'s
+    /// parity contract).
+    #[default]
+    Exact,
+    /// JPEGs decoded in the DCT domain at the smallest scale (1/2, 1/4 or 1/8) that still leaves
+    /// at least twice the model's input size on both sides, then the same antialiased resize.
+    /// The resize of a 12 MP photo reads a sixteenth of the pixels and the IDCT shrinks with
+    /// the scale; the entropy decoding stays. Close to, not equal to, [`DecodeMode::Exact`]
+    /// (the measured deviation is in the README). Other formats and JPEGs too small to shrink
+    /// decode exactly.
+    Fast,
+}
+
+impl std::str::FromStr for DecodeMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "fast" => Ok(Self::Fast),
+            other => Err(format!("unknown decode mode {other:?} (use exact or fast)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Exact => "exact",
+            Self::Fast => "fast",
+        })
+    }
+}
+
+/// A decoded image and the size it has on disk (after EXIF orientation). [`DecodeMode::Fast`]
+/// may decode fewer pixels than that.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub image: RgbImage,
+    pub width: u32,
+    pub height: u32,
 }
 
 impl ImageProcessor {
@@ -280,7 +328,14 @@ impl ImageProcessor {
             config,
             max_pixels: DEFAULT_MAX_PIXELS,
             apply_exif_orientation: false,
+            decode: DecodeMode::Exact,
         }
+    }
+
+    /// Set how JPEGs are decoded (builder style).
+    pub fn with_decode(mut self, decode: DecodeMode) -> Self {
+        self.decode = decode;
+        self
     }
 
     /// Set the pixel limit (builder style).
@@ -305,8 +360,15 @@ impl ImageProcessor {
     /// RGB. The dimensions in the header are checked against `max_pixels` before any pixel is
     /// decoded. Transparency is composited over opaque white exactly as transformers'
     /// `convert_to_rgb` does (`PIL.Image.alpha_composite` over white, then `convert("RGB")`).
-    /// `what` names the image in errors.
+    /// `what` names the image in errors. With [`DecodeMode::Fast`] the image may be smaller
+    /// than on disk (see [`ImageProcessor::load`]).
     pub fn load_bytes(&self, bytes: &[u8], what: &str) -> Result<RgbImage> {
+        Ok(self.load(bytes, what)?.image)
+    }
+
+    /// [`ImageProcessor::load_bytes`] with the image's size on disk (after EXIF orientation),
+    /// which a [`DecodeMode::Fast`] decode does not show.
+    pub fn load(&self, bytes: &[u8], what: &str) -> Result<Loaded> {
         let bad = |reason: String| Error::BadImage {
             what: what.to_string(),
             reason,
@@ -339,6 +401,11 @@ impl ImageProcessor {
                 "truncated JPEG (no end-of-image marker); re-copy or re-export the file".into(),
             ));
         }
+        if self.decode == DecodeMode::Fast && bytes.starts_with(&[0xFF, 0xD8]) {
+            if let Some(loaded) = self.load_jpeg_scaled(bytes, width, height) {
+                return Ok(loaded);
+            }
+        }
 
         // Pass 2: decode. Allow enough memory for the largest image under the limit (16-bit RGBA).
         let mut limits = image::Limits::default();
@@ -369,7 +436,73 @@ impl ImageProcessor {
                 img.height()
             )));
         }
-        Ok(to_rgb_like_pil(img))
+        let (width, height) = (img.width(), img.height());
+        Ok(Loaded {
+            image: to_rgb_like_pil(img),
+            width,
+            height,
+        })
+    }
+
+    /// [`DecodeMode::Fast`]'s JPEG decode, or `None` where the exact path must run: no scale
+    /// leaves twice the input size, a pixel format other than 8-bit RGB/grey (CMYK is converted
+    /// as Pillow does it on the exact path), or any decoding error (the exact decoder then
+    /// names the problem in its own words).
+    fn load_jpeg_scaled(&self, bytes: &[u8], width: u32, height: u32) -> Option<Loaded> {
+        let cfg = &self.config;
+        let need = u32::try_from(2 * cfg.width.max(cfg.height)).ok()?;
+        let (w16, h16) = (u16::try_from(width).ok()?, u16::try_from(height).ok()?);
+        // jpeg-decoder's scale() accepts a size reached on either side; pick the scale that
+        // keeps both sides, as the IDCT sizes it (ceil(side * s / 8)).
+        let scaled = |side: u32, s: u32| (side * s).div_ceil(8);
+        let s = [1, 2, 4]
+            .into_iter()
+            .find(|&s| scaled(width, s) >= need && scaled(height, s) >= need)?;
+        let mut decoder = jpeg_decoder::Decoder::new(bytes);
+        decoder.read_info().ok()?;
+        let info = decoder.info()?;
+        if (info.width, info.height) != (w16, h16) {
+            return None;
+        }
+        let (ow, oh) = decoder
+            .scale(scaled(width, s) as u16, scaled(height, s) as u16)
+            .ok()?;
+        let (ow, oh) = (u32::from(ow), u32::from(oh));
+        if ow < need || oh < need || ow >= width {
+            return None;
+        }
+        let pixels = decoder.decode().ok()?;
+        let image = match info.pixel_format {
+            jpeg_decoder::PixelFormat::RGB24 => RgbImage::from_raw(ow, oh, pixels)?,
+            jpeg_decoder::PixelFormat::L8 => {
+                let rgb = pixels.iter().flat_map(|&v| [v; 3]).collect();
+                RgbImage::from_raw(ow, oh, rgb)?
+            }
+            _ => return None,
+        };
+        let mut img = DynamicImage::ImageRgb8(image);
+        let (mut width, mut height) = (width, height);
+        if self.apply_exif_orientation {
+            let orientation = decoder
+                .exif_data()
+                .and_then(image::metadata::Orientation::from_exif_chunk)
+                .unwrap_or(image::metadata::Orientation::NoTransforms);
+            use image::metadata::Orientation::{
+                Rotate270, Rotate270FlipH, Rotate90, Rotate90FlipH,
+            };
+            if matches!(
+                orientation,
+                Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH
+            ) {
+                (width, height) = (height, width);
+            }
+            img.apply_orientation(orientation);
+        }
+        Some(Loaded {
+            image: img.into_rgb8(),
+            width,
+            height,
+        })
     }
 
     fn check_pixels(&self, width: u32, height: u32, what: &str) -> Result<()> {
@@ -1517,5 +1650,178 @@ mod tests {
             .expect("gif");
         assert_eq!(rgb.get_pixel(0, 0).0, [200, 10, 10]);
         assert_eq!(rgb.get_pixel(5, 5).0, [255, 255, 255]);
+    }
+
+    /// A photo-like test picture: smooth gradients, a textured patch and hard edges.
+    fn scene(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            let texture = ((x * 7 + y * 13) % 29) as f32 * 2.0;
+            let edge = if (x / 97 + y / 61) % 2 == 0 {
+                60.0
+            } else {
+                0.0
+            };
+            image::Rgb([
+                (fx * 180.0 + edge) as u8,
+                (fy * 150.0 + texture) as u8,
+                ((1.0 - fx) * 120.0 + fy * 60.0 + edge * 0.5) as u8,
+            ])
+        })
+    }
+
+    /// An APP1 segment holding an EXIF orientation tag, inserted after SOI.
+    fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = b"II*\0\x08\0\0\0\x01\0".to_vec();
+        tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0]);
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    fn jpeg(img: &RgbImage) -> Vec<u8> {
+        encode(
+            &DynamicImage::ImageRgb8(img.clone()),
+            image::ImageFormat::Jpeg,
+        )
+    }
+
+    #[test]
+    fn fast_decode_keeps_twice_the_input_size_and_stays_close() {
+        let exact = ImageProcessor::new(ImageConfig::blip2_default());
+        let fast = exact.clone().with_decode(DecodeMode::Fast);
+        // (source size, the scale's expected output): 1/4 leaves 500x375 < 448, so 1/2 is used;
+        // a 1/8 fits 4000x4000; 1/2 of a 1000-pixel side is 500; 800 px cannot shrink.
+        for ((w, h), decoded) in [
+            ((4000, 3000), (1000, 750)),
+            ((4000, 4000), (500, 500)),
+            ((2001, 1000), (1001, 500)),
+            ((800, 1200), (800, 1200)),
+        ] {
+            let bytes = jpeg(&scene(w, h));
+            let a = exact.load(&bytes, "a.jpg").expect("exact");
+            let b = fast.load(&bytes, "a.jpg").expect("fast");
+            assert_eq!((a.width, a.height), (w, h));
+            assert_eq!(
+                (b.width, b.height),
+                (w, h),
+                "the size on disk, not the decoded one"
+            );
+            assert_eq!(b.image.dimensions(), decoded, "{w}x{h}");
+            let (pa, pb) = (
+                exact.preprocess(&a.image).expect("exact px"),
+                fast.preprocess(&b.image).expect("fast px"),
+            );
+            if decoded == (w, h) {
+                assert_eq!(pa, pb, "nothing to shrink: the exact path's values");
+                continue;
+            }
+            // Pixel difference after the resize to 224, in uint8 levels.
+            let (ra, rb) = (
+                resize_bicubic(&a.image, 224, 224).expect("resize"),
+                resize_bicubic(&b.image, 224, 224).expect("resize"),
+            );
+            let diffs: Vec<u32> = ra
+                .as_raw()
+                .iter()
+                .zip(rb.as_raw())
+                .map(|(&x, &y)| u32::from(x.abs_diff(y)))
+                .collect();
+            let mean = diffs.iter().sum::<u32>() as f64 / diffs.len() as f64;
+            let max = diffs.iter().copied().max().unwrap_or(0);
+            eprintln!("{w}x{h} fast vs exact after the resize: mean {mean:.3}, max {max} levels");
+            assert!(
+                mean < 1.0 && max <= 12,
+                "{w}x{h}: mean {mean:.3}, max {max}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_decode_applies_exif_orientation_and_grey() {
+        let p = ImageProcessor::new(ImageConfig::blip2_default())
+            .with_exif_orientation(true)
+            .with_decode(DecodeMode::Fast);
+        let bytes = with_orientation(&jpeg(&scene(2000, 1000)), 6);
+        let exact = p
+            .clone()
+            .with_decode(DecodeMode::Exact)
+            .load(&bytes, "r.jpg")
+            .expect("exact");
+        let fast = p.load(&bytes, "r.jpg").expect("fast");
+        assert_eq!((exact.width, exact.height), (1000, 2000));
+        assert_eq!(
+            (fast.width, fast.height),
+            (1000, 2000),
+            "rotated 90°: sides swap"
+        );
+        assert_eq!(fast.image.dimensions(), (500, 1000));
+        // The same corner comes out on top: compare the means of the top rows.
+        let top = |img: &RgbImage, rows: u32| {
+            let w = img.width();
+            let px: Vec<u32> = (0..rows)
+                .flat_map(|y| (0..w).map(move |x| (x, y)))
+                .map(|(x, y)| u32::from(img.get_pixel(x, y).0[0]))
+                .collect();
+            px.iter().sum::<u32>() as f64 / px.len() as f64
+        };
+        let (te, tf) = (top(&exact.image, 40), top(&fast.image, 20));
+        assert!(
+            (te - tf).abs() < 2.0,
+            "top rows: exact {te:.1}, fast {tf:.1}"
+        );
+
+        let grey = DynamicImage::ImageLuma8(image::GrayImage::from_fn(1800, 1800, |x, y| {
+            image::Luma([((x + y) / 15) as u8])
+        }));
+        let loaded = p
+            .load(&encode(&grey, image::ImageFormat::Jpeg), "g.jpg")
+            .expect("grey");
+        assert_eq!(loaded.image.dimensions(), (450, 450));
+        assert!(loaded
+            .image
+            .pixels()
+            .all(|px| px.0[0] == px.0[1] && px.0[1] == px.0[2]));
+    }
+
+    #[test]
+    fn fast_decode_refuses_what_the_exact_path_refuses() {
+        let p = ImageProcessor::new(ImageConfig::blip2_default())
+            .with_decode(DecodeMode::Fast)
+            .with_max_pixels(4000 * 3000 - 1);
+        let bytes = jpeg(&scene(4000, 3000));
+        let err = p.load(&bytes, "big.jpg").expect_err("over the pixel limit");
+        assert!(matches!(err, Error::ImageTooLarge { .. }), "{err}");
+
+        let p = p.with_max_pixels(DEFAULT_MAX_PIXELS);
+        let err = p
+            .load(&bytes[..bytes.len() / 2], "cut.jpg")
+            .expect_err("truncated");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // Garbage inside the scan (end marker kept): whatever the fast decoder makes of it, the
+        // outcome is the exact path's or a clean error, never a panic or a read past the data.
+        let mut bad = bytes.clone();
+        let sos = bad.windows(2).position(|w| w == [0xFF, 0xDA]).expect("SOS");
+        for (i, b) in bad[sos + 600..sos + 5000].iter_mut().enumerate() {
+            *b = (i * 37 % 251) as u8;
+        }
+        let _ = p.load(&bad, "garbled.jpg");
+        let png = encode(
+            &DynamicImage::ImageRgb8(scene(1200, 900)),
+            image::ImageFormat::Png,
+        );
+        let loaded = p.load(&png, "p.png").expect("png");
+        assert_eq!(
+            loaded.image.dimensions(),
+            (1200, 900),
+            "only JPEGs shrink in decoding"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use blipdex_ingest::{ingest_with, IngestJob, IngestModels, IngestSummary};
-use blipdex_model::image::{ImageConfig, ImageProcessor};
+use blipdex_model::image::{DecodeMode, ImageConfig, ImageProcessor};
 use blipdex_model::opt::LinearStorage;
 use blipdex_model::vision_cache;
 use blipdex_model::{CaptionRequest, Captioner, LoadOptions, ModelFiles, Retriever};
@@ -42,6 +42,16 @@ fn run_ingest(
     captioner: Option<&Captioner>,
     vision_cache: Option<&str>,
 ) -> Result<IngestSummary> {
+    run_ingest_decoding(root, index, captioner, vision_cache, None)
+}
+
+fn run_ingest_decoding(
+    root: &Path,
+    index: &Path,
+    captioner: Option<&Captioner>,
+    vision_cache: Option<&str>,
+    decode: Option<DecodeMode>,
+) -> Result<IngestSummary> {
     let f = files("itm-a")?;
     let model = Retriever::load(&f, &LoadOptions::default())?;
     let job = IngestJob {
@@ -50,6 +60,7 @@ fn run_ingest(
         model: Some(f.dir.to_string_lossy().into_owned()),
         batch_size: 2,
         vision_cache: vision_cache.map(str::to_string),
+        decode,
         ..Default::default()
     };
     Ok(ingest_with(
@@ -659,5 +670,90 @@ fn exif_metadata_backfilled_without_reembedding() -> Result<()> {
         (0, fresh.len()),
         "{again:?}"
     );
+    Ok(())
+}
+
+/// A 4000x3000 camera-sized JPEG stored rotated (EXIF orientation 6), as phones write them.
+fn camera_jpeg() -> Result<Vec<u8>> {
+    let img = image::RgbImage::from_fn(4000, 3000, |x, y| {
+        let edge = if (x / 173 + y / 101) % 2 == 0 { 70 } else { 0 };
+        image::Rgb([
+            (x * 180 / 4000 + edge) as u8,
+            (y * 150 / 3000 + (x * 7 + y * 13) % 31) as u8,
+            (200 - x * 120 / 4000 + edge / 2) as u8,
+        ])
+    });
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&img)?;
+    // An APP1 EXIF segment after SOI: one IFD entry, Orientation (0x0112) = 6.
+    let mut app1 =
+        b"Exif\0\0II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0\x06\0\0\0\0\0\0\0".to_vec();
+    let len = u16::try_from(app1.len() + 2)?.to_be_bytes();
+    app1.splice(0..0, [0xFF, 0xE1, len[0], len[1]]);
+    jpeg.splice(2..2, app1);
+    Ok(jpeg)
+}
+
+#[test]
+fn fast_decode_ingest_keeps_sizes_and_stays_close() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("photos");
+    copy_photos(&root)?;
+    std::fs::write(root.join("camera.jpg"), camera_jpeg()?)?;
+    let mut stores = Vec::new();
+    for (mode, want) in [
+        (None, "exact"),
+        (Some(DecodeMode::Exact), "exact"),
+        (Some(DecodeMode::Fast), "fast"),
+    ] {
+        let index = tmp.path().join(format!("index-{want}-{}", stores.len()));
+        let s = run_ingest_decoding(&root, &index, None, None, mode)?;
+        ensure!(s.indexed == 6 && s.decode == want, "{mode:?}: {s:?}");
+        stores.push(Store::open_readonly(&index)?);
+    }
+    let by_path = |st: &Store| -> Result<Vec<(String, u32, u32, Vec<f32>)>> {
+        let mut rows: Vec<_> = st
+            .iter()
+            .map(|r| {
+                let e = st.embeds(r.image_id).context("embeds")?;
+                Ok((r.path, r.width, r.height, e))
+            })
+            .collect::<Result<_>>()?;
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(rows)
+    };
+    let (default, exact, fast) = (
+        by_path(&stores[0])?,
+        by_path(&stores[1])?,
+        by_path(&stores[2])?,
+    );
+    ensure!(
+        default == exact,
+        "on the CPU the default is the exact decode"
+    );
+    let dim = stores[0].dim();
+    let mut worst = 1f32;
+    for (e, f) in exact.iter().zip(&fast) {
+        ensure!(
+            (&e.0, e.1, e.2) == (&f.0, f.1, f.2),
+            "paths and sizes on disk"
+        );
+        if !e.0.ends_with(".jpg") {
+            ensure!(e.3 == f.3, "{}: only JPEGs decode differently", e.0);
+            continue;
+        }
+        if e.0.ends_with("camera.jpg") {
+            ensure!((e.1, e.2) == (3000, 4000), "rotated size {}x{}", e.1, e.2);
+        }
+        // The tiny checkpoint's 64-pixel input lets even the fixture JPEGs shrink in decoding.
+        ensure!(e.3 != f.3, "{}: decoded the same way twice", e.0);
+        for (a, b) in e.3.chunks(dim).zip(f.3.chunks(dim)) {
+            let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            worst = worst.min(dot / norm(a) / norm(b));
+        }
+    }
+    eprintln!("fast vs exact decode: lowest query-vector cosine {worst}");
+    ensure!(worst > 0.999, "query vector cosine {worst}");
     Ok(())
 }
