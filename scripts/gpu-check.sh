@@ -18,10 +18,12 @@
 #      embed batch 8 (+ a 20-token caption, + `blipdex ingest` of 96 photos) and 64 in f16, 64 in bf16; then the
 #      real ViT-g shape (--vitg) in f16 and bf16. Embed rows carry the vision tower's time alone (--breakdown).
 #      Between the base-size and ViT-g benches: a per-kernel time profile of blipdex's embed (ncu, where installed).
+#   4. ingest: does the host's CPU feed the GPU? 3,000 generated 12 MP JPEGs (scripts/bench/make_photos.py) ingested
+#      with ViT-g in f16, --decode exact and fast, next to the model alone (ingest.jsonl).
 # Results: $OUT/gpu-check.log (everything), parity.json, captions.json, bench.jsonl (one compare.py result a line),
-# ncu-embed.txt.
+# ncu-embed.txt, ingest.jsonl.
 # GPU_CHECK_DEVICE=cpu runs steps 1-2 on the CPU (a dry run of this script where no GPU is at hand).
-# GPU_CHECK_STEPS picks steps (default "flash parity captions bench ncu vitg"); "profile" (not in the default) times each
+# GPU_CHECK_STEPS picks steps (default "flash parity captions bench ncu vitg ingest"); "profile" (not in the default) times each
 # op of one base-size f16 batch of 64 on both sides (blipdex --profile, torch.profiler with eager attention).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ PY=${PYTHON:-python3}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 exec > >(tee -a "$OUT/gpu-check.log") 2>&1
 step() { echo "== $* ($(date +%T))"; }
-STEPS=" ${GPU_CHECK_STEPS:-flash parity captions bench ncu vitg} "
+STEPS=" ${GPU_CHECK_STEPS:-flash parity captions bench ncu vitg ingest} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 status=0
 
@@ -195,6 +197,36 @@ if [ "$DEV" = cuda ]; then
   if want vitg; then
   BENCH_TIMEOUT=240 bench "ViT-g f16 embed b32" --dtype f16 --iters 5 --only embed --batch-size 32 --embed-model vitg-itm --breakdown
   bench "ViT-g bf16 embed b32" --dtype bf16 --iters 5 --only embed --batch-size 32 --embed-model vitg-itm --breakdown
+  fi
+  # 4. Does the host feed the GPU? `blipdex ingest` of GPU_INGEST_PHOTOS generated 12 MP JPEGs (ViT-g, f16, batch
+  #    32) with --decode exact and fast, against `bench embed` of the same model alone (ingest.jsonl).
+  if want ingest; then
+    step "4. ingest of 12 MP JPEGs vs the model alone"
+    M=$WORK/bench-models/vitg-itm
+    [ -d "$M" ] || timeout 240 $PY scripts/bench/make_checkpoints.py "$WORK/bench-models" --vitg >/dev/null || status=1
+    timeout 180 $PY scripts/bench/make_photos.py --out "$WORK/photos12" --count "${GPU_INGEST_PHOTOS:-3000}" || status=1
+    timeout 120 "$BIN" bench embed --model "$M" --batch-size 32 --iters 5 --device cuda --dtype f16 --json \
+      | tail -1 >"$WORK/alone.json" || status=1
+    for mode in exact fast; do
+      rm -rf "$WORK/index-$mode"
+      timeout 300 "$BIN" ingest --model "$M" --index "$WORK/index-$mode" --device cuda --dtype f16 --batch-size 32 \
+        --decode "$mode" --progress none --json "$WORK/photos12" | tail -1 >"$WORK/ingest-$mode.json" || status=1
+    done
+    $PY - "$WORK" <<'PY' | tee -a "$OUT/ingest.jsonl"
+import json, os, sys
+w = sys.argv[1]
+alone = json.load(open(f"{w}/alone.json"))["images_per_s"]
+row = {"cores": os.cpu_count(), "model_alone_images_per_s": alone}
+for mode in ("exact", "fast"):
+    try:
+        s = json.load(open(f"{w}/ingest-{mode}.json"))
+    except (OSError, ValueError) as e:
+        row[mode] = f"failed: {e}"
+        continue
+    row[mode] = {"images": s["indexed"], "images_per_s": s["images_per_s"], "of_model_alone": s["images_per_s"] / alone,
+                 "decode": s["decode"], "model_seconds": s["model_seconds"], "seconds": s["seconds"]}
+print(json.dumps(row))
+PY
   fi
 fi
 step "done (status $status)"
