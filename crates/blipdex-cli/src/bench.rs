@@ -335,6 +335,7 @@ fn decode(a: &DecodeBench) -> anyhow::Result<()> {
             let out = resize_bicubic(&img.image, a.size, a.size)?;
             res += t.elapsed().as_secs_f64();
             std::hint::black_box(out);
+            ImageProcessor::recycle(img.image);
         }
         let used = cpu() - cpu0;
         if dec + res < best.0 + best.1 {

@@ -732,9 +732,12 @@ fn decode(p: &Processors<'_>, mut entry: FileEntry, read: Read) -> Decoded {
     let result = match read {
         Read::MetaOnly => Ok(None),
         Read::Full => p.loader.load(&bytes, &what).and_then(|img| {
+            let retrieval = p.retrieval.preprocess(&img.image)?;
+            let caption = p.caption.map(|c| c.preprocess(&img.image)).transpose()?;
+            ImageProcessor::recycle(img.image);
             Ok(Some(Pixels {
-                retrieval: p.retrieval.preprocess(&img.image)?,
-                caption: p.caption.map(|c| c.preprocess(&img.image)).transpose()?,
+                retrieval,
+                caption,
                 width: img.width,
                 height: img.height,
                 meta: meta.clone(),

@@ -21,6 +21,11 @@ use blipdex_core::{Error, Result};
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
+thread_local! {
+    /// One RGB buffer per thread for [`ImageProcessor::recycle`].
+    static SPARE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Pillow's decompression-bomb limit: `Image.MAX_IMAGE_PIXELS` is 89_478_485 pixels and Pillow
 /// raises `DecompressionBombError` (rather than only warning) above twice that, i.e. above
 /// 178_956_970 pixels. Images with more pixels than this are refused before their pixels are
@@ -426,8 +431,26 @@ impl ImageProcessor {
         } else {
             image::metadata::Orientation::NoTransforms
         };
-        let mut img =
-            DynamicImage::from_decoder(decoder).map_err(|e| bad(describe_image_error(&e)))?;
+        let mut img = if decoder.color_type() == image::ColorType::Rgb8 {
+            // Into this thread's recycled buffer (see `recycle`), not a fresh allocation.
+            let (w, h) = decoder.dimensions();
+            let mut buf = SPARE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+            buf.resize(
+                usize::try_from(decoder.total_bytes()).unwrap_or(usize::MAX),
+                0,
+            );
+            decoder
+                .read_image(&mut buf)
+                .map_err(|e| bad(describe_image_error(&e)))?;
+            let rgb = RgbImage::from_raw(w, h, buf).ok_or_else(|| {
+                bad(format!(
+                    "the decoder's {w}x{h} RGB buffer has the wrong size"
+                ))
+            })?;
+            DynamicImage::ImageRgb8(rgb)
+        } else {
+            DynamicImage::from_decoder(decoder).map_err(|e| bad(describe_image_error(&e)))?
+        };
         img.apply_orientation(orientation);
         if img.width() == 0 || img.height() == 0 {
             return Err(bad(format!(
@@ -503,6 +526,20 @@ impl ImageProcessor {
             width,
             height,
         })
+    }
+
+    /// Hands a decoded image's buffer back for the next decode on this thread. A camera photo's
+    /// RGB buffer (36 MB at 12 MP) is above glibc's largest mmap threshold, so a fresh one is
+    /// mapped and faulted in page by page on every decode; a decode loop (ingest's workers,
+    /// `bench decode`) that recycles its images skips that.
+    pub fn recycle(image: RgbImage) {
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            let buf = image.into_raw();
+            if buf.capacity() > spare.capacity() {
+                *spare = buf;
+            }
+        });
     }
 
     fn check_pixels(&self, width: u32, height: u32, what: &str) -> Result<()> {
@@ -1823,5 +1860,18 @@ mod tests {
             (1200, 900),
             "only JPEGs shrink in decoding"
         );
+    }
+
+    #[test]
+    fn a_recycled_buffer_decodes_like_a_fresh_one() {
+        let p = ImageProcessor::new(ImageConfig::blip2_default());
+        let (big, small) = (jpeg(&scene(900, 700)), jpeg(&scene(300, 200)));
+        let fresh_small = p.load_bytes(&small, "s.jpg").expect("small");
+        let fresh_big = p.load_bytes(&big, "b.jpg").expect("big");
+        // The big image's buffer, stale pixels and all, serves the small decode, then the big one.
+        ImageProcessor::recycle(fresh_big.clone());
+        assert_eq!(p.load_bytes(&small, "s.jpg").expect("small"), fresh_small);
+        ImageProcessor::recycle(fresh_small.clone());
+        assert_eq!(p.load_bytes(&big, "b.jpg").expect("big"), fresh_big);
     }
 }

@@ -711,7 +711,9 @@ fn fast_decode_ingest_keeps_sizes_and_stays_close() -> Result<()> {
         ensure!(s.indexed == 6 && s.decode == want, "{mode:?}: {s:?}");
         stores.push(Store::open_readonly(&index)?);
     }
-    let by_path = |st: &Store| -> Result<Vec<(String, u32, u32, Vec<f32>)>> {
+    // (path, width, height, embeddings) of every image, by path.
+    type Row = (String, u32, u32, Vec<f32>);
+    let by_path = |st: &Store| -> Result<Vec<Row>> {
         let mut rows: Vec<_> = st
             .iter()
             .map(|r| {
