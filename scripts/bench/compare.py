@@ -25,6 +25,16 @@ from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetriev
 HERE = Path(__file__).resolve().parent
 
 
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def best_of(iters, fn, sync):
     fn()
     sync()
@@ -238,7 +248,14 @@ def main():
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__,
-              "torch_attn": args.torch_attn}
+              "torch_attn": args.torch_attn, "cpu": cpu_model(),
+              # What each side may use: PyTorch's kernels (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA)
+              # and MKL (MKL_ENABLE_INSTRUCTIONS) can be capped, e.g. at AVX2 to stand for an AVX2-only CPU;
+              # blipdex's GEMM and vector loops follow BLIPDEX_CPU_GEMM (= --cpu-gemm).
+              "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "isa_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                     "MKL_ENABLE_INSTRUCTIONS", "BLIPDEX_CPU_GEMM")
+                          if k in os.environ}}
     import transformers
     result["transformers"] = transformers.__version__
     if args.only in (None, "embed"):

@@ -24,7 +24,5 @@ pub mod profile;
 pub mod sgemm;
 
 pub use layout::{merged_dims, AttentionSpec, Part};
-pub use ops::{
-    layer_norm, layer_norm_in, linear_kn, to_dtype, CpuGemm, Kernels, Linear, GEMV_MAX_ROWS,
-};
+pub use ops::{layer_norm_in, linear_kn, to_dtype, CpuGemm, Kernels, Linear, GEMV_MAX_ROWS};
 pub use sgemm::Isa;

@@ -108,7 +108,34 @@ impl std::fmt::Display for CpuGemm {
     }
 }
 
+/// The vector instructions of the pulp loops (layer norm, bias + GELU, softmax, the GEMV, the
+/// fused attention's softmax): the best the CPU has, capped at AVX2 + FMA when the AVX2 GEMM was
+/// chosen, so that `--cpu-gemm avx2` runs, and its tests exercise, what an AVX2-only CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Simd {
+    avx2_only: bool,
+}
+
+impl Simd {
+    pub(crate) fn dispatch<Op: pulp::WithSimd>(self, op: Op) -> Op::Output {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2_only {
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                return pulp::Simd::vectorize(v3, op);
+            }
+        }
+        pulp::Arch::new().dispatch(op)
+    }
+}
+
 impl Kernels {
+    /// See [`Simd`].
+    pub(crate) fn simd(self) -> Simd {
+        Simd {
+            avx2_only: self.cpu_gemm.isa() == Some(Isa::Avx2),
+        }
+    }
+
     /// Multi-head attention, `softmax(scale · q·kᵀ + mask) · v` per head, heads merged into
     /// `[B, Tq, dim]`: fused where a kernel takes the inputs (see [`fused_attention`]), else
     /// the heads split out of q, k and v and [`Kernels::attention_heads`].
@@ -227,6 +254,12 @@ impl Kernels {
         span(name, &x.device().clone(), || {
             add_layer_norm(self, x, residual, ln)
         })
+    }
+
+    /// `ln(x)`: on the CPU in f32 the vectorized pass of [`Kernels::add_layer_norm`] without
+    /// the add; elsewhere candle's layer norm.
+    pub fn layer_norm(self, x: &Tensor, ln: &candle_nn::LayerNorm) -> Result<Tensor> {
+        layer_norm(self, x, ln)
     }
 
     /// `x + y` for a fresh `x` (a matmul output nobody else holds) and `y` of the same shape:
@@ -475,8 +508,14 @@ fn bias_gelu_erf(kern: Kernels, x: Tensor, bias: Option<&Tensor>) -> Result<Tens
     };
     if in_place {
         match bias {
-            Some(b) => x.inplace_op2(b, &BIAS_GELU_ERF)?,
-            None => x.inplace_op1(&GeluErf)?,
+            Some(b) => x.inplace_op2(
+                b,
+                &BiasAct {
+                    gelu: true,
+                    simd: kern.simd(),
+                },
+            )?,
+            None => x.inplace_op1(&GeluErf(kern.simd()))?,
         }
         return Ok(x);
     }
@@ -489,10 +528,9 @@ fn bias_gelu_erf(kern: Kernels, x: Tensor, bias: Option<&Tensor>) -> Result<Tens
 
 /// `softmax(x * scale)` over the last dimension, in place when it can be.
 /// `x` must be a fresh tensor nobody else holds (a matmul output or a masked sum).
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn scaled_softmax_last_dim(kern: Kernels, x: Tensor, scale: f64) -> Result<Tensor> {
     if fast_path(&x) {
-        x.inplace_op1(&ScaledSoftmax(scale as f32))?;
+        x.inplace_op1(&ScaledSoftmax(scale as f32, kern.simd()))?;
         return Ok(x);
     }
     #[cfg(feature = "cuda")]
@@ -501,7 +539,7 @@ fn scaled_softmax_last_dim(kern: Kernels, x: Tensor, scale: f64) -> Result<Tenso
         && x.is_contiguous()
         && crate::cuda::softmax_supported(x.dtype(), x.dims())
     {
-        x.inplace_op1(&ScaledSoftmax(scale as f32))?;
+        x.inplace_op1(&ScaledSoftmax(scale as f32, kern.simd()))?;
         return Ok(x);
     }
     let x = if scale == 1.0 { x } else { (x * scale)? };
@@ -559,12 +597,13 @@ fn add_layer_norm(
     residual: &Tensor,
     ln: &candle_nn::LayerNorm,
 ) -> Result<(Tensor, Tensor)> {
-    if let Some(out) = cpu_layer_norm(&x, Some(residual), ln)? {
+    let simd = kern.simd();
+    if let Some(out) = cpu_layer_norm(simd, &x, Some(residual), ln)? {
         return Ok(out);
     }
     if let Some(ln) = widened_layer_norm(&x, ln)? {
         let f32 = |t: &Tensor| to_dtype(t, DType::F32);
-        if let Some((h, n)) = cpu_layer_norm(&f32(&x)?, Some(&f32(residual)?), &ln)? {
+        if let Some((h, n)) = cpu_layer_norm(simd, &f32(&x)?, Some(&f32(residual)?), &ln)? {
             return Ok((to_dtype(&h, x.dtype())?, to_dtype(&n, x.dtype())?));
         }
     }
@@ -574,12 +613,13 @@ fn add_layer_norm(
 }
 
 /// `ln(x)`: on the CPU in f32 the same pass as [`add_layer_norm`], else candle's.
-pub fn layer_norm(x: &Tensor, ln: &candle_nn::LayerNorm) -> Result<Tensor> {
-    if let Some((_, n)) = cpu_layer_norm(x, None, ln)? {
+fn layer_norm(kern: Kernels, x: &Tensor, ln: &candle_nn::LayerNorm) -> Result<Tensor> {
+    let simd = kern.simd();
+    if let Some((_, n)) = cpu_layer_norm(simd, x, None, ln)? {
         return Ok(n);
     }
     if let Some(ln) = widened_layer_norm(x, ln)? {
-        if let Some((_, n)) = cpu_layer_norm(&to_dtype(x, DType::F32)?, None, &ln)? {
+        if let Some((_, n)) = cpu_layer_norm(simd, &to_dtype(x, DType::F32)?, None, &ln)? {
             return to_dtype(&n, x.dtype());
         }
     }
@@ -666,6 +706,7 @@ fn half_on_cpu(x: &Tensor) -> bool {
 }
 
 fn cpu_layer_norm(
+    simd: Simd,
     x: &Tensor,
     residual: Option<&Tensor>,
     ln: &candle_nn::LayerNorm,
@@ -707,7 +748,7 @@ fn cpu_layer_norm(
         let lo = i * rows_per_task * d;
         let x = &xv[lo..lo + out.len()];
         let r = rv.map(|r| &r[lo..lo + out.len()]);
-        pulp::Arch::new().dispatch(NormRows {
+        simd.dispatch(NormRows {
             x,
             residual: r,
             sum,
@@ -835,7 +876,11 @@ fn linear(lin: &Linear, x: &Tensor) -> Result<Tensor> {
     let y = matmul_t(lin.kern, x, w)?;
     match lin.bias() {
         Some(b) if bias_in_place(lin.kern, &y, b) => {
-            y.inplace_op2(b, &BIAS_ADD)?;
+            let op = BiasAct {
+                gelu: false,
+                simd: lin.kern.simd(),
+            };
+            y.inplace_op2(b, &op)?;
             Ok(y)
         }
         Some(b) => y.broadcast_add(b),
@@ -959,7 +1004,7 @@ fn fused_attention(
                 }
                 None => scale,
             };
-            pulp::Arch::new().dispatch(Rows {
+            kern.simd().dispatch(Rows {
                 xs: scores,
                 n: tk,
                 op: RowOp::Softmax(softmax_scale),
@@ -1080,7 +1125,6 @@ fn cpu_f32(s: &candle_core::Storage, range: Option<(usize, usize)>) -> Result<&[
 /// Otherwise x's leading dimensions are flattened into rows: one GEMM of B·T rows, as PyTorch's
 /// `F.linear` does, rather than candle_nn's B batched GEMMs of T rows against a broadcast weight
 /// (which pads each 257-row image to whole tiles on a GPU and repacks W per image on the CPU).
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 fn matmul_t(kern: Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if kern.cuda {
@@ -1110,13 +1154,13 @@ fn matmul_t(kern: Kernels, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         && w.is_contiguous()
     {
         // bf16/f16 rows (a half-precision tied lm_head) are widened as they stream; f32 sums.
-        let y = to_dtype(x, DType::F32)?.apply_op2_no_bwd(w, &Gemv)?;
+        let y = to_dtype(x, DType::F32)?.apply_op2_no_bwd(w, &Gemv(kern.simd()))?;
         return to_dtype(&y.reshape(dims)?, x.dtype());
     }
     x.reshape((rows, k))?.matmul(&w.t()?)?.reshape(dims)
 }
 
-struct Gemv;
+struct Gemv(Simd);
 
 impl candle_core::CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
@@ -1139,15 +1183,16 @@ impl candle_core::CustomOp2 for Gemv {
         // Output transposed, [N, M]: each task then writes one contiguous block.
         let mut yt = vec![0f32; n * m];
         const ROWS_PER_TASK: usize = 32;
-        fn stream<W: Widen>(x: &[f32], w: &[W], yt: &mut [f32], k: usize, m: usize) {
+        fn stream<W: Widen>(simd: Simd, x: &[f32], w: &[W], yt: &mut [f32], k: usize, m: usize) {
             yt.par_chunks_mut(ROWS_PER_TASK * m)
                 .zip(w.par_chunks(ROWS_PER_TASK * k))
-                .for_each(|(yt, w)| pulp::Arch::new().dispatch(Dots { x, w, yt, k }));
+                .for_each(|(yt, w)| simd.dispatch(Dots { x, w, yt, k }));
         }
+        let simd = self.0;
         match (s2, w) {
-            (CpuStorage::F32(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
-            (CpuStorage::BF16(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
-            (CpuStorage::F16(w), (c, d)) => stream(x, &w[c..d], &mut yt, k, m),
+            (CpuStorage::F32(w), (c, d)) => stream(simd, x, &w[c..d], &mut yt, k, m),
+            (CpuStorage::BF16(w), (c, d)) => stream(simd, x, &w[c..d], &mut yt, k, m),
+            (CpuStorage::F16(w), (c, d)) => stream(simd, x, &w[c..d], &mut yt, k, m),
             _ => candle_core::bail!("{}: needs f32, bf16 or f16 weights", self.name()),
         }
         let y = if m == 1 {
@@ -1294,7 +1339,7 @@ fn contiguous_f32<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a
     }
 }
 
-struct GeluErf;
+struct GeluErf(Simd);
 
 impl InplaceOp1 for GeluErf {
     fn name(&self) -> &'static str {
@@ -1305,7 +1350,7 @@ impl InplaceOp1 for GeluErf {
         let xs = contiguous_f32(s, l, self.name())?;
         xs.par_chunks_mut(CHUNK).for_each(|c| {
             let n = c.len();
-            pulp::Arch::new().dispatch(Rows {
+            self.0.dispatch(Rows {
                 xs: c,
                 n,
                 op: RowOp::BiasGelu(&[]),
@@ -1318,10 +1363,8 @@ impl InplaceOp1 for GeluErf {
 /// `x = x + bias` (`gelu: false`) or `gelu_erf(x + bias)`, in place.
 struct BiasAct {
     gelu: bool,
+    simd: Simd,
 }
-
-const BIAS_ADD: BiasAct = BiasAct { gelu: false };
-const BIAS_GELU_ERF: BiasAct = BiasAct { gelu: true };
 
 impl InplaceOp2 for BiasAct {
     fn name(&self) -> &'static str {
@@ -1338,7 +1381,7 @@ impl InplaceOp2 for BiasAct {
         } else {
             RowOp::Bias
         };
-        with_bias(s, l, b, bl, self.name(), op)
+        with_bias(self.simd, s, l, b, bl, self.name(), op)
     }
 
     #[cfg(feature = "cuda")]
@@ -1355,6 +1398,7 @@ impl InplaceOp2 for BiasAct {
 
 /// Runs a per-row op that takes the bias `[n]` over x's rows, split over rayon.
 fn with_bias<'b>(
+    simd: Simd,
     s: &mut CpuStorage,
     l: &Layout,
     b: &'b CpuStorage,
@@ -1370,7 +1414,7 @@ fn with_bias<'b>(
     let xs = contiguous_f32(s, l, name)?;
     let rows_per_task = (CHUNK / n.max(1)).max(1);
     xs.par_chunks_mut(rows_per_task * n).for_each(|c| {
-        pulp::Arch::new().dispatch(Rows {
+        simd.dispatch(Rows {
             xs: c,
             n,
             op: op(bias),
@@ -1379,7 +1423,7 @@ fn with_bias<'b>(
     Ok(())
 }
 
-struct ScaledSoftmax(f32);
+struct ScaledSoftmax(f32, Simd);
 
 impl InplaceOp1 for ScaledSoftmax {
     fn name(&self) -> &'static str {
@@ -1392,7 +1436,7 @@ impl InplaceOp1 for ScaledSoftmax {
         let xs = contiguous_f32(s, l, self.name())?;
         let rows_per_task = (CHUNK / n).max(1);
         xs.par_chunks_mut(rows_per_task * n).for_each(|c| {
-            pulp::Arch::new().dispatch(Rows {
+            self.1.dispatch(Rows {
                 xs: c,
                 n,
                 op: RowOp::Softmax(scale),
@@ -1709,8 +1753,37 @@ pub(crate) mod tests {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
+    /// `--cpu-gemm avx2` caps the pulp loops at AVX2 (8 f32 lanes) too; the others run the
+    /// CPU's best.
+    #[test]
+    fn simd_follows_the_chosen_gemm() {
+        struct Lanes;
+        impl pulp::WithSimd for Lanes {
+            type Output = usize;
+            fn with_simd<S: pulp::Simd>(self, _: S) -> usize {
+                S::F32_LANES
+            }
+        }
+        let best = pulp::Arch::new().dispatch(Lanes);
+        for k in each_cpu_gemm("simd_follows_the_chosen_gemm") {
+            let want = if k.cpu_gemm == CpuGemm::Isa(Isa::Avx2) {
+                8
+            } else {
+                best
+            };
+            assert_eq!(k.simd().dispatch(Lanes), want, "{:?}", k.cpu_gemm);
+        }
+    }
+
     #[test]
     fn fused_ops_equal_candles_ops() -> anyhow::Result<()> {
+        for k in each_cpu_gemm("fused_ops_equal_candles_ops") {
+            fused_ops_equal_candles_ops_with(k)?;
+        }
+        Ok(())
+    }
+
+    fn fused_ops_equal_candles_ops_with(kern: Kernels) -> anyhow::Result<()> {
         let dev = Device::Cpu;
         // Odd row lengths exercise the remainders; 3 × 1000 rows span several rayon tasks.
         for n in [1usize, 7, 16, 33, 257] {
@@ -1718,19 +1791,19 @@ pub(crate) mod tests {
             let bias = Tensor::randn(0f32, 1.0, n, &dev)?;
 
             let want = x.broadcast_add(&bias)?.gelu_erf()?;
-            let got = bias_gelu_erf(K, x.copy()?, Some(&bias))?;
+            let got = bias_gelu_erf(kern, x.copy()?, Some(&bias))?;
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-5, "bias+gelu n={n}: {d}");
 
             let want = candle_nn::ops::softmax_last_dim(&(&x * 0.125)?)?;
-            let got = scaled_softmax_last_dim(K, x.copy()?, 0.125)?;
+            let got = scaled_softmax_last_dim(kern, x.copy()?, 0.125)?;
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-6, "softmax n={n}: {d}");
         }
         // Strided input takes candle's path and still agrees.
         let x = Tensor::randn(0f32, 1.0, (40, 30), &dev)?.t()?;
         let want = candle_nn::ops::softmax_last_dim(&x.contiguous()?)?;
-        let got = scaled_softmax_last_dim(K, x, 1.0)?;
+        let got = scaled_softmax_last_dim(kern, x, 1.0)?;
         let d = max_abs_diff(&got, &want)?;
         assert!(d < 1e-6, "strided softmax: {d}");
         Ok(())
@@ -1738,8 +1811,15 @@ pub(crate) mod tests {
 
     #[test]
     fn gemv_equals_candles_matmul() -> anyhow::Result<()> {
+        for k in each_cpu_gemm("gemv_equals_candles_matmul") {
+            gemv_equals_candles_matmul_with(k)?;
+        }
+        Ok(())
+    }
+
+    fn gemv_equals_candles_matmul_with(kern: Kernels) -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        // K with and without a remainder after the 64-wide blocks; N across several tasks.
+        // kern with and without a remainder after the 64-wide blocks; N across several tasks.
         for (m, k, n) in [
             (1usize, 768usize, 1000usize),
             (3, 100, 77),
@@ -1750,31 +1830,31 @@ pub(crate) mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let b = Tensor::randn(0f32, 1.0, n, &dev)?;
             let want = candle_nn::Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
-            let got = linear(&Linear::new(w.clone(), Some(b), K), &x)?;
+            let got = linear(&Linear::new(w.clone(), Some(b), kern), &x)?;
             assert_eq!(got.dims(), want.dims());
             let d = max_abs_diff(&got, &want)?;
             assert!(d < 1e-4, "gemv m={m} k={k} n={n}: {d}");
             // bf16 rows (a bf16 tied lm_head) streamed and widened, f32 and bf16 inputs.
             let wb = w.to_dtype(DType::BF16)?;
             let want = x.broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
-            let d = max_abs_diff(&matmul_t(K, &x, &wb)?, &want)?;
+            let d = max_abs_diff(&matmul_t(kern, &x, &wb)?, &want)?;
             assert!(d < 1e-4, "bf16 gemv m={m} k={k} n={n}: {d}");
             let xb = x.to_dtype(DType::BF16)?;
             let want = xb
                 .to_dtype(DType::F32)?
                 .broadcast_matmul(&wb.to_dtype(DType::F32)?.t()?)?;
-            assert_rounding_of(&matmul_t(K, &xb, &wb)?, &want, "bf16 x bf16 gemv")?;
+            assert_rounding_of(&matmul_t(kern, &xb, &wb)?, &want, "bf16 x bf16 gemv")?;
             // f16 rows against f32 activations stream at any row count (there is no candle
             // matmul for the mix).
             let wh = w.to_dtype(DType::F16)?;
             let want = x.broadcast_matmul(&wh.to_dtype(DType::F32)?.t()?)?;
-            let d = max_abs_diff(&matmul_t(K, &x, &wh)?, &want)?;
+            let d = max_abs_diff(&matmul_t(kern, &x, &wh)?, &want)?;
             assert!(d < 1e-4, "f16 gemv m={m} k={k} n={n}: {d}");
         }
         // More rows than GEMV_MAX_ROWS go through candle's matmul unchanged.
         let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 16), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (4, 16), &dev)?;
-        let d = max_abs_diff(&matmul_t(K, &x, &w)?, &x.matmul(&w.t()?)?)?;
+        let d = max_abs_diff(&matmul_t(kern, &x, &w)?, &x.matmul(&w.t()?)?)?;
         assert_eq!(d, 0.0);
         Ok(())
     }
@@ -2009,7 +2089,7 @@ pub(crate) mod tests {
             let (h, n) = add_layer_norm(k, x.clone(), &r, &ln)?;
             assert_rounding_of(&h, &sum, "residual sum")?;
             assert_rounding_of(&n, &ln32.forward(&sum)?, "add + layer norm")?;
-            let n = layer_norm(&x, &ln)?;
+            let n = layer_norm(k, &x, &ln)?;
             assert_rounding_of(&n, &ln32.forward(&f32(&x)?)?, "layer norm")?;
         }
         Ok(())
@@ -2195,6 +2275,13 @@ pub(crate) mod tests {
 
     #[test]
     fn add_layer_norm_matches_f64() -> anyhow::Result<()> {
+        for k in each_cpu_gemm("add_layer_norm_matches_f64") {
+            add_layer_norm_matches_f64_with(k)?;
+        }
+        Ok(())
+    }
+
+    fn add_layer_norm_matches_f64_with(kern: Kernels) -> anyhow::Result<()> {
         let dev = Device::Cpu;
         // Widths with and without a remainder after 16 lanes; rows across several tasks.
         for (rows, d) in [(3usize, 768usize), (50, 37), (1, 1)] {
@@ -2204,10 +2291,10 @@ pub(crate) mod tests {
             let b = Tensor::randn(0f32, 1.0, d, &dev)?;
             let ln = candle_nn::LayerNorm::new(w, b, 1e-6);
             let want_h = (&x + &r)?;
-            let (h, n) = add_layer_norm(K, x.copy()?, &r, &ln)?;
+            let (h, n) = add_layer_norm(kern, x.copy()?, &r, &ln)?;
             assert_eq!(max_abs_diff(&h, &want_h)?, 0.0);
             // Against f64 (candle's own E[x²] − mean² loses digits on rows with a large mean).
-            for (got, input) in [(n, &want_h), (layer_norm(&r, &ln)?, &r)] {
+            for (got, input) in [(n, &want_h), (layer_norm(kern, &r, &ln)?, &r)] {
                 let want = layer_norm_f64(input, &ln)?;
                 let got = got.flatten_all()?.to_vec1::<f32>()?;
                 for (g, w) in got.iter().zip(&want) {
@@ -2226,7 +2313,7 @@ pub(crate) mod tests {
             Tensor::zeros(6, DType::F32, &dev)?,
             1e-5,
         );
-        let (h, n) = add_layer_norm(K, x.copy()?, &r, &ln)?;
+        let (h, n) = add_layer_norm(kern, x.copy()?, &r, &ln)?;
         assert_eq!(max_abs_diff(&h, &(&x + &r)?)?, 0.0);
         assert!(max_abs_diff(&n, &ln.forward(&(&x + &r)?)?)? < 1e-5);
         Ok(())

@@ -291,7 +291,7 @@ impl Module for Blip2VisionModel {
             .first()
             .map_or(&self.post_layernorm, |l| &l.layer_norm1);
         let mut x = span("vision.layer_norm", dev, || {
-            blipdex_kernels::layer_norm(&h, first)
+            self.embeddings.kern.layer_norm(&h, first)
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
             let next = self
