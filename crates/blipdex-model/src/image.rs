@@ -468,9 +468,8 @@ impl ImageProcessor {
     }
 
     /// [`DecodeMode::Fast`]'s JPEG decode, or `None` where the exact path must run: no scale
-    /// leaves twice the input size, a pixel format other than 8-bit RGB/grey (CMYK is converted
-    /// as Pillow does it on the exact path), or any decoding error (the exact decoder then
-    /// names the problem in its own words).
+    /// leaves twice the input size, a pixel format other than 8-bit RGB/grey (CMYK, 12-bit),
+    /// or any decoding error (the exact decoder then names the problem in its own words).
     fn load_jpeg_scaled(&self, bytes: &[u8], width: u32, height: u32) -> Option<Loaded> {
         let cfg = &self.config;
         let need = u32::try_from(2 * cfg.width.max(cfg.height)).ok()?;
