@@ -20,7 +20,8 @@ pub struct SearchArgs {
     pub remote: crate::args::RemoteArgs,
     #[command(flatten)]
     pub model: ModelArgs,
-    /// What to look for, in words (at most 4096 bytes).
+    /// What to look for, in words (at most 4096 bytes); empty (--query "") with --sort date_desc
+    /// or date_asc browses: every photo the filters keep, by date.
     #[arg(long, env = "BLIPDEX_QUERY")]
     pub query: String,
     /// Hits to return.
@@ -102,9 +103,9 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
         args.near,
         args.has_location,
     )?;
-    let query = Query::Text {
-        text: args.query.clone(),
-        params: SearchParams {
+    let query = Query::text(
+        args.query.clone(),
+        SearchParams {
             top_k: args.top_k,
             offset: args.offset,
             exact: args.exact,
@@ -114,9 +115,9 @@ pub fn run(args: &SearchArgs) -> anyhow::Result<()> {
             photo,
             sort: args.sort.parse()?,
         },
-        rerank_top_n: args.rerank,
-        with_captions: args.caption_model.is_some(),
-    };
+        args.rerank,
+        args.caption_model.is_some(),
+    );
     // The query's own rules (limits, a blank query) before minutes of model loading.
     query.validate(args.caption_model.is_some())?;
     let (index, _) = args.remote.local_index(&args.index)?;

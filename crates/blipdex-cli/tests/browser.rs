@@ -1,7 +1,7 @@
 //! The search page (issue 20) in headless Chromium, driven through chromedriver's W3C WebDriver
 //! API: `blipdex serve --http-listen` over an index of the fixture photos with the fixture
 //! checkpoints; the test types a query, sees the thumbnails load, opens a caption, runs "more like
-//! this" and a date filter, and writes a screenshot to `target/test-artifacts/browser-search.png`.
+//! this", a date filter and browsing by date without a query, and writes a screenshot to `target/test-artifacts/browser-search.png`.
 //! Without `chromedriver` (Debian: `chromium chromium-driver`) it says SKIPPED and passes, unless
 //! BLIPDEX_REQUIRE_BROWSER=1.
 
@@ -481,6 +481,35 @@ fn drive(b: &Browser, server: &Server, photos: &[Photo]) -> Result<()> {
             "{h:?} shows no date in {after}..={before}"
         );
     }
+    // Browsing: no query, sorted by date: the same filtered photos, newest first, unscored.
+    b.js(
+        "document.querySelector('#q').value = '';\
+         document.querySelector('#sort').value = 'date_desc';\
+         document.querySelector('#search-form').requestSubmit();",
+        json!([]),
+    )?;
+    let browsed = b.wait(&format!("browsing {want:?} newest first"), |b| {
+        let s = seen(b)?;
+        let names: BTreeSet<&str> = s.hits.iter().map(|h| h.name.as_str()).collect();
+        Ok(
+            (names == want && s.status.contains("by date") && s.hits.iter().all(|h| h.loaded))
+                .then_some(s),
+        )
+    })?;
+    ensure!(
+        browsed.hits.iter().all(|h| h.score.is_empty()),
+        "browsing shows no scores: {:?}",
+        browsed.hits
+    );
+    let dates: Vec<&str> = browsed
+        .hits
+        .iter()
+        .filter_map(|h| h.taken.as_deref())
+        .collect();
+    ensure!(
+        dates.len() == browsed.hits.len() && dates.windows(2).all(|w| w[0] >= w[1]),
+        "not newest first: {dates:?}"
+    );
     // The screenshot shows a caption too.
     caption_first(b)?;
     Ok(())

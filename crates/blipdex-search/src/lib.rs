@@ -426,7 +426,9 @@ impl Engine {
     pub fn check_query(q: &str) -> Result<()> {
         if q.trim().is_empty() {
             return Err(Error::InvalidArgument(
-                "query is empty; send the text to search for".into(),
+                "query is empty; send the text to search for (or, to browse by date without \
+                 one, sort by date_desc or date_asc)"
+                    .into(),
             ));
         }
         if q.len() > MAX_QUERY_BYTES {
@@ -469,6 +471,11 @@ impl Engine {
     /// for ANN results).
     pub fn search_text(&self, store: &Store, t: &[f32], p: &SearchParams) -> Result<Vec<Hit>> {
         Ok(self.hits(store, rank_text(store, t, p)?.into_iter()))
+    }
+
+    /// Every live image the filters keep, in `p.sort`'s date order (see [`browse`]).
+    pub fn browse(&self, store: &Store, p: &SearchParams) -> Result<Vec<Hit>> {
+        Ok(self.hits(store, browse(store, p)?.into_iter()))
     }
 
     /// Image → images: for each of the query's Q vectors, its best cosine over the candidate's
@@ -946,6 +953,19 @@ impl Engine {
             vision_cache_entries: lock(&self.vision_lru).cache.len(),
         }
     }
+}
+
+/// Browsing without a query: the page of every live image the filters keep, in `p.sort`'s
+/// date order (undated last, then by id), each with score 0. One scan of the snapshot's
+/// metadata table, as a filtered search's.
+pub fn browse(store: &Store, p: &SearchParams) -> Result<Vec<(u64, f32)>> {
+    p.validate()?;
+    if p.sort == SortBy::Score || p.min_score.is_some() {
+        return Err(Error::InvalidArgument(
+            "browsing needs a date order and no min_score".into(),
+        ));
+    }
+    Ok(p.rank_matching(p.matching(store)?, |_| Some(0.0)))
 }
 
 /// Text → (image id, ITC score) for the page `p` asks for: EXIF filters first (scoring every

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use blipdex_core::{Error, Result};
 use blipdex_model::CaptionRequest;
 
-use crate::{CaptionOutcome, CaptionSource, Engine, Hit, SearchParams};
+use crate::{CaptionOutcome, CaptionSource, Engine, Hit, SearchParams, SortBy};
 use crate::{MAX_CAPTIONED_HITS, MAX_QUERY_BYTES, MAX_RERANK, MAX_RESULTS};
 
 /// Most images one vision-tower forward pass takes for image queries (bounds activations).
@@ -30,6 +30,13 @@ pub enum Query {
         text: String,
         params: SearchParams,
         rerank_top_n: usize,
+        with_captions: bool,
+    },
+    /// Browsing: every live image the filters keep, in the date order `params.sort` names (a
+    /// text search's blank query with a date order, see [`Query::text`]). Unscored: scores
+    /// are 0, and `min_score` is refused.
+    Browse {
+        params: SearchParams,
         with_captions: bool,
     },
     /// Images like an image (encoded bytes).
@@ -79,10 +86,35 @@ pub struct BatchSizes {
 }
 
 impl Query {
+    /// What a text search request means: [`Query::Text`], or [`Query::Browse`] for a blank
+    /// text sorted by date without reranking (a blank text otherwise stays a `Text` query,
+    /// which [`Query::validate`] refuses with what to send).
+    pub fn text(
+        text: String,
+        params: SearchParams,
+        rerank_top_n: usize,
+        with_captions: bool,
+    ) -> Query {
+        if text.trim().is_empty() && params.sort != SortBy::Score && rerank_top_n == 0 {
+            Query::Browse {
+                params,
+                with_captions,
+            }
+        } else {
+            Query::Text {
+                text,
+                params,
+                rerank_top_n,
+                with_captions,
+            }
+        }
+    }
+
     /// Whether answering generates captions (slow: the server queues such queries apart).
     pub fn generates_captions(&self) -> bool {
         match self {
             Query::Text { with_captions, .. }
+            | Query::Browse { with_captions, .. }
             | Query::Image { with_captions, .. }
             | Query::Similar { with_captions, .. }
             | Query::Rerank { with_captions, .. } => *with_captions,
@@ -118,6 +150,26 @@ impl Query {
                     return Err(Error::InvalidArgument(format!(
                         "offset + max(top_k, rerank_top_n) must be at most {MAX_RESULTS}"
                     )));
+                }
+                check_captioned(*with_captions, params.top_k)
+            }
+            Query::Browse {
+                params,
+                with_captions,
+            } => {
+                params.validate()?;
+                if params.sort == SortBy::Score {
+                    return Err(Error::InvalidArgument(
+                        "browsing without a query needs a date order: sort by date_desc or \
+                         date_asc, or send a query"
+                            .into(),
+                    ));
+                }
+                if params.min_score.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "min_score needs a query to score against; leave it out when browsing"
+                            .into(),
+                    ));
                 }
                 check_captioned(*with_captions, params.top_k)
             }
@@ -330,6 +382,7 @@ impl Engine {
                     w.itm_n = *rerank_top_n;
                     self.search_text(&store, &t, &p)
                 }),
+                Query::Browse { params, .. } => self.browse(&store, params),
                 Query::Image { params, .. } => embedding(&image_embeds, w.image)
                     .and_then(|v| self.search_image(&store, &v, params)),
                 Query::Similar {
@@ -422,6 +475,7 @@ impl Engine {
                     item_owner.push((i, None));
                 }
                 Query::Text { with_captions, .. }
+                | Query::Browse { with_captions, .. }
                 | Query::Image { with_captions, .. }
                 | Query::Similar { with_captions, .. }
                 | Query::Rerank { with_captions, .. }

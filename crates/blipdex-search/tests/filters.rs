@@ -3,7 +3,7 @@
 //! the ANN ranking, filtered; date orders) must give exactly the top-k of a brute-force scan of
 //! the photos that match.
 
-use blipdex_search::{rank_image, rank_text, PhotoFilter, SearchParams, SortBy};
+use blipdex_search::{browse, rank_image, rank_text, PhotoFilter, SearchParams, SortBy};
 use blipdex_store::synth::Synth;
 use blipdex_store::{Batch, ImageRecord, PhotoMeta, Store, StoreOptions};
 
@@ -113,4 +113,43 @@ fn filtered_rankings_equal_brute_force_on_every_path() {
     dated.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let want: Vec<u64> = dated.iter().skip(3).take(7).map(|d| d.1).collect();
     assert_eq!(got, want);
+
+    // Browsing (no query): every match in date order, undated last, ties by id, scores 0.
+    for (filter, what) in [(PhotoFilter::default(), "everything"), (camera, "camera")] {
+        for sort in [SortBy::DateDesc, SortBy::DateAsc] {
+            let p = SearchParams {
+                top_k: 50,
+                offset: 20,
+                photo: filter.clone(),
+                sort,
+                ..SearchParams::default()
+            };
+            let got = browse(&store, &p).unwrap();
+            assert!(got.iter().all(|h| h.1 == 0.0), "browse scores");
+            let mut all: Vec<(Option<i64>, u64)> = store
+                .iter()
+                .filter(|r| filter.matches(r.meta.as_ref()))
+                .map(|r| (r.meta.and_then(|m| m.taken_at), r.image_id))
+                .collect();
+            all.sort_by(|a, b| {
+                let date = match sort {
+                    SortBy::DateAsc => (a.0.is_none(), a.0).cmp(&(b.0.is_none(), b.0)),
+                    _ => (b.0.is_some(), b.0).cmp(&(a.0.is_some(), a.0)),
+                };
+                date.then(a.1.cmp(&b.1))
+            });
+            let want: Vec<u64> = all.iter().skip(20).take(50).map(|d| d.1).collect();
+            assert_eq!(ids(&got), want, "browse {what} {sort:?}");
+        }
+    }
+    let refused = |p: SearchParams| browse(&store, &p).is_err();
+    assert!(
+        refused(SearchParams::default()),
+        "score order without a query"
+    );
+    assert!(refused(SearchParams {
+        sort: SortBy::DateDesc,
+        min_score: Some(0.1),
+        ..SearchParams::default()
+    }));
 }

@@ -231,7 +231,8 @@ struct NearJson {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TextSearch {
-    /// Not empty; at most 4096 bytes.
+    /// At most 4096 bytes. Empty with a date sort (`filters.sort`) and no rerank: browse, every
+    /// photo the filters keep by date, scores 0 (`filters.min_score` is then refused).
     query: String,
     /// Hits per page (default 10); offset + top_k at most 10000.
     top_k: Option<u32>,
@@ -550,12 +551,12 @@ async fn search_text(
     State(st): State<Http>,
     ApiJson(r): ApiJson<TextSearch>,
 ) -> Result<Json<SearchResult>, ApiError> {
-    let query = Query::Text {
-        text: r.query,
-        params: params(r.top_k, r.offset, r.exact, r.ef, r.filters)?,
-        rerank_top_n: r.rerank_top_n.unwrap_or(0) as usize,
-        with_captions: r.with_captions.unwrap_or(false),
-    };
+    let query = Query::text(
+        r.query,
+        params(r.top_k, r.offset, r.exact, r.ef, r.filters)?,
+        r.rerank_top_n.unwrap_or(0) as usize,
+        r.with_captions.unwrap_or(false),
+    );
     st.search("http:SearchText", query).await
 }
 

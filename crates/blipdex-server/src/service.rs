@@ -167,12 +167,12 @@ impl Retrieval for Handlers {
     ) -> Result<Response<pb::SearchResponse>, Status> {
         self.timed("SearchText", async {
             let r = request.into_inner();
-            let query = Query::Text {
-                text: r.query,
-                params: search_params(r.top_k, r.options)?,
-                rerank_top_n: r.rerank_top_n as usize,
-                with_captions: r.with_captions,
-            };
+            let query = Query::text(
+                r.query,
+                search_params(r.top_k, r.options)?,
+                r.rerank_top_n as usize,
+                r.with_captions,
+            );
             found(self.submit("SearchText", query).await?)
         })
         .await

@@ -16,7 +16,7 @@ function el(tag, props = {}, ...kids) {
   return e;
 }
 
-// query: {kind: "text", text} | {kind: "id", imageId, label} | {kind: "image", data, label}
+// query: {kind: "text", text} | {kind: "browse"} | {kind: "id", imageId, label} | {kind: "image", data, label}
 const state = { query: null, offset: 0, seq: 0, blobs: [] };
 
 const token = () => localStorage.getItem(TOKEN_KEY) || "";
@@ -102,7 +102,10 @@ function card(hit) {
   const img = el("img", { alt: hit.caption || name, width: w, height: h, loading: "lazy", decoding: "async" });
   loadThumb(img, hit.thumbnail);
 
-  const score = el("span", { className: "score", title: "ITC score" }, `score ${fmt(hit.itc_score)}`);
+  // Browsing by date scores nothing.
+  const score = state.query && state.query.kind === "browse"
+    ? null
+    : el("span", { className: "score", title: "ITC score" }, `score ${fmt(hit.itc_score)}`);
   const itm = hit.itm_score != null ? el("span", { className: "itm", title: "ITM score (reranked)" }, `ITM ${fmt(hit.itm_score)}`) : null;
   const copies = hit.other_paths && hit.other_paths.length
     ? el("span", { className: "copies", title: hit.other_paths.join("\n") }, `+${hit.other_paths.length} copies`)
@@ -165,6 +168,7 @@ function render(hits) {
 
 function describe(q) {
   if (q.kind === "text") return `“${q.text}”`;
+  if (q.kind === "browse") return $("#sort").value === "date_asc" ? "photos by date, oldest first" : "photos by date, newest first";
   return q.kind === "id" ? `photos like ${q.label}` : `photos like the image ${q.label}`;
 }
 
@@ -179,6 +183,16 @@ async function run() {
   if (q.kind === "text") {
     path = "/api/v1/search/text";
     body = { ...base, query: q.text, rerank_top_n: $("#rerank").checked ? RERANK_N : 0 };
+  } else if (q.kind === "browse") {
+    // A blank query with a date order: every photo the filters keep (no score to threshold).
+    if (!base.filters.sort) {
+      setStatus("Sort by date to browse, or type what to look for.");
+      return;
+    }
+    path = "/api/v1/search/text";
+    const f = { ...base.filters };
+    delete f.min_score;
+    body = { ...base, filters: f, query: "" };
   } else {
     path = "/api/v1/search/image";
     body = { ...base, ...(q.kind === "id" ? { image_id: q.imageId } : { image: q.data }) };
@@ -270,7 +284,8 @@ function init() {
     e.preventDefault();
     const text = $("#q").value.trim();
     if (text) search({ kind: "text", text });
-    else setStatus("Type what to look for, or drop an image on the page.");
+    else if ($("#sort").value !== "score") search({ kind: "browse" });
+    else setStatus("Type what to look for, drop an image on the page, or sort by date to browse.");
   });
   $("#rerank").addEventListener("change", () => {
     if (state.query && state.query.kind === "text") rerunWithFilters();

@@ -1650,6 +1650,29 @@ async fn exif_filters_and_more_like_this() -> Result<()> {
         .map(|h| file_name(&h.path))
         .collect();
     assert_eq!(order, ["oslo_nikon.jpg", "date_no_gps.jpg"]);
+    // The same without a query: browsing, unscored; a blank query in score order is refused.
+    let browsed = client
+        .search_text(SearchTextRequest {
+            query: String::new(),
+            ..search(SearchOptions {
+                camera: "nikon".into(),
+                sort: blipdex_server::pb::SortBy::DateDesc as i32,
+                ..Default::default()
+            })
+        })
+        .await?
+        .into_inner();
+    let order: Vec<&str> = browsed.hits.iter().map(|h| file_name(&h.path)).collect();
+    assert_eq!(order, ["oslo_nikon.jpg", "date_no_gps.jpg"]);
+    assert!(browsed.hits.iter().all(|h| h.itc_score == 0.0));
+    let refused = client
+        .search_text(SearchTextRequest {
+            query: " ".into(),
+            ..search(SearchOptions::default())
+        })
+        .await
+        .expect_err("blank query in score order");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 
     // More like this, by id.
     let first = located.hits[0].image_id;

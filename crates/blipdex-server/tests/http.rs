@@ -332,6 +332,39 @@ fn filters_return_exactly_the_matching_photos() -> Result<()> {
     }
     assert_eq!(paged, order);
 
+    // Browsing: no query, a date order: every photo the filters keep, by date, unscored.
+    let browse = |top_k: usize, offset: usize, filters: Value| -> Result<Value> {
+        server.post(
+            "/api/v1/search/text",
+            json!({"query": "", "top_k": top_k, "offset": offset, "filters": filters}),
+        )
+    };
+    let got = browse(100, 0, json!({"sort": "date_desc"}))?;
+    let browsed = names(&got);
+    assert_eq!(browsed[..newest.len()], newest[..]);
+    assert_eq!(set(&got), all);
+    let scores: Vec<f64> = got["hits"]
+        .as_array()
+        .context("hits")?
+        .iter()
+        .filter_map(|h| h["itc_score"].as_f64())
+        .collect();
+    assert!(
+        scores.len() == all.len() && scores.iter().all(|s| *s == 0.0),
+        "{scores:?}"
+    );
+    let got = browse(
+        100,
+        0,
+        json!({"sort": "date_asc", "taken_after": "2000-01-01"}),
+    )?;
+    assert_eq!(names(&got), oldest);
+    let mut paged = Vec::new();
+    for offset in (0..all.len()).step_by(4) {
+        paged.extend(names(&browse(4, offset, json!({"sort": "date_desc"}))?));
+    }
+    assert_eq!(paged, browsed);
+
     // Hits carry the metadata, as the generator wrote it.
     let oslo = everything["hits"]
         .as_array()
@@ -654,6 +687,14 @@ fn bad_requests_get_json_errors() -> Result<()> {
     // Values the engine refuses: the same rules as gRPC.
     for (path, body) in [
         ("/api/v1/search/text", json!({"query": "  "})),
+        (
+            "/api/v1/search/text",
+            json!({"query": "", "filters": {"sort": "date_desc", "min_score": 0.1}}),
+        ),
+        (
+            "/api/v1/search/text",
+            json!({"query": "", "rerank_top_n": 5, "filters": {"sort": "date_desc"}}),
+        ),
         ("/api/v1/search/text", json!({"query": "x", "top_k": 20000})),
         (
             "/api/v1/search/text",
