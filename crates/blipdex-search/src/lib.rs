@@ -959,13 +959,26 @@ impl Engine {
 /// date order (undated last, then by id), each with score 0. One scan of the snapshot's
 /// metadata table, as a filtered search's.
 pub fn browse(store: &Store, p: &SearchParams) -> Result<Vec<(u64, f32)>> {
+    check_browse(p)?;
+    Ok(p.rank_matching(p.matching(store)?, |_| Some(0.0)))
+}
+
+/// The rules of [`browse`]: valid parameters, a date order, no `min_score`.
+pub(crate) fn check_browse(p: &SearchParams) -> Result<()> {
     p.validate()?;
-    if p.sort == SortBy::Score || p.min_score.is_some() {
+    if p.sort == SortBy::Score {
         return Err(Error::InvalidArgument(
-            "browsing needs a date order and no min_score".into(),
+            "browsing without a query needs a date order: sort by date_desc or date_asc, or \
+             send a query"
+                .into(),
         ));
     }
-    Ok(p.rank_matching(p.matching(store)?, |_| Some(0.0)))
+    if p.min_score.is_some() {
+        return Err(Error::InvalidArgument(
+            "min_score needs a query to score against; leave it out when browsing".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Text → (image id, ITC score) for the page `p` asks for: EXIF filters first (scoring every

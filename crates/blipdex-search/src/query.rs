@@ -157,20 +157,7 @@ impl Query {
                 params,
                 with_captions,
             } => {
-                params.validate()?;
-                if params.sort == SortBy::Score {
-                    return Err(Error::InvalidArgument(
-                        "browsing without a query needs a date order: sort by date_desc or \
-                         date_asc, or send a query"
-                            .into(),
-                    ));
-                }
-                if params.min_score.is_some() {
-                    return Err(Error::InvalidArgument(
-                        "min_score needs a query to score against; leave it out when browsing"
-                            .into(),
-                    ));
-                }
+                crate::check_browse(params)?;
                 check_captioned(*with_captions, params.top_k)
             }
             Query::Image {

@@ -63,7 +63,41 @@ pub(crate) fn router(shared: Arc<Shared>, token: Option<&str>, max_message_bytes
         .route("/static/style.css", get(style_css))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(body_limit, refuse_oversized))
         .with_state(state)
+}
+
+/// Most bytes of an oversized upload read (and dropped) before it is refused.
+const DRAIN_MAX: u64 = 64 << 20;
+
+/// An upload whose Content-Length is over the limit gets its 413 after its body is read and
+/// dropped (up to [`DRAIN_MAX`]): answering while the client still sends closes a socket with
+/// unread data, the kernel resets the connection, and the client sees a reset, not the 413.
+/// (Bodies without a length meet [`DefaultBodyLimit`] in the handlers' extractor.)
+async fn refuse_oversized(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => {
+            if n <= DRAIN_MAX {
+                let mut body = req.into_body().into_data_stream();
+                while let Some(Ok(_)) = tokio_stream::StreamExt::next(&mut body).await {}
+            }
+            too_large().into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        "the request body is over the server's limit (--max-message-bytes); send a smaller \
+         image (downscale or re-encode it)",
+    )
 }
 
 // ---- errors ----
@@ -180,12 +214,7 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
             Err(r) => Err(match r.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "PAYLOAD_TOO_LARGE",
-                    "the request body is over the server's limit (--max-message-bytes); send a \
-                     smaller image (downscale or re-encode it)",
-                ),
+                StatusCode::PAYLOAD_TOO_LARGE => too_large(),
                 StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "UNSUPPORTED_MEDIA_TYPE",
